@@ -1,0 +1,398 @@
+"""Python entry points. Everything after the model is keyword-only; results are typed dataclasses.
+
+    >>> import evoquant
+    >>> result = evoquant.refine("int8.xml", reference="fp32.xml", data="fractal", output="refined.xml")
+    >>> print(result.table())
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from evoquant.config import RefineConfig
+from evoquant.errors import EvoquantError
+from evoquant.fitness.objectives import Objective, accuracy, kl_to_teacher, load_hook, looks_like_classifier, normalized_mse, resolve_objective, top1_agreement
+from evoquant.search.genome import Genome, SearchSpace, TensorSpace
+from evoquant.search.strategy import GenerationStats, SearchResult
+
+ModelLike = str | os.PathLike
+DataLike = "str | DataSource | Batch | np.ndarray"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """How close a model is to the FP32 reference on one set of images (None where not applicable)."""
+
+    fitness: float | None = None
+    kl: float | None = None
+    mse: float | None = None
+    agreement: float | None = None
+    accuracy: float | None = None
+
+
+@dataclass
+class RefineResult:
+    """What ``refine`` did: metrics before/after on verification (and held-out) data, and the search."""
+
+    model: str
+    output: str | None
+    improved: bool
+    objective: str
+    data: str
+    verification_before: Metrics
+    verification_after: Metrics
+    heldout_before: Metrics | None
+    heldout_after: Metrics | None
+    heldout_reference: Metrics | None
+    evaluations: int
+    generations: int
+    shifted_weights: int
+    total_weights: int
+    search_seconds: float
+    wall_seconds: float
+    stop_reason: str
+    history: list[GenerationStats] = field(default_factory=list)
+    selection_before: float | None = None
+    selection_after: float | None = None
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (the ``--report`` file)."""
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def table(self) -> str:
+        """The human summary printed at the end of a run."""
+        from evoquant.report import format_refine_table
+
+        return format_refine_table(self)
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    """One row of ``inspect``."""
+
+    index: int
+    consumer: str
+    consumer_type: str
+    form: str
+    element_type: str
+    shape: tuple[int, ...]
+    granularity: str
+    low: int
+    high: int
+    size: int
+
+
+def inspect(model: ModelLike) -> list[WeightInfo]:
+    """List the quantized weights of an INT8 IR: consumer, form, type, shape, granularity and bounds."""
+    from evoquant.ir.runtime import read_ir
+    from evoquant.ir.weights import require_quantized_weights
+
+    table = require_quantized_weights(read_ir(model), str(model))
+    return [
+        WeightInfo(w.index, w.consumer, w.consumer_type, w.form, w.element_type, w.shape, w.granularity, w.low, w.high, w.size)
+        for w in table
+    ]
+
+
+def refine(
+    model: ModelLike,
+    *,
+    reference: ModelLike | None = None,
+    data: DataLike | None = None,
+    output: ModelLike | None = None,
+    fitness: str | Objective | None = None,
+    objective: str | None = None,
+    heldout: DataLike | tuple[np.ndarray, np.ndarray] | None = None,
+    config: RefineConfig | None = None,
+    preset: str = "default",
+    jobs: int | None = None,
+    seed: int | None = None,
+    generations: int | None = None,
+    max_evaluations: int | None = None,
+    time_limit: float | None = None,
+    callback: Callable[[GenerationStats], bool | None] | None = None,
+    progress: bool | None = None,
+) -> RefineResult:
+    """Evolve the rounding of an INT8 OpenVINO model toward its FP32 reference and write a better IR.
+
+    Args:
+        model: the INT8 IR (.xml) to refine; never modified.
+        reference: the FP32 IR (the teacher), compiled with f32 precision. Needed by kl/mse/agreement.
+        data: fitness images: a source spec (``fractal``, ``noise``, ``data.npz``, a folder), a
+            ``DataSource``, a ``Batch`` or an (N, C, H, W) array. Selection and verification images are
+            disjoint. Default: the config's (``fractal``).
+        output: where to write the refined IR (.xml + .bin, written atomically). If the search does not
+            beat the start on the verification images, the unchanged model is written there.
+        fitness: a custom objective, ``callable(outputs, teacher, labels) -> float`` (lower is better), or
+            ``"package.module:function"``; see :mod:`evoquant.fitness.objectives` for the contract. With
+            ``jobs > 1`` it must be picklable (module-level).
+        objective: a built-in objective name (auto, kl, mse, ce, agreement); ignored if ``fitness`` is given.
+        heldout: real labelled data for the report only (never used to select): a spec, a ``Batch`` or
+            ``(images, labels)``.
+        config / preset: a full :class:`RefineConfig`, or a preset name; the keyword arguments below
+            override it.
+        callback: called with each generation's :class:`GenerationStats`; return True to stop early.
+
+    Returns:
+        A :class:`RefineResult`; ``result.table()`` is the printed summary, ``result.to_dict()`` the report.
+    """
+    started = time.perf_counter()
+    config = (config or RefineConfig.from_yaml(preset)).replace(
+        jobs=jobs,
+        progress=progress,
+        objective=objective,
+        data=data if isinstance(data, str) else None,
+        search={"seed": seed, "generations": generations, "max_evaluations": max_evaluations, "time_limit": time_limit},
+    )
+    from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator, evaluate_in_worker, save_context
+    from evoquant.fitness.parallel import ParallelMap, threads_per_job
+    from evoquant.ir.patch import ConstantPatcher, save_atomically
+    from evoquant.ir.runtime import compile_ir, infer, input_shape, output_signature, read_ir
+    from evoquant.ir.weights import attach_reference, require_quantized_weights
+    from evoquant.search.strategy import evolve
+
+    model_path = Path(model)
+    int8_model = read_ir(model_path)
+    table = require_quantized_weights(int8_model, str(model_path))
+    shape = input_shape(int8_model)
+    output_path = _check_output(output, model_path)
+
+    teacher_model = None
+    if reference is not None:
+        teacher_model = read_ir(reference)
+        _check_reference(int8_model, teacher_model, shape)
+        attach_reference(table, teacher_model)
+        teacher_compiled = compile_ir(teacher_model, f32=True)
+    if fitness is not None:
+        objective_spec: str | Objective = fitness if callable(fitness) else fitness
+        objective_name = getattr(fitness, "__name__", None) or str(fitness)
+        if isinstance(fitness, str):
+            load_hook(fitness)  # fail now, in the main process, with a clear message
+    else:
+        objective_name = resolve_objective(config.objective, output_signature(int8_model))
+        objective_spec = objective_name
+    if teacher_model is None and fitness is None and objective_name != "ce":
+        raise EvoquantError("refine compares the INT8 model with its FP32 original: give --reference fp32.xml (or --fitness / --objective ce)")
+
+    data_label, selection, verification = _fitness_batches(data, config, shape)
+    teacher_selection = infer(teacher_compiled, selection.images) if teacher_model is not None else None
+    teacher_verification = infer(teacher_compiled, verification.images) if teacher_model is not None else None
+
+    threads = threads_per_job(config.jobs)
+    context = FitnessContext(str(model_path), selection.images, teacher_selection, selection.labels, objective_spec, threads)
+    verify_context = FitnessContext(str(model_path), verification.images, teacher_verification, verification.labels, objective_spec, threads)
+    local = PlainEvaluator(context)
+    start_outputs = local.outputs({})
+    local.score(start_outputs)  # a broken hook or objective fails here, before any search
+
+    space = SearchSpace(
+        tensors=tuple(
+            TensorSpace(w.consumer, w.states.reshape(-1).copy(), w.low, w.high, None if w.rounding_residual is None else w.rounding_residual.reshape(-1))
+            for w in table
+        ),
+        max_shift=config.search.max_shift,
+    )
+    with tempfile.TemporaryDirectory(prefix="evoquant-") as workdir:
+        if config.jobs > 1:
+            from functools import partial
+
+            evaluate = partial(evaluate_in_worker, save_context(context, Path(workdir) / "context.pkl"))
+        else:
+            evaluate = local
+        with ParallelMap(config.jobs, config.backend) as parallel_map, _ProgressBar(config, callback) as bar:
+            search = evolve(space, evaluate, config.search, map_function=parallel_map, callback=bar.update)
+
+        # Verification on the written IR itself: save, reload, compile with plain OpenVINO defaults.
+        verifier = PlainEvaluator(verify_context)
+        before_outputs = verifier.outputs({})
+        candidate_xml = Path(workdir) / "candidate.xml"
+        best_states = {t: _shifted(table[t].states, idx, d) for t, (idx, d) in search.best.payload().items()}
+        patcher = ConstantPatcher(int8_model, table)
+        patcher.apply(best_states)
+        save_atomically(int8_model, candidate_xml)
+        patcher.restore()
+        after_outputs = infer(compile_ir(read_ir(candidate_xml), threads=None), verification.images)
+        fitness_before = verifier.score(before_outputs)
+        fitness_after = verifier.score(after_outputs)
+        improved = search.best.n_shifts > 0 and fitness_after < fitness_before
+        final_xml = candidate_xml if improved else model_path
+        classifier = looks_like_classifier(output_signature(int8_model))
+        heldout_metrics = _heldout_metrics(heldout, shape, config, model_path, final_xml, teacher_model, classifier)
+        if output_path is not None:
+            _write_output(final_xml, output_path)
+
+    # Synthetic labels (e.g. a fractal's system index) are not the model's classes: no accuracy here.
+    verification_before = _metrics(before_outputs, teacher_verification, None, classifier, fitness_before)
+    verification_after = _metrics(after_outputs if improved else before_outputs, teacher_verification, None, classifier, fitness_after if improved else fitness_before)
+    return RefineResult(
+        model=str(model_path),
+        output=None if output_path is None else str(output_path),
+        improved=improved,
+        objective=objective_name,
+        data=data_label,
+        verification_before=verification_before,
+        verification_after=verification_after,
+        heldout_before=heldout_metrics[0],
+        heldout_after=heldout_metrics[1],
+        heldout_reference=heldout_metrics[2],
+        evaluations=search.evaluations,
+        generations=len(search.history),
+        shifted_weights=search.best.n_shifts if improved else 0,
+        total_weights=table.total_size,
+        search_seconds=search.elapsed,
+        wall_seconds=time.perf_counter() - started,
+        stop_reason=search.stop_reason,
+        history=search.history,
+        selection_before=search.start_fitness,
+        selection_after=search.best_fitness,
+    )
+
+
+def _shifted(states: np.ndarray, indices: np.ndarray, deltas: np.ndarray) -> np.ndarray:
+    from evoquant.search.genome import apply_shifts
+
+    return apply_shifts(states, indices, deltas)
+
+
+def _check_output(output: ModelLike | None, model_path: Path) -> Path | None:
+    """Validate the output path before any long work: never the input, an .xml, in an existing folder."""
+    if output is None:
+        return None
+    output_path = Path(output)
+    if output_path.suffix.lower() != ".xml":
+        raise EvoquantError(f"the output must be an .xml path, got {output_path}")
+    if output_path.resolve() == model_path.resolve():
+        raise EvoquantError("the output would overwrite the input model; choose another -o path")
+    parent = output_path.parent if str(output_path.parent) else Path(".")
+    if not parent.is_dir():
+        raise EvoquantError(f"the output directory {parent} does not exist")
+    return output_path
+
+
+def _write_output(source_xml: Path, output_xml: Path) -> None:
+    """Copy an IR pair into place atomically (temporary names, then rename; .bin before .xml)."""
+    directory = output_xml.parent if str(output_xml.parent) else Path(".")
+    with tempfile.TemporaryDirectory(prefix=".evoquant-", dir=directory) as staging:
+        staged_xml = Path(staging) / "model.xml"
+        shutil.copyfile(source_xml, staged_xml)
+        shutil.copyfile(source_xml.with_suffix(".bin"), staged_xml.with_suffix(".bin"))
+        os.replace(staged_xml.with_suffix(".bin"), output_xml.with_suffix(".bin"))
+        os.replace(staged_xml, output_xml)
+
+
+def _check_reference(int8_model, teacher_model, shape: tuple[int, ...]) -> None:
+    from evoquant.ir.runtime import input_shape, output_signature
+
+    teacher_shape = input_shape(teacher_model)
+    if teacher_shape != shape:
+        raise EvoquantError(f"the reference takes inputs of shape {teacher_shape} but the INT8 model takes {shape}")
+    ours, theirs = output_signature(int8_model), output_signature(teacher_model)
+    if len(ours) != len(theirs) or any(a != b and "?" not in a + b for a, b in zip(ours, theirs)):
+        raise EvoquantError(f"the reference's outputs {theirs} do not match the INT8 model's {ours}")
+
+
+def _as_batch(data, shape: tuple[int, ...], n: int, *, seed: int, value_range) -> tuple[str, "Batch"]:
+    """Turn any accepted data argument into a Batch of ``n`` images shaped for the model."""
+    from evoquant.data import Batch, DataSource, load_source
+
+    if isinstance(data, np.ndarray):
+        data = Batch(np.ascontiguousarray(data, dtype=np.float32), None)
+    if isinstance(data, Batch):
+        if data.images.ndim != 4 or tuple(data.images.shape[1:]) != tuple(shape):
+            raise EvoquantError(f"the data has shape {tuple(data.images.shape)} but the model takes (N, {', '.join(map(str, shape))})")
+        if len(data) < n:
+            raise EvoquantError(f"the data holds {len(data)} images; {n} are needed")
+        return "array", data
+    source = data if isinstance(data, DataSource) else load_source(str(data))
+    if len(shape) != 3:
+        raise EvoquantError(f"data sources make images (C, H, W); the model takes {shape}: pass an array instead")
+    return source.spec, source.sample(n, tuple(shape), seed=seed, value_range=tuple(value_range))
+
+
+def _fitness_batches(data, config: RefineConfig, shape):
+    """Disjoint selection and verification batches drawn in one sample (so finite sources never repeat)."""
+    total = config.selection_size + config.verification_size
+    label, batch = _as_batch(data if data is not None else config.data, shape, total, seed=config.data_seed, value_range=config.value_range)
+    from evoquant.data import Batch
+
+    cut = config.selection_size
+    labels = batch.labels
+    selection = Batch(np.ascontiguousarray(batch.images[:cut]), None if labels is None else labels[:cut])
+    verification = Batch(np.ascontiguousarray(batch.images[cut:total]), None if labels is None else labels[cut:total])
+    return label, selection, verification
+
+
+def _metrics(outputs, teacher, labels, classifier: bool, fitness: float | None = None) -> Metrics:
+    return Metrics(
+        fitness=fitness,
+        kl=kl_to_teacher(outputs, teacher) if teacher is not None and classifier else None,
+        mse=normalized_mse(outputs, teacher) if teacher is not None else None,
+        agreement=top1_agreement(outputs[0], teacher[0]) if teacher is not None and classifier else None,
+        accuracy=accuracy(outputs[0], labels) if labels is not None and classifier else None,
+    )
+
+
+def _heldout_metrics(heldout, shape, config, model_path: Path, final_xml: Path, teacher_model, classifier: bool):
+    """Metrics on real held-out data, for the report only: (before, after, reference)."""
+    if heldout is None:
+        return None, None, None
+    from evoquant.data import Batch
+    from evoquant.ir.runtime import compile_ir, infer, read_ir
+
+    if isinstance(heldout, tuple):
+        heldout = Batch(np.ascontiguousarray(heldout[0], dtype=np.float32), np.asarray(heldout[1], dtype=np.int64))
+    if isinstance(heldout, Batch):
+        batch = heldout
+    else:
+        from evoquant.data import load_source
+
+        source = load_source(str(heldout))
+        if not source.finite:
+            raise EvoquantError("--heldout must be real labelled data: an .npz with labels or a folder per class")
+        batch = source.sample(len(source), tuple(shape), seed=0, value_range=tuple(config.value_range))
+    if batch.labels is None and teacher_model is None:
+        raise EvoquantError("--heldout data has no labels and there is no reference to compare with")
+    teacher = infer(compile_ir(teacher_model, f32=True), batch.images) if teacher_model is not None else None
+    before = infer(compile_ir(read_ir(model_path)), batch.images)
+    after = infer(compile_ir(read_ir(final_xml)), batch.images) if final_xml != model_path else before
+    return (
+        _metrics(before, teacher, batch.labels, classifier),
+        _metrics(after, teacher, batch.labels, classifier),
+        _metrics(teacher, teacher, batch.labels, classifier) if teacher is not None else None,
+    )
+
+
+class _ProgressBar:
+    """tqdm bar over the search budget showing the best fitness; forwards stats to the user's callback."""
+
+    def __init__(self, config: RefineConfig, callback):
+        self.enabled = config.progress
+        self.callback = callback
+        self.bar = None
+
+    def __enter__(self) -> "_ProgressBar":
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=100, desc="refine", unit="%", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+        return self
+
+    def update(self, stats: GenerationStats) -> bool | None:
+        if self.bar is not None:
+            self.bar.n = round(100 * stats.progress)
+            self.bar.set_postfix_str(f"gen {stats.generation}, evals {stats.evaluations}, best {stats.best:.4g}, shifted {stats.best_shifts}")
+        return self.callback(stats) if self.callback is not None else None
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.close()

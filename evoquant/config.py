@@ -1,0 +1,114 @@
+"""Frozen configuration dataclasses and YAML presets. No logic beyond loading and validation of keys.
+
+Presets live in ``evoquant/configs/<name>.yaml`` (default, fast, thorough); a YAML file given by path works
+the same. CLI flags and keyword arguments override preset values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from evoquant.errors import EvoquantError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The evolution strategy: (mu + lambda) with elitism, sparse ±step mutations, budgets."""
+
+    mu: int = 4  # parents kept each generation (the elite)
+    lambda_: int = 8  # offspring per generation
+    generations: int = 60
+    max_evaluations: int | None = None
+    time_limit: float | None = None  # seconds of search wall time
+    patience: int | None = 20  # generations without improvement before stopping
+    min_improvement: float = 1e-4  # relative improvement of the best that resets patience
+    mutation_fraction: float = 0.01  # share of a tensor's weights moved by one mutation
+    mutation_tensors: int = 1  # tensors touched by one mutation
+    mutation_step: int = 1  # states moved per shift
+    max_shift: int = 1  # largest total shift of one weight from its starting state
+    tie_probability: float = 0.5  # chance a mutation is a tie flip (only with an FP32 reference)
+    tie_pool: float = 0.1  # share of each tensor's weights, closest to a rounding tie, that tie flips draw from
+    crossover_probability: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mu < 1 or self.lambda_ < 1:
+            raise EvoquantError("mu and lambda must be at least 1")
+        if not 0 < self.mutation_fraction <= 1:
+            raise EvoquantError(f"mutation fraction must be in (0, 1], got {self.mutation_fraction}")
+        if self.mutation_step < 1 or self.max_shift < 1:
+            raise EvoquantError("mutation step and max shift must be at least 1")
+        if self.generations < 0:
+            raise EvoquantError("generations must be >= 0")
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Everything ``refine`` needs besides the model, the reference and the data source."""
+
+    search: SearchConfig = field(default_factory=SearchConfig)
+    objective: str = "auto"  # auto | kl | mse | ce | agreement (or a hook given separately)
+    data: str = "fractal"  # source spec for selection and verification batches
+    selection_size: int = 256  # images the fitness is measured on during the search
+    verification_size: int = 256  # disjoint images that decide whether the result beats the start
+    value_range: tuple[float, float] = (0.0, 1.0)  # the model's expected input range
+    data_seed: int = 1234
+    jobs: int = 1
+    backend: str = "loky"  # joblib backend: loky | threading | dask (needs a dask client)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.selection_size < 1 or self.verification_size < 1:
+            raise EvoquantError("selection and verification sizes must be at least 1")
+        if self.jobs < 1:
+            raise EvoquantError(f"--jobs must be at least 1, got {self.jobs}")
+        low, high = self.value_range
+        if not low < high:
+            raise EvoquantError(f"the input range must be LOW,HIGH with LOW < HIGH, got {self.value_range}")
+
+    def replace(self, **changes) -> "RefineConfig":
+        """A copy with top-level fields and/or ``search=`` fields changed; ``None`` values are ignored."""
+        search_changes = {k: v for k, v in changes.pop("search", {}).items() if v is not None}
+        top = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, search=dataclasses.replace(self.search, **search_changes), **top)
+
+    @classmethod
+    def from_yaml(cls, preset: str | Path = "default") -> "RefineConfig":
+        """Load a preset by name (``default``, ``fast``, ``thorough``) or a YAML file by path."""
+        path = Path(preset)
+        if not path.suffix:
+            path = PRESET_DIR / f"{preset}.yaml"
+            if not path.is_file():
+                names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+                raise EvoquantError(f"unknown preset {preset!r}; presets: {names}")
+        if not path.is_file():
+            raise EvoquantError(f"no such config file: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise EvoquantError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise EvoquantError(f"{path} must hold a mapping of settings")
+        search_raw = raw.pop("search", {}) or {}
+        _check_keys(path, raw, cls, skip={"search"})
+        _check_keys(path, search_raw, SearchConfig)
+        if "value_range" in raw:
+            raw["value_range"] = tuple(raw["value_range"])
+        if "lambda" in search_raw:
+            search_raw["lambda_"] = search_raw.pop("lambda")
+        return cls(search=SearchConfig(**search_raw), **raw)
+
+
+def _check_keys(path: Path, raw: dict, kind, skip=frozenset()) -> None:
+    known = {f.name for f in dataclasses.fields(kind)} - set(skip)
+    if kind is SearchConfig:
+        known |= {"lambda"}
+    unknown = set(raw) - known
+    if unknown:
+        raise EvoquantError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")

@@ -1,0 +1,106 @@
+"""Score genomes on the real INT8 execution path: patch the IR's constants, compile, infer, compare.
+
+This is the *plain path*: every candidate is compiled by the stock CPU plugin, so the fitness that selects
+is exactly what the written IR will compute. Worker processes receive a :class:`FitnessContext` once (by
+file path) and genomes as plain payloads; each builds its own OpenVINO objects, since none of them pickle.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from evoquant.errors import EvoquantError
+from evoquant.fitness.objectives import OBJECTIVES, Objective, checked, load_hook
+from evoquant.ir.patch import ConstantPatcher
+from evoquant.ir.runtime import compile_ir, infer, read_ir
+from evoquant.ir.weights import find_quantized_weights
+from evoquant.search.genome import Payload, apply_shifts
+
+
+@dataclass
+class FitnessContext:
+    """Everything a worker needs to score genomes; small enough to pickle once per worker.
+
+    ``objective`` is a built-in name, a ``module:function`` hook spec, or a picklable callable.
+    """
+
+    model_xml: str
+    images: np.ndarray
+    teacher: list[np.ndarray] | None
+    labels: np.ndarray | None
+    objective: str | Objective
+    threads: int | None = None
+
+    def resolve_objective(self) -> tuple[Objective, str]:
+        """The callable, and how to name it in error messages."""
+        if callable(self.objective):
+            return self.objective, "hook"
+        if self.objective in OBJECTIVES:
+            return OBJECTIVES[self.objective], f"objective {self.objective!r}"
+        return load_hook(self.objective), f"hook {self.objective!r}"
+
+
+class PlainEvaluator:
+    """Fitness of sparse genomes by patch → compile → infer → objective, on one model object.
+
+    The model is patched in place and restored after each compile (``compile_model`` copies it), so no
+    per-candidate clone of the graph is needed.
+    """
+
+    def __init__(self, context: FitnessContext):
+        self.context = context
+        self.model = read_ir(context.model_xml)
+        self.table = find_quantized_weights(self.model)
+        self.patcher = ConstantPatcher(self.model, self.table)
+        self.objective, self.objective_name = context.resolve_objective()
+
+    def outputs(self, payload: Payload) -> list[np.ndarray]:
+        """The candidate's outputs on the context's images."""
+        states = {tensor: apply_shifts(self.table[tensor].states, indices, deltas) for tensor, (indices, deltas) in payload.items()}
+        self.patcher.apply(states)
+        try:
+            compiled = compile_ir(self.model, threads=self.context.threads)
+        finally:
+            self.patcher.restore()
+        return infer(compiled, self.context.images)
+
+    def score(self, outputs: Sequence[np.ndarray]) -> float:
+        """Apply the objective to outputs, checking the result is a finite number."""
+        return checked(self.objective(list(outputs), self.context.teacher, self.context.labels), self.objective_name)
+
+    def __call__(self, payload: Payload) -> float:
+        return self.score(self.outputs(payload))
+
+
+# One evaluator per context file per process: workers are reused across generations (loky keeps them).
+_WORKER_EVALUATORS: dict[str, PlainEvaluator] = {}
+
+
+def save_context(context: FitnessContext, path: Path) -> str:
+    """Pickle the context next to the run so workers can load it by path (sent once, not per genome)."""
+    try:
+        path.write_bytes(pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL))
+    except (pickle.PicklingError, AttributeError, TypeError) as error:
+        raise EvoquantError(f"the fitness hook cannot be sent to worker processes ({error}); define it at module level or use --jobs 1") from None
+    return str(path)
+
+
+def evaluate_in_worker(context_path: str, payload: Payload) -> float:
+    """Top-level (picklable) entry point for worker processes."""
+    evaluator = _WORKER_EVALUATORS.get(context_path)
+    if evaluator is None:
+        with open(context_path, "rb") as handle:
+            evaluator = PlainEvaluator(pickle.load(handle))
+        _WORKER_EVALUATORS.clear()  # one run at a time per worker: free the previous run's model
+        _WORKER_EVALUATORS[context_path] = evaluator
+    return evaluator(payload)
+
+
+def evaluate_chunk(function: Callable[[Payload], float], payloads: list[Payload]) -> list[float]:
+    """Evaluate a chunk of genomes in one task, amortising the task overhead."""
+    return [function(payload) for payload in payloads]

@@ -1,0 +1,132 @@
+"""Fitness objectives: lower is better, computed from model outputs.
+
+The contract every objective, built-in or user hook, follows::
+
+    objective(outputs, teacher, labels) -> float
+
+* ``outputs``: list of float32 arrays, one per model output, batch first (the candidate INT8 model's).
+* ``teacher``: the FP32 reference's outputs for the same batch, same layout, or ``None`` without reference.
+* ``labels``: int64 array (N,) when the data source has labels, else ``None``.
+* returns a finite float; **lower is better**. It must be deterministic (same inputs, same value).
+
+KL and MSE are continuous: a ±1 shift of a handful of weights often leaves the top-1 decisions (and even
+the outputs) unchanged, so accuracy-like objectives give the search almost no signal.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from evoquant.errors import EvoquantError
+
+Objective = Callable[[Sequence[np.ndarray], Sequence[np.ndarray] | None, np.ndarray | None], float]
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(name: str):
+    """Decorator: make an objective available by name (``--objective NAME``)."""
+
+    def decorate(function: Objective) -> Objective:
+        OBJECTIVES[name] = function
+        return function
+
+    return decorate
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64).reshape(len(logits), -1)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def _need_teacher(name: str, teacher) -> None:
+    if teacher is None:
+        raise EvoquantError(f"the {name!r} objective compares with the FP32 model: give --reference fp32.xml")
+
+
+@register_objective("kl")
+def kl_to_teacher(outputs, teacher, labels=None) -> float:
+    """Mean KL(teacher ‖ candidate) of the softmax of the first output (classifier logits)."""
+    _need_teacher("kl", teacher)
+    log_p = log_softmax(teacher[0])
+    log_q = log_softmax(outputs[0])
+    return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
+
+
+@register_objective("mse")
+def normalized_mse(outputs, teacher, labels=None) -> float:
+    """Squared error over all outputs divided by the teacher's total energy (scale-free, any model)."""
+    _need_teacher("mse", teacher)
+    error = sum(float(np.sum((o.astype(np.float64) - t) ** 2)) for o, t in zip(outputs, teacher))
+    energy = sum(float(np.sum(np.asarray(t, dtype=np.float64) ** 2)) for t in teacher)
+    return error / max(energy, 1e-12)
+
+
+@register_objective("agreement")
+def disagreement(outputs, teacher, labels=None) -> float:
+    """1 - top-1 agreement with the teacher (coarse: use it to report, rarely to select)."""
+    _need_teacher("agreement", teacher)
+    return 1.0 - top1_agreement(outputs[0], teacher[0])
+
+
+@register_objective("ce")
+def cross_entropy(outputs, teacher, labels=None) -> float:
+    """Mean cross-entropy of the first output against the data source's labels (no teacher needed)."""
+    if labels is None:
+        raise EvoquantError("the 'ce' objective needs labelled data (an .npz with labels or a class folder)")
+    log_q = log_softmax(outputs[0])
+    return float(-np.mean(log_q[np.arange(len(labels)), labels]))
+
+
+def top1_agreement(outputs: np.ndarray, teacher: np.ndarray) -> float:
+    """Share of samples whose arg-max matches the teacher's."""
+    return float(np.mean(outputs.reshape(len(outputs), -1).argmax(1) == teacher.reshape(len(teacher), -1).argmax(1)))
+
+
+def accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of logits (N, C) against labels (N,)."""
+    return float(np.mean(outputs.reshape(len(outputs), -1).argmax(1) == labels))
+
+
+def looks_like_classifier(output_shapes: Sequence[tuple]) -> bool:
+    """One output of per-sample shape (C,) with C > 1: treat as class logits."""
+    return len(output_shapes) == 1 and len(output_shapes[0]) == 1 and output_shapes[0][0] not in ("1", "?")
+
+
+def resolve_objective(name: str, output_shapes: Sequence[tuple]) -> str:
+    """Turn ``auto`` into ``kl`` (classifiers) or ``mse`` (anything else); check the name exists."""
+    if name == "auto":
+        return "kl" if looks_like_classifier(output_shapes) else "mse"
+    if name not in OBJECTIVES:
+        raise EvoquantError(f"unknown objective {name!r}; choose from auto, {', '.join(sorted(OBJECTIVES))}, or give --fitness module:function")
+    return name
+
+
+def load_hook(spec: str) -> Objective:
+    """Import a user fitness hook given as ``package.module:function``."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise EvoquantError(f"--fitness must look like package.module:function, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # an ImportError, or the user's module failing at import time
+        raise EvoquantError(f"cannot import the fitness hook module {module_name!r}: {error}") from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise EvoquantError(f"{module_name!r} has no callable {attribute!r}")
+    return function
+
+
+def checked(value, source: str) -> float:
+    """A hook's return value as a finite float, or a clear error."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise EvoquantError(f"the fitness {source} returned {type(value).__name__}, not a number") from None
+    if not np.isfinite(number):
+        raise EvoquantError(f"the fitness {source} returned {number}; it must return a finite float")
+    return number

@@ -1,0 +1,116 @@
+"""refine() end to end on tiny NNCF IRs: write-back, reproducibility, parallel equality, hooks, never worse."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+import evoquant
+from evoquant.config import RefineConfig, SearchConfig
+from evoquant.errors import EvoquantError
+from evoquant.ir.runtime import read_ir
+from evoquant.ir.weights import find_quantized_weights
+
+SMALL = RefineConfig(search=SearchConfig(mu=2, lambda_=4, generations=4, patience=None, mutation_fraction=0.05, seed=3), selection_size=32, verification_size=32, progress=False)
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes() + path.with_suffix(".bin").read_bytes()).hexdigest()
+
+
+def test_refine_writes_a_valid_ir_and_never_touches_the_input(tiny_irs, tmp_path):
+    before = digest(tiny_irs.int8)
+    result = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, data="fractal", output=tmp_path / "out.xml", config=SMALL)
+    assert digest(tiny_irs.int8) == before
+    assert result.evaluations > 1 and result.generations == 4
+    assert result.objective == "kl"
+    written = find_quantized_weights(read_ir(tmp_path / "out.xml"))
+    start = find_quantized_weights(read_ir(tiny_irs.int8))
+    moved = sum(int(np.sum(w.states != s.states)) for w, s in zip(written, start))
+    assert moved == result.shifted_weights
+    for w, s in zip(written, start):
+        assert np.abs(w.states - s.states).max() <= 1
+        assert w.low <= w.states.min() and w.states.max() <= w.high
+    if result.improved:
+        assert result.verification_after.kl < result.verification_before.kl
+    else:
+        assert digest(tmp_path / "out.xml") == before
+    assert set(result.to_dict()) >= {"verification_before", "verification_after", "evaluations", "history"}
+    assert "KL(FP32||INT8)" in result.table()
+
+
+def test_fixed_seed_reproduces_the_run_and_jobs_do_not_change_it(tiny_irs, tmp_path):
+    first = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), output=tmp_path / "a.xml", config=SMALL)
+    again = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), output=tmp_path / "b.xml", config=SMALL)
+    parallel = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), output=tmp_path / "c.xml", config=SMALL.replace(jobs=2))
+    assert [h.best for h in first.history] == [h.best for h in again.history] == [h.best for h in parallel.history]
+    assert first.shifted_weights > 0
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes() == (tmp_path / "c.bin").read_bytes()
+
+
+def test_fakequantize_models_are_refined_too(tiny_irs, tmp_path):
+    result = evoquant.refine(tiny_irs.fakequantize, reference=tiny_irs.fp32, output=tmp_path / "fq.xml", config=SMALL)
+    assert result.evaluations > 1
+    written = find_quantized_weights(read_ir(tmp_path / "fq.xml"))
+    assert [w.form for w in written] == ["fakequantize"] * 3
+
+
+def test_python_hook_and_module_hook_drive_the_search(tiny_irs, tmp_path):
+    seen = []
+
+    def hook(outputs, teacher, labels):
+        seen.append(len(outputs[0]))
+        return float(np.mean((outputs[0] - teacher[0]) ** 2))
+
+    result = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, fitness=hook, config=SMALL)
+    assert seen and set(seen) == {32}
+    assert result.objective == "hook"
+    by_name = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, fitness="tests.hooks.fitness_hooks:logit_distance", config=SMALL)
+    assert by_name.objective.endswith("logit_distance")
+    assert by_name.selection_after <= by_name.selection_before
+
+
+@pytest.mark.parametrize("hook, message", [("tests.hooks.fitness_hooks:returns_nan", "finite"), ("tests.hooks.fitness_hooks:returns_text", "not a number"), ("tests.hooks.nowhere:f", "cannot import"), ("tests.hooks.fitness_hooks:absent", "no callable"), ("no_colon", "module:function")])
+def test_broken_hooks_are_user_errors(tiny_irs, tmp_path, hook, message):
+    with pytest.raises(EvoquantError, match=message):
+        evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, fitness=hook, output=tmp_path / "o.xml", config=SMALL)
+    assert not (tmp_path / "o.xml").exists()
+
+
+def test_refine_never_hands_back_a_worse_model(tiny_irs, tmp_path):
+    """A fitness for which every change is worse: the unchanged model must be written."""
+
+    def distance_to_start(outputs, teacher, labels, _start={}):
+        key = outputs[0].shape
+        reference = _start.setdefault(key, outputs[0].copy())  # the first call scores the start model
+        return float(np.sum((outputs[0] - reference) ** 2))
+
+    result = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, fitness=distance_to_start, output=tmp_path / "same.xml", config=SMALL)
+    assert not result.improved
+    assert result.shifted_weights == 0
+    assert digest(tmp_path / "same.xml") == digest(tiny_irs.int8)
+
+
+def test_heldout_metrics_include_reference_accuracy(tiny_irs):
+    rng = np.random.default_rng(0)
+    images = rng.random((50, 3, 8, 8), dtype=np.float32)
+    labels = rng.integers(0, 10, size=50)
+    result = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, heldout=(images, labels), config=SMALL)
+    assert result.heldout_reference.agreement == 1.0
+    assert 0 <= result.heldout_before.accuracy <= 1 and result.heldout_after.kl is not None
+
+
+def test_wrong_inputs_are_user_errors(tiny_irs, tmp_path):
+    with pytest.raises(EvoquantError, match="overwrite the input"):
+        evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, output=tiny_irs.int8, config=SMALL)
+    with pytest.raises(EvoquantError, match="unknown objective"):
+        evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, objective="entropy", config=SMALL)
+    with pytest.raises(EvoquantError, match="reference"):
+        evoquant.refine(tiny_irs.int8, config=SMALL)
+    with pytest.raises(EvoquantError, match="shape"):
+        evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, data=np.zeros((100, 1, 8, 8), np.float32), config=SMALL)
+    with pytest.raises(EvoquantError, match="labelled"):
+        evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, objective="ce", data="noise", config=SMALL)
+    assert list(tmp_path.iterdir()) == []

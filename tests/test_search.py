@@ -1,0 +1,139 @@
+"""The evolution strategy on pure-numpy problems: bounds, sparsity, tie flips, determinism, budgets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evoquant.config import SearchConfig
+from evoquant.search.genome import Genome, SearchSpace, TensorSpace, apply_shifts
+from evoquant.search.operators import crossover_tensorwise, mutate_random, mutate_tie, tie_pools
+from evoquant.search.strategy import evolve
+
+
+def make_space(max_shift: int = 1, residuals: bool = False, seed: int = 0) -> SearchSpace:
+    rng = np.random.default_rng(seed)
+    tensors = []
+    for size, (low, high) in [(50, (-63, 63)), (400, (-127, 127)), (30, (0, 15))]:
+        states = rng.integers(low, high + 1, size=size).astype(np.int32)
+        states[:5] = low  # states sitting on the bounds must never be pushed past them
+        states[5:10] = high
+        residual = rng.uniform(-0.5, 0.5, size=size) if residuals else None
+        tensors.append(TensorSpace(f"t{len(tensors)}", states, low, high, residual))
+    return SearchSpace(tuple(tensors), max_shift=max_shift)
+
+
+def assert_within_bounds(genome: Genome, space: SearchSpace) -> None:
+    for tensor, (indices, deltas) in genome.shifts.items():
+        spec = space.tensors[tensor]
+        assert np.all(np.diff(indices) > 0), "indices sorted and unique"
+        assert np.all(deltas != 0), "no zero deltas are stored"
+        assert np.abs(deltas).max() <= space.max_shift
+        shifted = apply_shifts(spec.states, indices, deltas)
+        assert shifted.min() >= spec.low and shifted.max() <= spec.high
+
+
+@pytest.mark.parametrize("max_shift", [1, 2])
+def test_mutations_never_leave_bounds_or_max_shift(max_shift):
+    space = make_space(max_shift=max_shift, residuals=True)
+    pools = tie_pools(space, 0.2)
+    rng = np.random.default_rng(3)
+    genome = Genome()
+    for step in range(300):
+        if step % 2:
+            genome = mutate_random(genome, space, rng, fraction=0.2, tensors=2, step=1 + step % 3)
+        else:
+            genome = mutate_tie(genome, space, rng, fraction=0.2, tensors=2, pools=pools)
+        assert_within_bounds(genome, space)
+    assert genome.n_shifts > 0
+
+
+def test_mutation_is_sparse_and_leaves_parent_untouched():
+    space = make_space()
+    rng = np.random.default_rng(0)
+    parent = mutate_random(Genome(), space, rng, fraction=0.01, tensors=1)
+    snapshot = parent.key()
+    child = mutate_random(parent, space, rng, fraction=0.01, tensors=1)
+    assert parent.key() == snapshot
+    assert 1 <= child.n_shifts <= parent.n_shifts + 4  # 1% of at most 400 weights
+    for indices, deltas in child.payload().values():
+        assert indices.dtype == np.int64 and deltas.dtype == np.int8
+
+
+def test_tie_flip_moves_toward_the_residual_and_back():
+    states = np.zeros(20, dtype=np.int32)
+    residual = np.linspace(-0.49, 0.49, 20)
+    space = SearchSpace((TensorSpace("t", states, -127, 127, residual),))
+    pools = tie_pools(space, 0.1)  # the two weights closest to a tie: residual ±0.49
+    assert sorted(pools[0].tolist()) == [0, 19]
+    rng = np.random.default_rng(0)
+    flipped = mutate_tie(Genome(), space, rng, fraction=0.1, tensors=1, pools=pools)
+    indices, deltas = flipped.shifts[0]
+    for index, delta in zip(indices, deltas):
+        assert delta == np.sign(residual[index]), "moved to the other neighbour of the exact value"
+    back = mutate_tie(flipped, space, np.random.default_rng(0), fraction=0.1, tensors=1, pools=pools)
+    assert back.n_shifts == 0, "flipping the same weights again restores nearest rounding"
+
+
+def test_crossover_takes_whole_tensors_from_parents():
+    space = make_space()
+    rng = np.random.default_rng(1)
+    first = mutate_random(Genome(), space, rng, fraction=0.1, tensors=3)
+    second = mutate_random(Genome(), space, rng, fraction=0.1, tensors=3)
+    child = crossover_tensorwise(first, second, rng)
+    for tensor, (indices, deltas) in child.shifts.items():
+        assert any(
+            tensor in parent.shifts and np.array_equal(parent.shifts[tensor][0], indices) and np.array_equal(parent.shifts[tensor][1], deltas)
+            for parent in (first, second)
+        )
+
+
+def quadratic_fitness(target: dict[int, np.ndarray], space: SearchSpace):
+    """Distance of the shifted states to a hidden target: a problem with a known optimum."""
+
+    def evaluate(payload) -> float:
+        total = 0.0
+        for tensor, spec in enumerate(space.tensors):
+            states = spec.states.copy()
+            if tensor in payload:
+                states = apply_shifts(states, *payload[tensor])
+            total += float(np.sum((states - target[tensor]) ** 2))
+        return total
+
+    return evaluate
+
+
+def test_strategy_improves_monotonically_and_is_reproducible():
+    space = make_space()
+    rng = np.random.default_rng(9)
+    target = {i: np.clip(t.states + rng.choice([-1, 0, 1], size=t.size), t.low, t.high) for i, t in enumerate(space.tensors)}
+    config = SearchConfig(generations=60, mu=3, lambda_=6, mutation_fraction=0.005, patience=None, seed=11)
+    first = evolve(space, quadratic_fitness(target, space), config)
+    second = evolve(space, quadratic_fitness(target, space), config)
+    assert first.best.key() == second.best.key()
+    assert [h.best for h in first.history] == [h.best for h in second.history]
+    bests = [first.start_fitness] + [h.best for h in first.history]
+    assert all(b2 <= b1 for b1, b2 in zip(bests, bests[1:])), "elitism: the best never gets worse"
+    assert first.best_fitness < 0.9 * first.start_fitness
+    other_seed = evolve(space, quadratic_fitness(target, space), SearchConfig(**{**config.__dict__, "seed": 12}))
+    assert other_seed.best.key() != first.best.key()
+
+
+def test_budgets_and_callback_stop_the_search():
+    space = make_space()
+    flat = lambda payload: 1.0  # noqa: E731 - nothing ever improves
+    converged = evolve(space, flat, SearchConfig(generations=100, patience=5))
+    assert converged.stop_reason == "converged" and len(converged.history) == 5
+    budget = evolve(space, lambda p: float(-sum(len(i) for i, _ in p.values())), SearchConfig(generations=100, max_evaluations=30, patience=None, lambda_=8))
+    assert budget.stop_reason == "evaluations" and budget.evaluations <= 30
+    stopped = evolve(space, flat, SearchConfig(generations=100, patience=None), callback=lambda stats: stats.generation == 3)
+    assert stopped.stop_reason == "callback" and len(stopped.history) == 3
+    assert 0 < stopped.history[-1].progress <= 1
+
+
+def test_duplicate_genomes_are_evaluated_once():
+    space = SearchSpace((TensorSpace("t", np.zeros(1, dtype=np.int32), -1, 1),))
+    calls = []
+    result = evolve(space, lambda p: calls.append(1) or 1.0, SearchConfig(generations=5, patience=None, lambda_=8))
+    # One weight with states {-1, 0, 1}: only three distinct genomes exist.
+    assert len(calls) == result.evaluations <= 3
