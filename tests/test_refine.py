@@ -114,3 +114,18 @@ def test_wrong_inputs_are_user_errors(tiny_irs, tmp_path):
     with pytest.raises(EvoquantError, match="labelled"):
         evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, objective="ce", data="noise", config=SMALL)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_distributed_backend_slots_in_without_changing_the_result(tiny_irs):
+    pytest.importorskip("dask.distributed")
+    from evoquant.fitness.parallel import cluster_backend
+
+    local = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, config=SMALL)
+    with cluster_backend("dask"):
+        distributed = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, config=SMALL.replace(jobs=2, backend="dask"))
+    assert [h.best for h in distributed.history] == [h.best for h in local.history]
+
+
+def test_unknown_backend_is_a_user_error(tiny_irs):
+    with pytest.raises(EvoquantError, match="backend"):
+        evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, config=SMALL.replace(jobs=2, backend="mpi"))

@@ -29,22 +29,30 @@ class ParallelMap:
         self.jobs = jobs
         self.backend = backend
         self._parallel = None
+        self._config = None
 
     def __enter__(self) -> "ParallelMap":
         if self.jobs > 1:
-            from joblib import Parallel
+            from joblib import Parallel, parallel_config
 
             try:
-                self._parallel = Parallel(n_jobs=self.jobs, backend=self.backend)
+                # parallel_config (unlike Parallel(backend=...)) also registers joblib's external backends (dask).
+                self._config = parallel_config(backend=self.backend, n_jobs=self.jobs)
+                self._config.__enter__()
+                self._parallel = Parallel()
                 self._parallel.__enter__()
-            except (ValueError, KeyError) as error:
-                raise EvoquantError(f"joblib backend {self.backend!r} is not available: {error}") from None
+            except (ValueError, KeyError, ImportError) as error:
+                self.__exit__(None, None, None)
+                raise EvoquantError(f"joblib backend {self.backend!r} is not available: {str(error).splitlines()[0]}") from None
         return self
 
     def __exit__(self, *exc_info) -> None:
         if self._parallel is not None:
             self._parallel.__exit__(*exc_info)
             self._parallel = None
+        if self._config is not None:
+            self._config.__exit__(*exc_info)
+            self._config = None
 
     def __call__(self, function: Callable, items: Iterable) -> list:
         items = list(items)
