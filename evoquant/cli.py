@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  evoquant demo\n  evoquant demo --models all --preset fast --report demo.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_argument("--models", default="bn_cnn", help="comma-separated zoo models, or 'all' (default: %(default)s)")
+    demo.add_argument("--models", default="all", help="comma-separated zoo models, or 'all' (default: %(default)s)")
     demo.add_argument("--preset", default="default", help="refine preset (default: %(default)s)")
     demo.add_argument("--data", default=None, help="fitness data spec (default: the preset's, fractal)")
     demo.add_argument("--jobs", "-j", type=int, help="parallel evaluation processes")

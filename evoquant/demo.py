@@ -35,7 +35,7 @@ def resolve_models(models: str) -> list[str]:
     return names
 
 
-def run_demo(*, models: str = "bn_cnn", preset: str = "default", data: str | None = None, jobs: int | None = None, output_dir: str = "evoquant-demo", progress: bool = True, echo=print) -> dict:
+def run_demo(*, models: str = "all", preset: str = "default", data: str | None = None, jobs: int | None = None, output_dir: str = "evoquant-demo", progress: bool = True, echo=print) -> dict:
     """Build (or load) each zoo model, refine it on synthetic data, print and return the results."""
     from evoquant import zoo
     from evoquant.api import refine

@@ -173,3 +173,14 @@ def test_broken_ir_files_give_one_line_errors(tiny_irs, tmp_path):
         read_ir(tmp_path / "short.xml")
     with pytest.raises(EvoquantError, match="no such model"):
         read_ir(tmp_path / "absent.xml")
+
+
+@pytest.mark.parametrize("largest, bounds", [(63, (-63, 63)), (64, (-64, 64)), (100, (-127, 127)), (127, (-127, 127))])
+def test_symmetric_bounds_follow_the_range_the_quantizer_used(largest, bounds):
+    """NNCF's overflow fix halves the first layer's range; its extremes land on 63 or (rounded) 64."""
+    model, _ = compressed_model("i8", zero_point=False)
+    table = find_quantized_weights(model)
+    states = np.clip(table[0].states, -largest, largest)
+    states.flat[0] = largest
+    ConstantPatcher(model, table).apply({0: np.clip(states, table[0].low, table[0].high)})
+    assert (find_quantized_weights(model)[0].low, find_quantized_weights(model)[0].high) == bounds

