@@ -129,3 +129,25 @@ def test_distributed_backend_slots_in_without_changing_the_result(tiny_irs):
 def test_unknown_backend_is_a_user_error(tiny_irs):
     with pytest.raises(EvoquantError, match="backend"):
         evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, config=SMALL.replace(jobs=2, backend="mpi"))
+
+
+def test_a_closure_hook_runs_in_worker_processes(tiny_irs):
+    scale = 2.0
+    hook = lambda outputs, teacher, labels: scale * float(np.mean(np.abs(outputs[0] - teacher[0])))  # noqa: E731
+    local = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, fitness=hook, config=SMALL)
+    parallel = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, fitness=hook, config=SMALL.replace(jobs=2))
+    assert [h.best for h in parallel.history] == [h.best for h in local.history]
+
+
+@pytest.mark.parametrize("preset", ["default", "fast", "thorough"])
+def test_presets_load_and_flags_override_them(preset):
+    config = RefineConfig.from_yaml(preset)
+    assert config.data == "fractal" and config.search.max_shift == 1
+    changed = config.replace(jobs=2, search={"generations": 7, "seed": None})
+    assert (changed.jobs, changed.search.generations, changed.search.seed) == (2, 7, config.search.seed)
+
+
+def test_a_config_file_with_an_unknown_key_is_a_user_error(tmp_path):
+    (tmp_path / "bad.yaml").write_text("search:\n  generationz: 3\n")
+    with pytest.raises(EvoquantError, match="generationz"):
+        RefineConfig.from_yaml(tmp_path / "bad.yaml")

@@ -83,8 +83,10 @@ _WORKER_EVALUATORS: dict[str, PlainEvaluator] = {}
 
 def save_context(context: FitnessContext, path: Path) -> str:
     """Pickle the context next to the run so workers can load it by path (sent once, not per genome)."""
+    import cloudpickle  # pickles lambdas and closures too, as loky does for tasks
+
     try:
-        path.write_bytes(pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL))
+        path.write_bytes(cloudpickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL))
     except (pickle.PicklingError, AttributeError, TypeError) as error:
         raise EvoquantError(f"the fitness hook cannot be sent to worker processes ({error}); define it at module level or use --jobs 1") from None
     return str(path)
