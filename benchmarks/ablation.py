@@ -4,7 +4,7 @@
     python benchmarks/ablation.py --variants fraction=0.003,fraction=0.01,fraction=0.03
 
 A variant is comma-free ``key=value`` (several joined with '+'), keys: tie (tie_probability), fraction
-(mutation_fraction), crossover (crossover_probability), mu, lambda, generations, data (a source spec),
+(mutation_fraction), adapt (adapt_mutation, 0/1), crossover (crossover_probability), mu, lambda, generations, data (a source spec),
 size (selection_size), seed. Fitness data is synthetic; held-out real digits only score the result.
 """
 
@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-KEYS = {"tie": ("search", "tie_probability", float), "fraction": ("search", "mutation_fraction", float), "crossover": ("search", "crossover_probability", float), "mu": ("search", "mu", int), "lambda": ("search", "lambda_", int), "generations": ("search", "generations", int), "seed": ("search", "seed", int), "data": ("top", "data", str), "size": ("top", "selection_size", int)}
+KEYS = {"tie": ("search", "tie_probability", float), "fraction": ("search", "mutation_fraction", float), "adapt": ("search", "adapt_mutation", lambda v: v in ("1", "true", "yes")), "crossover": ("search", "crossover_probability", float), "mu": ("search", "mu", int), "lambda": ("search", "lambda_", int), "generations": ("search", "generations", int), "seed": ("search", "seed", int), "data": ("top", "data", str), "size": ("top", "selection_size", int)}
 
 
 def parse_variant(text: str) -> tuple[dict, dict]:

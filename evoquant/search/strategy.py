@@ -35,6 +35,7 @@ class GenerationStats:
     best: float
     mean: float
     best_shifts: int
+    mutation_fraction: float
     elapsed: float
     progress: float  # share of the tightest budget used, in [0, 1]
 
@@ -91,16 +92,35 @@ class Termination:
         return None
 
 
-def make_toolbox(space: SearchSpace, config: SearchConfig, rng: np.random.Generator, evaluate: Callable[[Payload], float], map_function: Callable = map) -> base.Toolbox:
+class StepSize:
+    """The share of a tensor's weights one mutation moves, adapted by Rechenberg's 1/5 success rule.
+
+    When more than a fifth of a generation's offspring beat the best parent, moves are too timid: grow
+    them; when fewer do, they overshoot: shrink them. Early generations take big steps, later ones refine.
+    """
+
+    def __init__(self, config: SearchConfig):
+        self.fraction = config.mutation_fraction
+        self.adaptive = config.adapt_mutation
+        self.low, self.high = config.mutation_fraction_min, config.mutation_fraction_max
+
+    def update(self, success_rate: float) -> None:
+        if self.adaptive:
+            factor = 1.5 if success_rate > 0.2 else (1.5 ** -0.25 if success_rate < 0.2 else 1.0)
+            self.fraction = float(min(self.high, max(self.low, self.fraction * factor)))
+
+
+def make_toolbox(space: SearchSpace, config: SearchConfig, rng: np.random.Generator, evaluate: Callable[[Payload], float], map_function: Callable = map, step: StepSize | None = None) -> base.Toolbox:
     """The DEAP toolbox: ``mutate``, ``mate``, ``select``, ``evaluate`` and the ``map`` swap point."""
     toolbox = base.Toolbox()
     pools = tie_pools(space, config.tie_pool) if space.has_residuals else None
+    step = step or StepSize(config)
 
     def mutate(genome: Genome) -> Genome:
         if pools is not None and rng.random() < config.tie_probability:
-            child = mutate_tie(genome, space, rng, fraction=config.mutation_fraction, tensors=config.mutation_tensors, pools=pools)
+            child = mutate_tie(genome, space, rng, fraction=step.fraction, tensors=config.mutation_tensors, pools=pools)
         else:
-            child = mutate_random(genome, space, rng, fraction=config.mutation_fraction, tensors=config.mutation_tensors, step=config.mutation_step)
+            child = mutate_random(genome, space, rng, fraction=step.fraction, tensors=config.mutation_tensors, step=config.mutation_step)
         return creator.EvoquantIndividual(child.shifts)
 
     toolbox.register("mutate", mutate)
@@ -128,7 +148,8 @@ def evolve(
     ``evaluate`` the result is identical from run to run, whatever ``map_function`` runs it.
     """
     rng = np.random.default_rng(config.seed)
-    toolbox = make_toolbox(space, config, rng, evaluate, map_function)
+    step = StepSize(config)
+    toolbox = make_toolbox(space, config, rng, evaluate, map_function, step)
     termination = Termination(config)
     seen: dict[tuple, float] = {}
     evaluations = 0
@@ -157,6 +178,8 @@ def evolve(
         generation += 1
         offspring = [_offspring(toolbox, population, rng, config) for _ in range(config.lambda_)]
         assess(offspring)
+        parent_best = population[0].fitness.values[0]
+        step.update(float(np.mean([ind.fitness.values[0] < parent_best for ind in offspring])))
         population = toolbox.select(population + offspring, config.mu)
         best = population[0]
         termination.update(best.fitness.values[0])
@@ -166,6 +189,7 @@ def evolve(
             best=best.fitness.values[0],
             mean=float(np.mean([ind.fitness.values[0] for ind in offspring])),
             best_shifts=best.n_shifts,
+            mutation_fraction=step.fraction,
             elapsed=termination.elapsed(),
             progress=termination.progress(generation, evaluations),
         )
