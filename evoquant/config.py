@@ -28,14 +28,14 @@ class SearchConfig:
     time_limit: float | None = None  # seconds of search wall time
     patience: int | None = 20  # generations without improvement before stopping
     min_improvement: float = 1e-4  # relative improvement of the best that resets patience
-    mutation_fraction: float = 0.01  # share of a tensor's weights moved by one mutation (the start, if adapted)
-    adapt_mutation: bool = False  # adapt the fraction by the 1/5 success rule
+    mutation_fraction: float = 0.03  # share of a tensor's weights moved by one mutation (the start, if adapted)
+    adapt_mutation: bool = True  # adapt the fraction by the 1/5 success rule
     mutation_fraction_min: float = 0.001
     mutation_fraction_max: float = 0.2
     mutation_tensors: int = 1  # tensors touched by one mutation
     mutation_step: int = 1  # states moved per shift
     max_shift: int = 1  # largest total shift of one weight from its starting state
-    tie_probability: float = 0.5  # chance a mutation is a tie flip (only with an FP32 reference)
+    tie_probability: float = 0.0  # chance a mutation is a tie flip (only with an FP32 reference)
     tie_pool: float = 0.1  # share of each tensor's weights, closest to a rounding tie, that tie flips draw from
     crossover_probability: float = 0.2
     seed: int = 0
