@@ -191,7 +191,14 @@ def refine(
     threads = threads_per_job(config.jobs)
     context = FitnessContext(str(model_path), selection.images, teacher_selection, selection.labels, objective_spec, threads)
     verify_context = FitnessContext(str(model_path), verification.images, teacher_verification, verification.labels, objective_spec, threads)
-    local = PlainEvaluator(context)
+    if config.engine == "suffix":
+        from evoquant.fitness.engine import SuffixEngine
+
+        local = SuffixEngine(context, max_cache_mb=config.max_cache_mb)
+        if not config.search.offspring_groups:  # the engine shares one compile per (parent, layer) group
+            config = config.replace(search={"offspring_groups": 2})
+    else:
+        local = PlainEvaluator(context)
     start_outputs = local.outputs({})
     local.score(start_outputs)  # a broken hook or objective fails here, before any search
 
@@ -210,6 +217,8 @@ def refine(
         else:
             evaluate = local
         with ParallelMap(config.jobs, config.backend) as parallel_map, _ProgressBar(config, callback) as bar:
+            if config.engine == "suffix":  # the engine scores a whole generation at once, grouped by parent
+                parallel_map = lambda function, payloads: local.evaluate_many(list(payloads))  # noqa: E731
             search = evolve(space, evaluate, config.search, map_function=parallel_map, callback=bar.update)
 
         # Verification on the written IR itself: save, reload, compile with plain OpenVINO defaults.
@@ -396,3 +405,280 @@ class _ProgressBar:
     def __exit__(self, *exc_info) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# quantize and synthesize: NNCF fed from any data source, and data sources written to .npz
+# --------------------------------------------------------------------------------------------------
+
+#: Default seed of calibration draws; the demo's, and different from refine's data seed (1234), so that
+#: calibration and fitness images are different draws of the same source.
+CALIBRATION_SEED = 7
+QUANTIZE_PRESETS = ("performance", "mixed")
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What ``quantize`` wrote: the INT8 IR, the calibration it used and how many weight tensors NNCF quantized."""
+
+    model: str
+    output: str
+    calibration: str
+    subset_size: int
+    preset: str
+    ignored_scope: tuple[str, ...]
+    quantized_tensors: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def quantize(
+    model: ModelLike,
+    *,
+    calibration: DataLike,
+    output: ModelLike,
+    subset_size: int = 300,
+    preset: str = "performance",
+    ignored_scope: str | Sequence[str] | None = None,
+    fast_bias_correction: bool = True,
+    seed: int = CALIBRATION_SEED,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    progress: bool = False,
+) -> QuantizeResult:
+    """Quantize an FP32 OpenVINO IR to INT8 with ``nncf.quantize``, calibrated on any data source.
+
+    Args:
+        model: the FP32 IR (.xml); never modified. One input, ``(N, C, H, W)`` for data sources.
+        calibration: a source spec (``gan:GEN_DIR``, ``fractal``, ``noise:gaussian``, ``data.npz``, a
+            folder), a ``DataSource``, a ``Batch`` or an ``(N, C, H, W)`` array already in the model's range.
+        output: the INT8 IR to write (.xml + .bin, written atomically; never the input).
+        subset_size: calibration images drawn and given to NNCF (one per NNCF item, or per batch when the
+            model has a fixed batch size).
+        preset: NNCF's ``performance`` (symmetric) or ``mixed`` (asymmetric activations) preset.
+        ignored_scope: layers NNCF leaves in FP32: names, ``re:PATTERN`` regular expressions, or
+            ``type:OpType``; a comma-separated string or a sequence.
+        fast_bias_correction: NNCF's fast (default) or full bias correction.
+        seed, value_range: the draw from the source and the model's input range.
+        progress: show NNCF's own log and progress bars.
+
+    Returns:
+        A :class:`QuantizeResult`.
+
+    Raises:
+        EvoquantError: an unreadable model, a bad output path, data that does not fit the model, an
+            unknown preset, ignored-scope entries that match nothing, or NNCF failing.
+    """
+    from evoquant.ir.runtime import input_shape, read_ir, static_batch
+    from evoquant.ir.weights import find_quantized_weights
+
+    started = time.perf_counter()
+    model_path = Path(model)
+    fp32_model = read_ir(model_path)
+    shape = input_shape(fp32_model)
+    output_path = _check_output(output, model_path)
+    if output_path is None:
+        raise EvoquantError("quantize needs an output path (-o int8.xml)")
+    if isinstance(subset_size, bool) or not isinstance(subset_size, int) or subset_size < 1:
+        raise EvoquantError(f"the subset size must be a positive integer, got {subset_size!r}")
+    if preset not in QUANTIZE_PRESETS:
+        raise EvoquantError(f"unknown quantization preset {preset!r}; choose from {', '.join(QUANTIZE_PRESETS)}")
+    scope_entries = _scope_entries(ignored_scope)
+
+    label, batch = _as_batch(calibration, shape, subset_size, seed=seed, value_range=value_range)
+    images = batch.images[:subset_size]
+    fixed_batch = static_batch(fp32_model)
+    items = _calibration_items(images, fixed_batch)
+
+    import nncf
+
+    settings = {
+        "subset_size": len(items),
+        "preset": nncf.QuantizationPreset(preset),
+        "fast_bias_correction": bool(fast_bias_correction),
+        "ignored_scope": _nncf_ignored_scope(nncf, scope_entries) if scope_entries else None,
+    }
+    with _nncf_output(progress):
+        try:
+            int8_model = nncf.quantize(fp32_model, nncf.Dataset(items), **settings)
+        except nncf.ValidationError as error:
+            raise EvoquantError(f"NNCF rejected the settings: {_one_line(error)}") from None
+        except (RuntimeError, ValueError) as error:
+            raise EvoquantError(f"NNCF could not quantize {model_path}: {_one_line(error)}") from None
+    quantized = len(find_quantized_weights(int8_model))
+    _save_model_atomically(int8_model, output_path)
+    return QuantizeResult(
+        model=str(model_path),
+        output=str(output_path),
+        calibration=label,
+        subset_size=len(images),
+        preset=preset,
+        ignored_scope=tuple(scope_entries),
+        quantized_tensors=quantized,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def synthesize(
+    source: DataLike,
+    *,
+    n: int,
+    shape: Sequence[int] | None = None,
+    like: ModelLike | None = None,
+    seed: int = 0,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    output: str | os.PathLike | None = None,
+) -> "Batch":
+    """Draw ``n`` images (and labels, when the source has them) shaped and scaled for a model.
+
+    Args:
+        source: a source spec (``gan:GEN_DIR``, ``fractal[:K]``, ``noise[:gaussian]``, ``data.npz``, a
+            folder) or a ``DataSource``.
+        n: number of images.
+        shape: ``(C, H, W)``; or ``like``: an OpenVINO IR whose input gives the shape (exactly one of them).
+        seed, value_range: the draw (deterministic in ``seed``) and the range pixel values are mapped to.
+        output: when given, an ``.npz`` written atomically with ``x`` (float32 NCHW) and, if labelled, ``y``
+            (int64). evoquant's own ``--data`` reads ``.npz`` images in [0, 1]: keep the default range for
+            files meant for evoquant.
+
+    Returns:
+        The :class:`~evoquant.data.Batch`.
+
+    Raises:
+        EvoquantError: neither or both of ``shape`` and ``like``, a bad shape, a source that cannot make
+            such images, or an output path that is not a writable ``.npz``.
+    """
+    from evoquant.data import DataSource, load_source
+
+    if (shape is None) == (like is None):
+        raise EvoquantError("give the image shape either as C,H,W (--shape) or from a model (--like model.xml), not both")
+    if like is not None:
+        from evoquant.ir.runtime import input_shape, read_ir
+
+        shape = input_shape(read_ir(like))
+        if len(shape) != 3:
+            raise EvoquantError(f"{like} takes inputs of shape {shape}; data sources make images (C, H, W)")
+    output_path = None
+    if output is not None:
+        output_path = Path(output)
+        if output_path.suffix.lower() != ".npz":
+            raise EvoquantError(f"the output must be an .npz path, got {output_path}")
+        parent = output_path.parent if str(output_path.parent) else Path(".")
+        if not parent.is_dir():
+            raise EvoquantError(f"the output directory {parent} does not exist")
+    data_source = source if isinstance(source, DataSource) else load_source(str(source))
+    batch = data_source.sample(n, tuple(shape), seed=seed, value_range=tuple(value_range))
+    if output_path is not None:
+        arrays = {"x": batch.images} if batch.labels is None else {"x": batch.images, "y": batch.labels}
+        _save_npz_atomically(arrays, output_path)
+    return batch
+
+
+def _calibration_items(images: np.ndarray, fixed_batch: int | None) -> list[np.ndarray]:
+    """One image per NNCF item (NNCF warns that batches > 1 can skew its statistics), or the model's fixed batch."""
+    if fixed_batch is None or fixed_batch == 1:
+        return [images[i : i + 1] for i in range(len(images))]
+    if len(images) < fixed_batch:
+        raise EvoquantError(f"the model takes batches of {fixed_batch}; the subset size must be at least {fixed_batch}")
+    return [images[i : i + fixed_batch] for i in range(0, len(images) - fixed_batch + 1, fixed_batch)]
+
+
+def _scope_entries(ignored_scope: str | Sequence[str] | None) -> list[str]:
+    if ignored_scope is None:
+        return []
+    entries = ignored_scope.split(",") if isinstance(ignored_scope, str) else list(ignored_scope)
+    entries = [str(entry).strip() for entry in entries if str(entry).strip()]
+    for entry in entries:
+        kind, sep, value = entry.partition(":")
+        if sep and kind in ("re", "type") and not value:
+            raise EvoquantError(f"empty ignored-scope entry {entry!r}; expected NAME, re:PATTERN or type:OpType")
+    return entries
+
+
+def _nncf_ignored_scope(nncf, entries: list[str]):
+    import re
+
+    names, patterns, types = [], [], []
+    for entry in entries:
+        kind, sep, value = entry.partition(":")
+        if sep and kind == "re":
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise EvoquantError(f"ignored-scope pattern {value!r} is not a valid regular expression: {error}") from None
+            patterns.append(value)
+        elif sep and kind == "type":
+            types.append(value)
+        else:
+            names.append(entry)
+    return nncf.IgnoredScope(names=names, patterns=patterns, types=types)
+
+
+class _nncf_output:
+    """Silence NNCF's log and its progress bars (drawn on stdout/stderr) unless ``verbose``."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+
+    def __enter__(self):
+        if self.verbose:
+            return self
+        import contextlib
+        import io
+        import logging
+        import warnings
+
+        import nncf
+        from nncf.common.logging.logger import nncf_logger
+
+        self.level = nncf_logger.level
+        nncf.set_log_level(logging.ERROR)
+        self.stack = contextlib.ExitStack()
+        sink = io.StringIO()
+        self.stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+        self.stack.enter_context(contextlib.redirect_stdout(sink))
+        self.stack.enter_context(contextlib.redirect_stderr(sink))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.verbose:
+            return
+        import nncf
+
+        self.stack.close()
+        nncf.set_log_level(self.level)
+
+
+def _save_model_atomically(ov_model, output_xml: Path) -> None:
+    """``ov.save_model`` into a staging folder beside the output, then rename (.bin before .xml)."""
+    import openvino as ov
+
+    directory = output_xml.parent if str(output_xml.parent) else Path(".")
+    with tempfile.TemporaryDirectory(prefix=".evoquant-", dir=directory) as staging:
+        staged_xml = Path(staging) / "model.xml"
+        ov.save_model(ov_model, staged_xml, compress_to_fp16=False)
+        os.replace(staged_xml.with_suffix(".bin"), output_xml.with_suffix(".bin"))
+        os.replace(staged_xml, output_xml)
+
+
+def _save_npz_atomically(arrays: dict, output: Path) -> None:
+    directory = output.parent if str(output.parent) else Path(".")
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{output.stem}.", suffix=".npz")
+    os.close(handle)
+    try:
+        np.savez(temporary, **arrays)
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; a data file is ordinary shared data
+        os.replace(temporary, output)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__

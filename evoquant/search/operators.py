@@ -28,10 +28,10 @@ def _count(fraction: float, size: int) -> int:
     return max(1, min(size, int(round(fraction * size))))
 
 
-def mutate_random(genome: Genome, space: SearchSpace, rng: np.random.Generator, *, fraction: float, tensors: int, step: int = 1) -> Genome:
-    """Move ``fraction`` of the weights of ``tensors`` random tensors by ±``step`` states (within bounds)."""
+def mutate_random(genome: Genome, space: SearchSpace, rng: np.random.Generator, *, fraction: float, tensors: int, step: int = 1, only: int | None = None) -> Genome:
+    """Move ``fraction`` of the weights of ``tensors`` random tensors (or of tensor ``only``) by ±``step``."""
     child = genome.copy()
-    for tensor in pick_tensors(space, rng, tensors):
+    for tensor in pick_tensors(space, rng, tensors) if only is None else [only]:
         size = space.tensors[tensor].size
         indices = rng.choice(size, size=_count(fraction, size), replace=False)
         steps = rng.choice(np.array([-step, step]), size=len(indices))
@@ -51,14 +51,15 @@ def tie_pools(space: SearchSpace, pool_fraction: float) -> list[np.ndarray | Non
     return pools
 
 
-def mutate_tie(genome: Genome, space: SearchSpace, rng: np.random.Generator, *, fraction: float, tensors: int, pools: list[np.ndarray | None]) -> Genome:
+def mutate_tie(genome: Genome, space: SearchSpace, rng: np.random.Generator, *, fraction: float, tensors: int, pools: list[np.ndarray | None], only: int | None = None) -> Genome:
     """Flip near-tie weights to the *other* neighbour of their exact value (or back, if already flipped).
 
     A weight whose exact state was 3.48 was rounded to 3; this moves it to 4 (the direction of its
     residual). Only weights in the tie pool are touched; tensors without an FP32 residual are skipped.
     """
     child = genome.copy()
-    for tensor in pick_tensors(space, rng, tensors, with_residual=True):
+    chosen = pick_tensors(space, rng, tensors, with_residual=True) if only is None else ([only] if pools[only] is not None else [])
+    for tensor in chosen:
         pool = pools[tensor]
         indices = rng.choice(pool, size=_count(fraction, space.tensors[tensor].size) if len(pool) > 1 else 1, replace=len(pool) < 2)
         indices = np.unique(indices)

@@ -116,11 +116,11 @@ def make_toolbox(space: SearchSpace, config: SearchConfig, rng: np.random.Genera
     pools = tie_pools(space, config.tie_pool) if space.has_residuals else None
     step = step or StepSize(config)
 
-    def mutate(genome: Genome) -> Genome:
-        if pools is not None and rng.random() < config.tie_probability:
-            child = mutate_tie(genome, space, rng, fraction=step.fraction, tensors=config.mutation_tensors, pools=pools)
+    def mutate(genome: Genome, only: int | None = None) -> Genome:
+        if pools is not None and rng.random() < config.tie_probability and (only is None or pools[only] is not None):
+            child = mutate_tie(genome, space, rng, fraction=step.fraction, tensors=config.mutation_tensors, pools=pools, only=only)
         else:
-            child = mutate_random(genome, space, rng, fraction=step.fraction, tensors=config.mutation_tensors, step=config.mutation_step)
+            child = mutate_random(genome, space, rng, fraction=step.fraction, tensors=config.mutation_tensors, step=config.mutation_step, only=only)
         return creator.EvoquantIndividual(child.shifts)
 
     toolbox.register("mutate", mutate)
@@ -176,7 +176,7 @@ def evolve(
     stop_reason = termination.reason(generation, evaluations)
     while stop_reason is None:
         generation += 1
-        offspring = [_offspring(toolbox, population, rng, config) for _ in range(config.lambda_)]
+        offspring = _generation(toolbox, population, rng, config, space)
         assess(offspring)
         parent_best = population[0].fitness.values[0]
         step.update(float(np.mean([ind.fitness.values[0] < parent_best for ind in offspring])))
@@ -208,6 +208,20 @@ def evolve(
         history=history,
         elapsed=termination.elapsed(),
     )
+
+
+def _generation(toolbox: base.Toolbox, population: list, rng: np.random.Generator, config: SearchConfig, space: SearchSpace) -> list:
+    """A generation's offspring: independent, or in groups sharing a (parent, tensor) pair.
+
+    Grouped offspring differ from one parent in one tensor each, so an evaluator that compiles one graph
+    per (parent, layer) (the suffix engine) serves a whole group with one compile.
+    """
+    if not config.offspring_groups:
+        return [_offspring(toolbox, population, rng, config) for _ in range(config.lambda_)]
+    from evoquant.search.operators import pick_tensors
+
+    pairs = [(population[int(rng.integers(len(population)))], int(pick_tensors(space, rng, 1)[0])) for _ in range(config.offspring_groups)]
+    return [toolbox.mutate(*pairs[i % len(pairs)]) for i in range(config.lambda_)]
 
 
 def _offspring(toolbox: base.Toolbox, population: list, rng: np.random.Generator, config: SearchConfig):

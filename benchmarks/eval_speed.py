@@ -1,0 +1,163 @@
+"""Fitness evaluation speed and fidelity: plain path vs full forward vs the suffix engine. JSON lines.
+
+For each model, over the same candidates (grouped as the strategy makes them with ``offspring_groups``:
+a few parents, each candidate = its parent plus a 3 % shift of one tensor) and the same batch:
+
+  (a) plain:   patch constants, compile, infer (what refine did before the engine)
+  (b) forward: one forward of an already compiled INT8 model per candidate, no compile (the bound for
+               any evaluator that recomputes everything)
+  (c) engine:  the suffix engine (evoquant.fitness.engine)
+
+It prints evaluations/s of each, c/a and c/b, the engine's fidelity against (a) (Spearman rank
+correlation, same best candidate, max relative fitness error), the share of layers the engine serves
+exactly, peak memory, and (a) again with --jobs 2. Run:
+
+    python benchmarks/eval_speed.py                     # bn_cnn and a 19-layer residual model
+    python benchmarks/eval_speed.py --models bn_cnn --groups 13 --per-group 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+
+
+def register_deep_residual() -> None:
+    """A deeper ResNet for MNIST (stem + 8 basic blocks, >= 15 quantized layers), added to the zoo registry."""
+    from evoquant import zoo
+
+    if "deep_residual_cnn" in zoo.REGISTRY:
+        return
+
+    @zoo.register_model("deep_residual_cnn", epochs=3)
+    def _deep_residual_cnn():
+        nn = zoo._import_torch().nn
+        block = zoo._residual_block_class()
+        return nn.Sequential(
+            zoo._conv_bn_relu(nn, 1, 16),
+            block(16, 16), block(16, 16), block(16, 16),
+            block(16, 32, stride=2), block(32, 32), block(32, 32),
+            block(32, 64, stride=2), block(64, 64),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+        )
+
+
+def spearman(a, b) -> float:
+    ranks = lambda x: np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float)  # noqa: E731
+    ra, rb = ranks(np.asarray(a)), ranks(np.asarray(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def make_candidates(table, groups: int, per_group: int, seed: int):
+    from evoquant.search.genome import Genome, SearchSpace, TensorSpace
+    from evoquant.search.operators import mutate_random, pick_tensors
+
+    space = SearchSpace(tuple(TensorSpace(w.consumer, w.states.reshape(-1).copy(), w.low, w.high) for w in table))
+    rng = np.random.default_rng(seed)
+    parents = [mutate_random(Genome(), space, rng, fraction=0.03, tensors=3) for _ in range(4)]
+    candidates = []
+    for g in range(groups):
+        parent = parents[g % len(parents)]
+        tensor = int(pick_tensors(space, rng, 1)[0])
+        candidates += [mutate_random(parent, space, rng, fraction=0.03, tensors=1, only=tensor).payload() for _ in range(per_group)]
+    return [p.payload() for p in parents], candidates
+
+
+def measure(name: str, groups: int, per_group: int, batch: int) -> dict:
+    from functools import partial
+    from pathlib import Path
+    import tempfile
+
+    from evoquant import zoo
+    from evoquant.data import load_source
+    from evoquant.demo import calibration_images
+    from evoquant.fitness.engine import SuffixEngine
+    from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator, evaluate_in_worker, save_context
+    from evoquant.fitness.parallel import ParallelMap, threads_per_job
+    from evoquant.ir.runtime import compile_ir, infer, read_ir
+
+    built = zoo.build(name, calibration=calibration_images())
+    images = load_source("fractal").sample(batch, zoo.INPUT_SHAPE, seed=1234).images
+    teacher = infer(compile_ir(read_ir(built.fp32_xml), f32=True), images)
+    objective = "kl" if built.task == "classification" else "mse"
+    context = FitnessContext(str(built.int8_xml), images, teacher, None, objective, threads_per_job(1))
+    plain = PlainEvaluator(context)
+    parents, candidates = make_candidates(plain.table, groups, per_group, seed=0)
+
+    started = time.perf_counter()
+    plain_scores = [plain(c) for c in candidates]
+    plain_rate = len(candidates) / (time.perf_counter() - started)
+
+    compiled = compile_ir(plain.model)
+    request = compiled.create_infer_request()
+    started = time.perf_counter()
+    for _ in candidates:
+        request.infer({0: images})
+    forward_rate = len(candidates) / (time.perf_counter() - started)
+
+    setup_started = time.perf_counter()
+    engine = SuffixEngine(context)
+    setup_seconds = time.perf_counter() - setup_started
+    for parent in parents:
+        engine._remember(parent)
+    started = time.perf_counter()
+    engine_scores = engine.evaluate_many(candidates)
+    engine_rate = len(candidates) / (time.perf_counter() - started)
+
+    with tempfile.TemporaryDirectory() as workdir, ParallelMap(2, "loky") as parallel_map:
+        context2 = FitnessContext(str(built.int8_xml), images, teacher, None, objective, threads_per_job(2))
+        function = partial(evaluate_in_worker, save_context(context2, Path(workdir) / "context.pkl"))
+        parallel_map(function, candidates[:4])  # warm the workers (model read once per worker)
+        started = time.perf_counter()
+        jobs2_scores = parallel_map(function, candidates)
+        plain_jobs2_rate = len(candidates) / (time.perf_counter() - started)
+
+    plain_scores, engine_scores = np.asarray(plain_scores), np.asarray(engine_scores)
+    return {
+        "benchmark": "eval_speed",
+        "model": name,
+        "quantized_layers": len(plain.table),
+        "candidates": len(candidates),
+        "groups": groups,
+        "batch": batch,
+        "plain_per_s": round(plain_rate, 2),
+        "forward_per_s": round(forward_rate, 2),
+        "engine_per_s": round(engine_rate, 2),
+        "c_over_a": round(engine_rate / plain_rate, 2),
+        "c_over_b": round(engine_rate / forward_rate, 2),
+        "engine_setup_s": round(setup_seconds, 2),
+        "spearman": round(spearman(plain_scores, engine_scores), 5),
+        "same_best": bool(np.argmin(plain_scores) == np.argmin(engine_scores)),
+        "max_relative_error": float(np.max(np.abs(engine_scores - plain_scores) / np.abs(plain_scores))),
+        "exact_layers": len(engine.exact_layers),
+        "engine_suffix_evaluations": engine.stats.suffix_evaluations,
+        "engine_plain_evaluations": engine.stats.plain_evaluations,
+        "engine_compiles": engine.stats.suffix_compiles + engine.stats.probe_compiles,
+        "engine_cache_mb": round(engine.stats.peak_cache_bytes / 2**20, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "plain_jobs2_per_s": round(plain_jobs2_rate, 2),
+        "jobs2_matches_jobs1": bool(np.array_equal(np.asarray(jobs2_scores), plain_scores)),
+        "engine_jobs2": "not supported: the engine runs in one process (use --jobs 1)",
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="bn_cnn,deep_residual_cnn")
+    parser.add_argument("--groups", type=int, default=13, help="(parent, tensor) groups")
+    parser.add_argument("--per-group", type=int, default=8, help="candidates per group")
+    parser.add_argument("--batch", type=int, default=256)
+    args = parser.parse_args()
+    register_deep_residual()
+    for name in args.models.split(","):
+        print(json.dumps(measure(name.strip(), args.groups, args.per_group, args.batch)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Cut an IR at a quantized layer: the *suffix* graph that recomputes only what a change of that layer can
+reach, and the *probe* graph that exposes the activations every suffix needs.
+
+For the layer that consumes quantized tensor ``t`` (a Convolution, MatMul, ...):
+
+* its **descendants** ``D`` are every op whose value depends on the layer's output;
+* its **frontier** is every activation produced outside ``D`` and consumed inside it: the layer's own
+  data input, and, in graphs with branches, skip connections that join below the layer;
+* the **suffix** graph is ``D`` alone, with a Parameter for each frontier activation and one f32
+  Parameter for the layer's weight (dequantized). Everything below the layer keeps its Constants, so the
+  plugin still runs those layers with INT8 kernels; only the cut layer itself runs in f32 on the exact
+  quantized values, which reproduces the INT8 arithmetic up to float rounding.
+
+Works for any DAG: chains, branches, skip connections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import openvino as ov
+import openvino.opset13 as opset
+
+from evoquant.ir.weights import QuantizedWeight
+
+
+@dataclass(frozen=True)
+class Cut:
+    """How the suffix of one layer plugs into cached activations."""
+
+    tensor: int
+    nodes: frozenset[str]  # ops the suffix recomputes (the layer's descendants, grown past unsafe cuts)
+    frontier: tuple[str, ...]  # activation ids ("node_name:port") fed as suffix inputs, in input order
+    outputs: tuple[int, ...]  # indices of the model's outputs that the suffix recomputes
+    weight_shape: tuple[int, ...]  # shape of the weight port the f32 Parameter replaces
+
+
+def activation_id(output: ov.Output) -> str:
+    return f"{output.get_node().get_friendly_name()}:{output.get_index()}"
+
+
+def _depends_on_input(model: ov.Model) -> set[str]:
+    """Names of ops whose value depends on a model Parameter (the rest are constant subgraphs)."""
+    dynamic: set[str] = set()
+    for op in model.get_ordered_ops():  # topological order
+        if op.get_type_name() == "Parameter" or any(op.input_value(i).get_node().get_friendly_name() in dynamic for i in range(op.get_input_size())):
+            dynamic.add(op.get_friendly_name())
+    return dynamic
+
+
+def _descendants(layer: ov.Node) -> set[str]:
+    seen: set[str] = set()
+    stack = [layer]
+    while stack:
+        node = stack.pop()
+        name = node.get_friendly_name()
+        if name in seen:
+            continue
+        seen.add(name)
+        for output in node.outputs():
+            stack.extend(target.get_node() for target in output.get_target_inputs())
+    return seen
+
+
+def plan_cut(model: ov.Model, weight: QuantizedWeight, is_safe: Callable[[str], bool] | None = None) -> Cut:
+    """The frontier and recomputed outputs of the cut at ``weight``'s layer (no graph is built).
+
+    ``is_safe(activation_id)`` says whether reading that activation out of the model leaves the model's
+    results unchanged. Exporting some tensors (e.g. the quantized inputs of a residual Add, which the CPU
+    plugin fuses into an INT8 eltwise) changes how the graph executes; the cut then grows upward past
+    them until every frontier tensor is safe (at worst up to the model input, which always is).
+    """
+    ops = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+    order = {name: i for i, name in enumerate(ops)}
+    layer = ops[weight.consumer]
+    below = _descendants(layer)
+    dynamic = _depends_on_input(model)
+    while True:
+        frontier: dict[str, None] = {}
+        for name in sorted(below, key=order.__getitem__):
+            node = ops[name]
+            for port in range(node.get_input_size()):
+                if node is layer and port == weight.consumer_port:
+                    continue
+                source = node.input_value(port)
+                source_name = source.get_node().get_friendly_name()
+                if source_name not in below and source_name in dynamic:
+                    frontier[activation_id(source)] = None
+        unsafe = [key for key in frontier if is_safe is not None and ops[key.rpartition(":")[0]].get_type_name() != "Parameter" and not is_safe(key)]
+        if not unsafe:
+            break
+        below |= {key.rpartition(":")[0] for key in unsafe}
+    outputs = tuple(i for i, result in enumerate(model.outputs) if result.get_node().get_friendly_name() in below)
+    weight_shape = tuple(layer.input_value(weight.consumer_port).get_partial_shape().to_shape())
+    return Cut(weight.index, frozenset(below), tuple(frontier), outputs, weight_shape)
+
+
+def build_suffix(model: ov.Model, weight: QuantizedWeight, cut: Cut) -> ov.Model:
+    """The suffix graph of ``cut`` built from a clone of ``model`` (whose constants it keeps).
+
+    Inputs: one Parameter per frontier activation (in ``cut.frontier`` order), then the f32 weight.
+    Outputs: the model outputs listed in ``cut.outputs``.
+    """
+    clone = model.clone()
+    ops = {op.get_friendly_name(): op for op in clone.get_ordered_ops()}
+    layer = ops[weight.consumer]
+    below = cut.nodes
+    parameters: dict[str, ov.Node] = {}
+    for name in below:
+        node = ops[name]
+        for port in range(node.get_input_size()):
+            source = node.input_value(port)
+            key = activation_id(source)
+            if key not in cut.frontier:
+                continue
+            if source.get_node().get_friendly_name() in below:
+                continue
+            if key not in parameters:
+                parameters[key] = opset.parameter(source.get_partial_shape(), source.get_element_type(), name=f"frontier:{key}")
+            node.input(port).replace_source_output(parameters[key].output(0))
+    weight_parameter = opset.parameter(list(cut.weight_shape), np.float32, name="cut_weight")
+    layer.input(weight.consumer_port).replace_source_output(weight_parameter.output(0))
+    results = [clone.get_results()[i] for i in cut.outputs]
+    return ov.Model(results, [parameters[key] for key in cut.frontier] + [weight_parameter], f"suffix_{weight.index}")
+
+
+def build_probe(model: ov.Model, activations: list[str]) -> ov.Model:
+    """A clone of ``model`` that also outputs the named activations (after its own outputs)."""
+    clone = model.clone()
+    ops = {op.get_friendly_name(): op for op in clone.get_ordered_ops()}
+    extra = []
+    for key in activations:
+        name, _, port = key.rpartition(":")
+        extra.append(opset.result(ops[name].output(int(port))))
+    return ov.Model(list(clone.get_results()) + extra, list(clone.get_parameters()), "probe")

@@ -1,0 +1,124 @@
+"""The suffix engine: same fitness as the plain path, on graphs with branches, within its cache budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import evoquant
+from evoquant.config import RefineConfig, SearchConfig
+from evoquant.errors import EvoquantError
+from evoquant.fitness.engine import SuffixEngine
+from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
+from evoquant.ir.cut import plan_cut
+from evoquant.ir.runtime import compile_ir, infer, read_ir
+from evoquant.search.genome import Genome, SearchSpace, TensorSpace
+from evoquant.search.operators import mutate_random
+
+
+def context_for(path, reference, n=48):
+    images = np.random.default_rng(2).random((n, 3, 8, 8), dtype=np.float32)
+    teacher = infer(compile_ir(read_ir(reference), f32=True), images)
+    return FitnessContext(str(path), images, teacher, None, "kl", 1)
+
+
+def family(table, seed=0, per_tensor=4):
+    """A parent and children that each differ from it in one tensor (what grouped offspring look like)."""
+    space = SearchSpace(tuple(TensorSpace(w.consumer, w.states.reshape(-1).copy(), w.low, w.high) for w in table))
+    rng = np.random.default_rng(seed)
+    parent = mutate_random(Genome(), space, rng, fraction=0.1, tensors=2)
+    children = [mutate_random(parent, space, rng, fraction=0.1, tensors=1, only=t).payload() for t in range(len(table)) for _ in range(per_tensor)]
+    return parent.payload(), children
+
+
+def test_cut_of_a_branching_graph_takes_the_skip_connection_as_input(tiny_irs):
+    model = read_ir(tiny_irs.int8)
+    engine = SuffixEngine(context_for(tiny_irs.int8, tiny_irs.fp32))
+    depthwise = engine.table[1]
+    cut = plan_cut(model, depthwise)
+    # The depthwise conv's output joins its own input again in the residual Add: that activation is the
+    # suffix's input for both the layer and the skip branch, and the Add is recomputed.
+    (frontier,) = cut.frontier
+    ops = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+    readers = {t.get_node().get_friendly_name() for t in ops[frontier.rpartition(":")[0]].output(0).get_target_inputs()}
+    assert "depthwise" in readers and any(name in cut.nodes for name in readers - {"depthwise"})
+    assert any(ops[name].get_type_name() == "Add" for name in cut.nodes) and cut.outputs == (0,)
+
+
+@pytest.mark.parametrize("form", ["int8", "fakequantize"])
+def test_engine_fitness_matches_the_plain_path(tiny_irs, form):
+    path = getattr(tiny_irs, form)
+    context = context_for(path, tiny_irs.fp32)
+    plain, engine = PlainEvaluator(context), SuffixEngine(context)
+    parent, children = family(plain.table)
+    engine.evaluate_many([parent])
+    scores = engine.evaluate_many(children)
+    expected = [plain(child) for child in children]
+    np.testing.assert_allclose(scores, expected, rtol=1e-4)
+    assert np.argmin(scores) == np.argmin(expected)
+    # Every child went through a suffix unless its layer is one the plugin would compute differently
+    # (the parent itself is scored on the plain path).
+    served = sum(1 for t in range(len(plain.table)) if t in engine.exact_layers) * 4
+    assert engine.stats.suffix_evaluations == served
+    assert engine.stats.plain_evaluations == 1 + len(children) - served
+    assert engine.stats.suffix_compiles <= len(plain.table)
+
+
+@pytest.fixture(scope="module")
+def chain_irs(tmp_path_factory):
+    """conv → relu → conv → relu → matmul: no branch, so every cut is one the plugin computes alike."""
+    import logging
+
+    import nncf
+    import openvino as ov
+    import openvino.opset13 as opset
+
+    nncf.set_log_level(logging.ERROR)
+    rng = np.random.default_rng(4)
+    x = opset.parameter([-1, 3, 8, 8], np.float32, name="input")
+    h = opset.relu(opset.convolution(x, opset.constant(rng.normal(size=(8, 3, 3, 3)).astype(np.float32)), [1, 1], [1, 1], [1, 1], [1, 1]))
+    h = opset.relu(opset.convolution(h, opset.constant(rng.normal(size=(8, 8, 3, 3)).astype(np.float32) * 0.3), [1, 1], [1, 1], [1, 1], [1, 1]))
+    logits = opset.matmul(opset.reshape(h, opset.constant(np.array([-1, 512], dtype=np.int64)), False), opset.constant(rng.normal(size=(10, 512)).astype(np.float32) * 0.05), False, True)
+    model = ov.Model([logits], [x], "chain")
+    folder = tmp_path_factory.mktemp("chain")
+    ov.save_model(model, folder / "fp32.xml", compress_to_fp16=False)
+    batches = [rng.random((4, 3, 8, 8), dtype=np.float32) for _ in range(8)]
+    ov.save_model(nncf.quantize(model, nncf.Dataset(batches), subset_size=32), folder / "int8.xml", compress_to_fp16=False)
+    return folder / "int8.xml", folder / "fp32.xml"
+
+
+def test_engine_serves_a_chain_from_suffixes_with_few_compiles(chain_irs):
+    int8, fp32 = chain_irs
+    context = context_for(int8, fp32)
+    plain, engine = PlainEvaluator(context), SuffixEngine(context)
+    parent, children = family(plain.table, per_tensor=5)
+    engine.evaluate_many([parent])
+    scores = engine.evaluate_many(children)
+    np.testing.assert_allclose(scores, [plain(child) for child in children], rtol=1e-4)
+    assert engine.stats.suffix_evaluations >= 10, engine.exact_layers
+    assert engine.stats.suffix_compiles <= len(plain.table) and engine.stats.probe_compiles == 1
+
+
+def test_a_tiny_cache_budget_evicts_but_keeps_results(tiny_irs):
+    context = context_for(tiny_irs.int8, tiny_irs.fp32)
+    roomy, tight = SuffixEngine(context), SuffixEngine(context, max_cache_mb=0.0001, max_compiled=1)
+    parent, children = family(roomy.table, seed=3)
+    for engine in (roomy, tight):
+        engine.evaluate_many([parent])
+    assert roomy.evaluate_many(children) == tight.evaluate_many(children)
+    assert len(tight.activations) <= 1 and len(tight.suffixes) <= 1
+
+
+def test_refine_with_the_engine_follows_the_same_search(tiny_irs):
+    config = RefineConfig(search=SearchConfig(mu=2, lambda_=6, generations=4, patience=None, offspring_groups=2, seed=5), selection_size=32, verification_size=32, progress=False)
+    plain = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, config=config)
+    engine = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, config=config.replace(engine="suffix"))
+    np.testing.assert_allclose([h.best for h in engine.history], [h.best for h in plain.history], rtol=1e-4)
+    assert engine.shifted_weights == plain.shifted_weights
+
+
+def test_engine_settings_are_validated():
+    with pytest.raises(EvoquantError, match="one process"):
+        RefineConfig(engine="suffix", jobs=2)
+    with pytest.raises(EvoquantError, match="unknown engine"):
+        RefineConfig(engine="turbo")
