@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("names", nargs="*", help="models to build (default: all)")
     zoo.add_argument("--force", action="store_true", help="rebuild even if cached")
     zoo.set_defaults(run=run_zoo)
+
+    _add_gan_parsers(commands)
+    _add_synth_parser(commands)
+    _add_quantize_parser(commands)
     return parser
 
 
@@ -218,6 +222,276 @@ def run_zoo(args) -> int:
     for name in args.names or list(zoo.ZOO_MODELS):
         built = zoo.build(name, calibration=calibration_images(), force=args.force, verbose=True)
         print(f"{name}: {built.fp32_xml} {built.int8_xml}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# gan train / gan distill / synth / quantize
+# --------------------------------------------------------------------------------------------------
+
+GAN_TRAIN_EXAMPLES = """
+examples:
+  evoquant gan train digits.npz -o gen/                      # .npz with x (images) and y (labels)
+  evoquant gan train images/ -o gen/ --shape 3,32,32 --steps 6000
+  evoquant gan train digits.npz -o gen/ --steps 6000 --resume  # continue a run to 6000 steps
+  evoquant synth --source gan:gen/ -n 512 --shape 1,28,28 -o calib.npz
+
+DATA is a .npz (images under x|images, labels under y|labels) or a folder with one sub-folder per
+class (a flat folder trains an unconditional GAN). GEN_DIR receives generator.json, generator.xml/.bin
+(OpenVINO IR), generator.pt (TorchScript), samples.png (one row per class) and checkpoint.pt.
+"""
+
+GAN_DISTILL_EXAMPLES = """
+examples:
+  evoquant gan distill --teacher big_gen/ -o student/
+  evoquant gan distill --teacher stylegan.onnx --classes 10 --teacher-range=-1,1 -o student/ --steps 4000
+  evoquant gan distill --teacher generator.pt --latent-size 512 --classes 10 -o student/
+
+The teacher is a generator directory or a TorchScript (.pt), ONNX (.onnx) or OpenVINO (.xml) file with
+inputs (z) or (z, label): z float (N, latent), label int (N,) or one-hot float (N, K). What the file does
+not record comes from a .json beside it (same keys as generator.json) or from the flags.
+"""
+
+SYNTH_EXAMPLES = """
+examples:
+  evoquant synth --source gan:gen/ -n 1000 --shape 1,28,28 -o calib.npz
+  evoquant synth --source fractal:64 -n 512 --like fp32.xml -o fractal.npz
+  evoquant synth --source noise:gaussian -n 256 --like fp32.xml --input-range=-1,1 -o noise.npz
+
+The .npz holds x (float32, N,C,H,W) and, when the source has labels, y (int64). evoquant's --data reads
+.npz images in [0, 1]: keep the default --input-range for files meant for evoquant.
+"""
+
+QUANTIZE_EXAMPLES = """
+examples:
+  evoquant quantize fp32.xml --calibration gan:gen/ -o int8.xml
+  evoquant quantize fp32.xml --calibration fractal --subset-size 512 --preset mixed -o int8.xml
+  evoquant quantize fp32.xml --calibration images/ --ignored-scope "head/fc,re:.*attention.*,type:Softmax" -o int8.xml
+
+--calibration takes every data spec: gan:GEN_DIR, fractal[:K], noise[:uniform|gaussian], a .npz, a folder.
+"""
+
+
+def _add_gan_parsers(commands) -> None:
+    gan = commands.add_parser(
+        "gan",
+        help="train a compact conditional GAN, or distill a larger generator, for synthetic data",
+        description="Synthetic images for calibration and fitness: train a compact class-conditional GAN on your images, or distill a larger generator into one. Use the result as --data/--calibration gan:GEN_DIR.",
+        epilog="examples:\n  evoquant gan train digits.npz -o gen/\n  evoquant gan distill --teacher big.onnx --classes 10 -o student/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = gan.add_subparsers(dest="gan_command", metavar="ACTION")
+    gan.set_defaults(run=lambda args: _usage(gan))
+
+    train = actions.add_parser(
+        "train",
+        help="train the compact conditional GAN on images",
+        description="Train a compact class-conditional GAN (hinge loss, spectral-norm projection discriminator, conditional generator) on your images, with checkpoints and --resume, and save the generator as OpenVINO IR and TorchScript with its metadata and a sample grid.",
+        epilog=GAN_TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("data", metavar="DATA", help="training images: a .npz (x, y) or a folder with a sub-folder per class")
+    train.add_argument("--output", "-o", metavar="GEN_DIR", required=True, help="generator directory to write")
+    train.add_argument("--shape", metavar="C,H,W", help="image shape to train at (default: the .npz's; for folders, the first image's)")
+    _add_training_flags(train, steps_help="total training steps (default 2500: about 10 minutes on one core for 28x28 digits)")
+    train.set_defaults(run=run_gan_train)
+
+    distill = actions.add_parser(
+        "distill",
+        help="distill a larger generator into the compact one (black-box)",
+        description="DiStyleGAN-style black-box distillation: the compact generator learns to reproduce the teacher's image for the same (z, label), with pixel L1, discriminator-feature L1 and a hinge adversarial loss.",
+        epilog=GAN_DISTILL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    distill.add_argument("--teacher", "-t", metavar="G", required=True, help="the teacher generator: a directory, .pt, .onnx or .xml")
+    distill.add_argument("--output", "-o", metavar="GEN_DIR", required=True, help="generator directory to write")
+    distill.add_argument("--latent-size", type=int, help="the teacher's latent size, if its file does not record it")
+    distill.add_argument("--classes", type=int, help="the teacher's number of classes, if it takes class indices")
+    distill.add_argument("--teacher-range", metavar="LOW,HIGH", help="the teacher's output range (default -1,1 or its .json's)")
+    _add_training_flags(distill, steps_help="total distillation steps (default 2000)")
+    distill.set_defaults(run=run_gan_distill)
+
+
+def _add_training_flags(parser, *, steps_help: str) -> None:
+    parser.add_argument("--steps", type=int, help=steps_help)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and latents (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true", help="continue from GEN_DIR/checkpoint.pt up to --steps")
+    parser.add_argument("--overwrite", action="store_true", help="start over even if GEN_DIR holds a generator")
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
+    parser.add_argument("--width", type=int, help="generator width (channels of the last block; default 16)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, all cores)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def _add_synth_parser(commands) -> None:
+    synth = commands.add_parser(
+        "synth",
+        help="write synthetic images (and labels) from any data source to an .npz",
+        description="Draw N images from a data source, shaped and scaled for the target model, and write them (with labels when the source has them) to an .npz.",
+        epilog=SYNTH_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    synth.add_argument("--source", "-s", metavar="SPEC", required=True, help="data spec: gan:GEN_DIR, fractal[:K], noise[:KIND], a .npz or a folder")
+    synth.add_argument("-n", type=int, required=True, help="number of images")
+    shape = synth.add_mutually_exclusive_group(required=True)
+    shape.add_argument("--shape", metavar="C,H,W", help="image shape")
+    shape.add_argument("--like", metavar="MODEL.xml", help="take the shape from this OpenVINO IR's input")
+    synth.add_argument("--output", "-o", metavar="DATA.npz", required=True, help="where to write the images")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the draw (default: %(default)s)")
+    synth.add_argument("--input-range", metavar="LOW,HIGH", help="the model's input value range (default 0,1)")
+    synth.set_defaults(run=run_synth)
+
+
+def _add_quantize_parser(commands) -> None:
+    quantize = commands.add_parser(
+        "quantize",
+        help="quantize an FP32 IR to INT8 with NNCF, calibrated on any data source",
+        description="Run nncf.quantize on an FP32 OpenVINO IR with calibration images from any data source (a GAN by default in the published pipeline) and write the INT8 IR.",
+        epilog=QUANTIZE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    quantize.add_argument("model", help="the FP32 OpenVINO IR (.xml); never modified")
+    quantize.add_argument("--calibration", "-c", metavar="SPEC", required=True, help="calibration data spec")
+    quantize.add_argument("--output", "-o", metavar="INT8.xml", required=True, help="where to write the INT8 IR")
+    quantize.add_argument("--subset-size", type=int, default=300, help="calibration images (default: %(default)s)")
+    quantize.add_argument("--preset", choices=["performance", "mixed"], default="performance", help="NNCF preset (default: %(default)s)")
+    quantize.add_argument("--ignored-scope", metavar="LIST", help="comma-separated layers to keep in FP32: NAME, re:PATTERN or type:OpType")
+    quantize.add_argument("--full-bias-correction", action="store_true", help="NNCF's full bias correction instead of the fast one")
+    quantize.add_argument("--seed", type=int, default=7, help="seed of the calibration draw (default: %(default)s)")
+    quantize.add_argument("--input-range", metavar="LOW,HIGH", help="the model's input value range (default 0,1)")
+    quantize.add_argument("--verbose", "-v", action="store_true", help="show NNCF's own output")
+    quantize.set_defaults(run=run_quantize)
+
+
+def _usage(parser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _shape(text: str):
+    from evoquant.errors import EvoquantError
+
+    try:
+        dims = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise EvoquantError(f"--shape must be C,H,W (e.g. 1,28,28), got {text!r}")
+    return dims
+
+
+def _training_kwargs(args) -> dict:
+    kwargs = {
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "resume": args.resume,
+        "overwrite": args.overwrite,
+        "checkpoint_every": args.checkpoint_every,
+        "progress": not args.quiet,
+    }
+    if args.steps is not None:
+        kwargs["steps"] = args.steps
+    if args.width is not None:
+        kwargs["generator_width"] = args.width
+    return kwargs
+
+
+def _set_threads(threads) -> None:
+    if threads is None:
+        return
+    from evoquant.errors import EvoquantError
+    from evoquant.gan.models import import_torch
+
+    if threads < 1:
+        raise EvoquantError(f"--threads must be at least 1, got {threads}")
+    import_torch().set_num_threads(threads)
+
+
+def _training_data(spec: str, shape_text: str | None):
+    """All images and labels of a finite source (.npz or folder), shaped for training."""
+    from evoquant.data import load_source
+    from evoquant.errors import EvoquantError
+
+    source = load_source(spec)
+    if not source.finite:
+        raise EvoquantError(f"{spec} is a generator, not training images: give a .npz or a folder of images")
+    if shape_text:
+        shape = _shape(shape_text)
+    elif hasattr(source, "image_shape"):
+        shape = tuple(source.image_shape[1:])
+    else:
+        shape = _first_image_shape(source)
+    batch = source.sample(len(source), shape, seed=0)
+    return batch, getattr(source, "classes", None)
+
+
+def _first_image_shape(source):
+    from PIL import Image
+
+    from evoquant.errors import EvoquantError
+
+    path = source.files[0]
+    try:
+        with Image.open(path) as image:
+            channels = 1 if image.mode in ("1", "L", "I", "F", "I;16") else 3
+            return (channels, image.height, image.width)
+    except OSError as error:
+        raise EvoquantError(f"cannot read image {path}: {error}") from None
+
+
+def run_gan_train(args) -> int:
+    from evoquant.gan import train_gan
+
+    _set_threads(args.threads)
+    batch, class_names = _training_data(args.data, args.shape)
+    if not args.quiet:
+        kind = f"{int(batch.labels.max()) + 1} classes" if batch.labels is not None else "unconditional"
+        print(f"training on {len(batch)} images of shape {tuple(batch.images.shape[1:])} ({kind})")
+    result = train_gan(batch.images, batch.labels, out_dir=args.output, class_names=class_names, **_training_kwargs(args))
+    _print_trained(result)
+    return 0
+
+
+def run_gan_distill(args) -> int:
+    from evoquant.gan import distill
+
+    _set_threads(args.threads)
+    result = distill(args.teacher, out_dir=args.output, latent_size=args.latent_size, num_classes=args.classes,
+                     value_range=_input_range(args.teacher_range), **_training_kwargs(args))
+    _print_trained(result)
+    return 0
+
+
+def _print_trained(result) -> None:
+    info = result.info
+    classes = f"{info.num_classes} classes" if info.conditional else "unconditional"
+    print(f"generator: {result.out_dir} ({classes}, latent {info.latent_size}, images {'x'.join(map(str, info.image_shape))}, "
+          f"{result.steps} steps, {result.seconds:.0f} s this run)")
+    print(f"samples: {result.samples}")
+    print(f"use it as: --data gan:{result.out_dir}")
+
+
+def run_synth(args) -> int:
+    from evoquant.api import synthesize
+
+    shape = _shape(args.shape) if args.shape else None
+    value_range = _input_range(args.input_range) or (0.0, 1.0)
+    batch = synthesize(args.source, n=args.n, shape=shape, like=args.like, seed=args.seed, value_range=value_range, output=args.output)
+    labels = "no labels" if batch.labels is None else f"labels of {len(set(batch.labels.tolist()))} classes"
+    print(f"{args.output}: {len(batch)} images {'x'.join(map(str, batch.images.shape[1:]))} in [{value_range[0]:g}, {value_range[1]:g}], {labels}")
+    return 0
+
+
+def run_quantize(args) -> int:
+    from evoquant.api import quantize
+
+    value_range = _input_range(args.input_range) or (0.0, 1.0)
+    result = quantize(args.model, calibration=args.calibration, output=args.output, subset_size=args.subset_size, preset=args.preset,
+                      ignored_scope=args.ignored_scope, fast_bias_correction=not args.full_bias_correction, seed=args.seed,
+                      value_range=value_range, progress=args.verbose)
+    print(f"{result.output}: {result.quantized_tensors} quantized weight tensors, calibrated on {result.subset_size} images "
+          f"from {result.calibration} ({result.preset}, {result.seconds:.1f} s)")
     return 0
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "ModelSpec",
     "ZooModel",
     "build",
+    "build_gan",
     "calibration_fingerprint",
     "create_model",
     "default_cache_dir",
@@ -703,3 +704,61 @@ def build(
         raise
     log.info("zoo model %s: built in %s", name, final)
     return ZooModel(name, spec.task, final / "fp32.xml", final / "int8.xml", meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# The zoo's GAN: synthetic digits for calibration and fitness
+# --------------------------------------------------------------------------------------------------
+
+#: Training steps of the zoo's GAN (see benchmarks/gan.py for its time and class-correctness).
+GAN_STEPS = 2500
+
+
+def build_gan(
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    steps: int = GAN_STEPS,
+    force: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Train (or fetch from the cache) the compact conditional GAN on the zoo's 4,000 training digits.
+
+    Returns the generator directory ``<cache>/gan/mnist`` (use it as the data spec ``gan:<dir>``). A
+    cached generator trained for ``steps`` steps on the current split is returned without work unless
+    ``force``; an interrupted build resumes from its checkpoint, and a cached generator trained for
+    fewer steps is trained on up to ``steps``. Deterministic: seed 0, trained on 2 threads (restored after).
+    Raises :class:`EvoquantError` when torch or mlxtend is missing.
+    """
+    from evoquant.gan import train_gan
+
+    directory = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / "gan" / "mnist"
+    meta_path = directory / "generator.json"
+    if meta_path.is_file() and not force:
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+        cached_steps = meta.get("steps")
+        if meta.get("zoo_version") == ZOO_VERSION and cached_steps == steps:
+            return directory
+        # Another split, or trained past the request: start over. Fewer steps: train on from the checkpoint.
+        force = meta.get("zoo_version") != ZOO_VERSION or not isinstance(cached_steps, int) or cached_steps > steps
+    x_train, y_train, _, _ = _split_arrays()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    torch = _import_torch()
+    threads = torch.get_num_threads()
+    # Like the zoo's models: a fixed thread count makes the generator (and so the calibration images
+    # drawn from it, and the cached INT8 models keyed by them) the same on every run of this machine.
+    torch.set_num_threads(_TRAIN_THREADS)
+    try:
+        train_gan(x_train, y_train, out_dir=directory, steps=steps, seed=0, resume=not force, overwrite=force, progress=progress,
+                  num_classes=10, class_names=[str(d) for d in range(10)])
+    finally:
+        torch.set_num_threads(threads)
+    # Mark the cache entry with the zoo version it was trained from (the split is part of the zoo).
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["zoo_version"] = ZOO_VERSION
+    from evoquant.gan.generator import write_json_atomically
+
+    write_json_atomically(meta, meta_path)
+    return directory

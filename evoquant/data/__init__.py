@@ -3,7 +3,7 @@
 Usage::
 
     from evoquant.data import load_source
-    source = load_source("fractal:64")            # or "noise:gaussian", "data.npz", "images/"
+    source = load_source("fractal:64")            # or "noise:gaussian", "gan:GEN_DIR", "data.npz", "images/"
     batch = source.sample(512, (1, 28, 28), seed=0, value_range=(0.0, 1.0))
     batch.images  # float32 (512, 1, 28, 28);  batch.labels  # int64 (512,) or None
 
@@ -16,5 +16,6 @@ from evoquant.data.registry import Batch, DataSource, list_sources, load_source,
 from evoquant.data import fractal as _fractal  # noqa: E402,F401
 from evoquant.data import noise as _noise  # noqa: E402,F401
 from evoquant.data import files as _files  # noqa: E402,F401
+from evoquant.data import gan as _gan  # noqa: E402,F401
 
 __all__ = ["Batch", "DataSource", "load_source", "register_source", "list_sources"]

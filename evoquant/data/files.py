@@ -34,6 +34,7 @@ class _FiniteSource(DataSource):
     """Shared request checks of sources that hold a fixed number of images."""
 
     finite = True
+    labels_are_classes = True  # the user's own labelled images
 
     def _check_count(self, n: int, available: int) -> None:
         if n > available:
@@ -229,6 +230,11 @@ class FolderSource(_FiniteSource):
 
     def __len__(self) -> int:
         return len(self._files)
+
+    @property
+    def files(self) -> list[str]:
+        """Paths of the image files, in label order (sorted class folders, then sorted names)."""
+        return list(self._files)
 
     def _sample01(self, n, shape, rng):
         channels, height, width = shape

@@ -55,12 +55,17 @@ class DataSource:
         finite: ``True`` when the source holds a limited set of images (files, folders), so
             :meth:`sample` can fail when more images are requested than exist; ``False`` for
             procedural generators that can produce any number of images.
+        labels_are_classes: ``True`` when the labels are the classes the user's model predicts
+            (a labelled ``.npz`` or class folder, a conditional GAN trained on the model's data), so
+            accuracy and cross-entropy on them mean something; ``False`` when they only index
+            something synthetic (a fractal's system).
 
     Subclasses implement :meth:`_sample01`; they should not override :meth:`sample`.
     """
 
     name: str = "?"
     finite: bool = False
+    labels_are_classes: bool = False
 
     def __init__(self, spec: str, arg: str | None = None) -> None:
         """Build the source from its spec; ``arg`` is the part after ``NAME:`` for built-ins.
@@ -179,10 +184,12 @@ def load_source(spec: str) -> DataSource:
 
     Resolution order:
         1. an existing directory                 -> folder-of-images source;
-        2. a path ending in ``.npz``             -> npz source (missing file -> error);
-        3. an existing file that is not ``.npz`` -> error (unsupported file type);
-        4. anything path-looking (contains ``/`` or the OS separator) -> ``no such file`` error;
-        5. ``NAME`` or ``NAME:ARG``              -> registered built-in ``NAME``, built with ``ARG``.
+        2. ``NAME:ARG`` with a registered ``NAME`` -> that built-in, built with ``ARG`` (which may be a
+           path, e.g. ``gan:runs/generator``);
+        3. a path ending in ``.npz``             -> npz source (missing file -> error);
+        4. an existing file that is not ``.npz`` -> error (unsupported file type);
+        5. anything path-looking (contains ``/`` or the OS separator) -> ``no such file`` error;
+        6. ``NAME``                              -> registered built-in ``NAME``, built without argument.
 
     Raises:
         EvoquantError: for an empty spec, a missing or unreadable file, an unknown name (the
@@ -200,6 +207,12 @@ def load_source(spec: str) -> DataSource:
     # over the built-in: the user can always write "noise:uniform" to get the generator.
     if os.path.isdir(spec):
         return files.FolderSource(spec)
+    name, sep, arg = spec.partition(":")
+    key = name.strip().lower()
+    if sep and key in _REGISTRY:
+        # A built-in whose argument is a path (gan:GEN_DIR): the path rules below are about the spec
+        # itself being a file or folder, not about a built-in's argument.
+        return _REGISTRY[key](spec, arg.strip())
     if spec.lower().endswith(".npz"):
         if not os.path.exists(spec):
             raise EvoquantError(f"no such file: {spec}")
@@ -209,8 +222,6 @@ def load_source(spec: str) -> DataSource:
     if "/" in spec or os.sep in spec or (os.altsep and os.altsep in spec):
         raise EvoquantError(f"no such file: {spec}")
 
-    name, sep, arg = spec.partition(":")
-    key = name.strip().lower()
     cls = _REGISTRY.get(key)
     if cls is None:
         raise EvoquantError(

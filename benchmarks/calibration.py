@@ -1,0 +1,100 @@
+"""Calibration data vs held-out accuracy on the zoo classifiers: the shape of arXiv 2305.06052's table.
+
+For each zoo classifier: the held-out accuracy of the FP32 IR, and of INT8 IRs quantized by
+``evoquant.quantize`` (``nncf.quantize``, default settings) calibrated with the same number of images from
+each source -- real training digits, the compact GAN trained on them, a distilled student of that GAN,
+fractal images and Gaussian noise -- plus KL(FP32‖INT8) on the held-out digits. With ``--refine PRESET``,
+each INT8 model is also refined with its own source's data (KL against the FP32 teacher) and scored again.
+One JSON line per (model, source). Held-out real digits are only ever used to score.
+
+    python benchmarks/calibration.py --gan /tmp/gan-mnist --student /tmp/gan-student --models bn_cnn
+    python benchmarks/calibration.py --gan /tmp/gan-mnist --refine fast > results/calibration.jsonl
+
+``--gan`` / ``--student`` are generator directories (``benchmarks/gan.py`` makes both); a source whose
+directory is not given is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def heldout_scores(int8_xml, fp32_logits, x_heldout, y_heldout) -> dict:
+    """Held-out accuracy of an IR and KL(FP32‖INT8) of its softmax, with plain OpenVINO defaults."""
+    import numpy as np
+
+    from evoquant.fitness.objectives import kl_to_teacher
+    from evoquant.ir.runtime import compile_ir, infer, read_ir
+
+    logits = infer(compile_ir(read_ir(int8_xml)), x_heldout)[0]
+    return {"accuracy": float(np.mean(logits.argmax(1) == y_heldout)), "kl": kl_to_teacher([logits], [fp32_logits])}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="classifiers", help="comma-separated zoo classifiers, or 'classifiers'")
+    parser.add_argument("--gan", help="generator directory trained on the zoo's training digits")
+    parser.add_argument("--student", help="generator directory distilled from --gan")
+    parser.add_argument("--images", type=int, default=300, help="calibration images per source (default: %(default)s)")
+    parser.add_argument("--refine", metavar="PRESET", help="also refine each INT8 model with its source's data")
+    parser.add_argument("--jobs", type=int, default=1)
+    args = parser.parse_args()
+
+    import numpy as np
+
+    from evoquant import quantize, refine, zoo
+    from evoquant.data import Batch
+    from evoquant.demo import calibration_images
+    from evoquant.ir.runtime import compile_ir, infer, read_ir
+
+    names = list(zoo.CLASSIFIERS) if args.models == "classifiers" else [n.strip() for n in args.models.split(",")]
+    x_train, y_train, x_heldout, y_heldout = zoo.mnist_split()
+    # Real calibration digits come from the training split (never the held-out one), a seeded draw.
+    pick = np.random.default_rng(7).permutation(len(x_train))[: args.images]
+    sources = {"real": Batch(x_train[pick], y_train[pick])}
+    if args.gan:
+        sources["gan"] = f"gan:{args.gan}"
+    if args.student:
+        sources["distilled_gan"] = f"gan:{args.student}"
+    sources["fractal"] = "fractal"
+    sources["gaussian_noise"] = "noise:gaussian"
+
+    with tempfile.TemporaryDirectory(prefix="evoquant-calibration-") as workdir:
+        for name in names:
+            built = zoo.build(name, calibration=calibration_images())
+            fp32_logits = infer(compile_ir(read_ir(built.fp32_xml), f32=True), x_heldout)[0]
+            fp32_accuracy = float(np.mean(fp32_logits.argmax(1) == y_heldout))
+            for source_name, spec in sources.items():
+                started = time.perf_counter()
+                int8_xml = Path(workdir) / f"{name}_{source_name}.xml"
+                quantize(built.fp32_xml, calibration=spec, output=int8_xml, subset_size=args.images)
+                row = {
+                    "benchmark": "calibration",
+                    "model": name,
+                    "source": source_name,
+                    "spec": spec if isinstance(spec, str) else "training split",
+                    "images": args.images,
+                    "fp32_accuracy": fp32_accuracy,
+                }
+                scores = heldout_scores(int8_xml, fp32_logits, x_heldout, y_heldout)
+                row["int8_accuracy"], row["int8_kl"] = scores["accuracy"], scores["kl"]
+                row["accuracy_drop"] = fp32_accuracy - scores["accuracy"]
+                if args.refine:
+                    refined_xml = Path(workdir) / f"{name}_{source_name}_refined.xml"
+                    result = refine(int8_xml, reference=built.fp32_xml, data=spec, output=refined_xml, preset=args.refine,
+                                    jobs=args.jobs, progress=False)
+                    refined = heldout_scores(refined_xml, fp32_logits, x_heldout, y_heldout)
+                    row.update({"refined_accuracy": refined["accuracy"], "refined_kl": refined["kl"], "refine_improved": result.improved,
+                                "refine_evaluations": result.evaluations})
+                row["seconds"] = round(time.perf_counter() - started, 1)
+                print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
