@@ -184,7 +184,7 @@ def refine(
     if teacher_model is None and fitness is None and objective_name != "ce":
         raise EvoquantError("refine compares the INT8 model with its FP32 original: give --reference fp32.xml (or --fitness / --objective ce)")
 
-    data_label, selection, verification = _fitness_batches(data, config, shape)
+    data_label, selection, verification, labels_are_classes = _fitness_batches(data, config, shape)
     teacher_selection = infer(teacher_compiled, selection.images) if teacher_model is not None else None
     teacher_verification = infer(teacher_compiled, verification.images) if teacher_model is not None else None
 
@@ -240,9 +240,10 @@ def refine(
         if output_path is not None:
             _write_output(final_xml, output_path)
 
-    # Synthetic labels (e.g. a fractal's system index) are not the model's classes: no accuracy here.
-    verification_before = _metrics(before_outputs, teacher_verification, None, classifier, fitness_before)
-    verification_after = _metrics(after_outputs if improved else before_outputs, teacher_verification, None, classifier, fitness_after if improved else fitness_before)
+    # A fractal's labels (its system index) are not the model's classes; a GAN's or a class folder's are.
+    class_labels = verification.labels if labels_are_classes else None
+    verification_before = _metrics(before_outputs, teacher_verification, class_labels, classifier, fitness_before)
+    verification_after = _metrics(after_outputs if improved else before_outputs, teacher_verification, class_labels, classifier, fitness_after if improved else fitness_before)
     return RefineResult(
         model=str(model_path),
         output=None if output_path is None else str(output_path),
@@ -310,8 +311,9 @@ def _check_reference(int8_model, teacher_model, shape: tuple[int, ...]) -> None:
         raise EvoquantError(f"the reference's outputs {theirs} do not match the INT8 model's {ours}")
 
 
-def _as_batch(data, shape: tuple[int, ...], n: int, *, seed: int, value_range) -> tuple[str, "Batch"]:
-    """Turn any accepted data argument into a Batch of ``n`` images shaped for the model."""
+def _as_batch(data, shape: tuple[int, ...], n: int, *, seed: int, value_range) -> tuple[str, "Batch", bool]:
+    """A Batch of ``n`` images shaped for the model from any accepted data argument, its label for reports,
+    and whether its labels are the model's classes (a GAN's or a class folder's are; a fractal's are not)."""
     from evoquant.data import Batch, DataSource, load_source
 
     if isinstance(data, np.ndarray):
@@ -321,24 +323,24 @@ def _as_batch(data, shape: tuple[int, ...], n: int, *, seed: int, value_range) -
             raise EvoquantError(f"the data has shape {tuple(data.images.shape)} but the model takes (N, {', '.join(map(str, shape))})")
         if len(data) < n:
             raise EvoquantError(f"the data holds {len(data)} images; {n} are needed")
-        return "array", data
+        return "array", data, data.labels is not None
     source = data if isinstance(data, DataSource) else load_source(str(data))
     if len(shape) != 3:
         raise EvoquantError(f"data sources make images (C, H, W); the model takes {shape}: pass an array instead")
-    return source.spec, source.sample(n, tuple(shape), seed=seed, value_range=tuple(value_range))
+    return source.spec, source.sample(n, tuple(shape), seed=seed, value_range=tuple(value_range)), bool(getattr(source, "labels_are_classes", False))
 
 
 def _fitness_batches(data, config: RefineConfig, shape):
     """Disjoint selection and verification batches drawn in one sample (so finite sources never repeat)."""
     total = config.selection_size + config.verification_size
-    label, batch = _as_batch(data if data is not None else config.data, shape, total, seed=config.data_seed, value_range=config.value_range)
+    label, batch, labels_are_classes = _as_batch(data if data is not None else config.data, shape, total, seed=config.data_seed, value_range=config.value_range)
     from evoquant.data import Batch
 
     cut = config.selection_size
     labels = batch.labels
     selection = Batch(np.ascontiguousarray(batch.images[:cut]), None if labels is None else labels[:cut])
     verification = Batch(np.ascontiguousarray(batch.images[cut:total]), None if labels is None else labels[cut:total])
-    return label, selection, verification
+    return label, selection, verification, labels_are_classes
 
 
 def _metrics(outputs, teacher, labels, classifier: bool, fitness: float | None = None) -> Metrics:
@@ -489,7 +491,7 @@ def quantize(
         raise EvoquantError(f"unknown quantization preset {preset!r}; choose from {', '.join(QUANTIZE_PRESETS)}")
     scope_entries = _scope_entries(ignored_scope)
 
-    label, batch = _as_batch(calibration, shape, subset_size, seed=seed, value_range=value_range)
+    label, batch, _ = _as_batch(calibration, shape, subset_size, seed=seed, value_range=value_range)
     images = batch.images[:subset_size]
     fixed_batch = static_batch(fp32_model)
     items = _calibration_items(images, fixed_batch)

@@ -15,7 +15,8 @@ examples:
   evoquant refine int8.xml --fitness mypackage.scores:task_loss --data images/ -o refined.xml
 
 data specs (--data, --heldout): a .npz (keys x|images [, y|labels]), a folder of images (a sub-folder per
-class gives labels), or a built-in source NAME[:ARG]: fractal[:K], noise[:uniform|gaussian].
+class gives labels), or a built-in source NAME[:ARG]: fractal[:K], noise[:uniform|gaussian], gan:GEN_DIR (a
+generator from 'evoquant gan train'; its labels are classes, so --objective ce works without --reference).
 
 fitness hook (--fitness package.module:function): called as function(outputs, teacher, labels) -> float,
 lower is better; outputs/teacher are lists of float32 arrays (batch first), teacher is None without
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--preset", default="default", help="YAML preset: default, fast, thorough (default: %(default)s)")
     refine.add_argument("--config", metavar="FILE.yaml", help="a YAML config file instead of a preset")
     refine.add_argument("--jobs", "-j", type=int, help="parallel evaluation processes (default 1)")
+    refine.add_argument("--engine", choices=["plain", "suffix"], help="fitness engine: plain compiles every candidate (default); suffix recomputes only below the changed layer, exactly (one process)")
+    refine.add_argument("--max-cache-mb", type=float, help="activation cache budget of the suffix engine (default 512)")
     refine.add_argument("--backend", help="joblib backend for --jobs: loky (default), threading, dask")
     refine.add_argument("--scheduler", metavar="ADDRESS", help="dask scheduler address for --backend dask (default: a local cluster)")
     refine.add_argument("--seed", type=int, help="search seed (a fixed seed reproduces the run)")
@@ -141,6 +144,8 @@ def refine_config_from_args(args):
     return base.replace(
         jobs=args.jobs,
         backend=args.backend,
+        engine=args.engine,
+        max_cache_mb=args.max_cache_mb,
         selection_size=args.selection_size,
         verification_size=args.verification_size,
         value_range=_input_range(args.input_range),
