@@ -57,6 +57,9 @@ def main() -> int:
     # Real calibration digits come from the training split (never the held-out one), a seeded draw.
     pick = np.random.default_rng(7).permutation(len(x_train))[: args.images]
     sources = {"real": Batch(x_train[pick], y_train[pick])}
+    # Refining with real data needs selection + verification images (512 by default): another seeded draw.
+    refine_real = np.random.default_rng(8).permutation(len(x_train))[:1024]
+    refine_data = {"real": Batch(x_train[refine_real], y_train[refine_real])}
     if args.gan:
         sources["gan"] = f"gan:{args.gan}"
     if args.student:
@@ -86,7 +89,7 @@ def main() -> int:
                 row["accuracy_drop"] = fp32_accuracy - scores["accuracy"]
                 if args.refine:
                     refined_xml = Path(workdir) / f"{name}_{source_name}_refined.xml"
-                    result = refine(int8_xml, reference=built.fp32_xml, data=spec, output=refined_xml, preset=args.refine,
+                    result = refine(int8_xml, reference=built.fp32_xml, data=refine_data.get(source_name, spec), output=refined_xml, preset=args.refine,
                                     jobs=args.jobs, progress=False)
                     refined = heldout_scores(refined_xml, fp32_logits, x_heldout, y_heldout)
                     row.update({"refined_accuracy": refined["accuracy"], "refined_kl": refined["kl"], "refine_improved": result.improved,

@@ -1,8 +1,8 @@
 """Refinement quality on the zoo: one JSON line per model.
 
 For each zoo model: held-out accuracy, top-1 agreement and KL(FP32‖INT8) (normalized MSE for the
-autoencoder) of the FP32 IR, NNCF's INT8 IR (calibrated on synthetic fractal images) and the refined IR
-(refined on synthetic fractal images only), plus evaluations and wall time. Held-out real digits are never
+autoencoder) of the FP32 IR, NNCF's INT8 IR (calibrated on synthetic GAN or fractal images) and the refined IR
+(refined on the same synthetic source only), plus evaluations and wall time. Held-out real digits are never
 used to select. Run:
 
     python benchmarks/quality.py                     # all zoo models, default preset
@@ -22,7 +22,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="all")
     parser.add_argument("--preset", default="default")
-    parser.add_argument("--data", default=None, help="fitness data spec (default: the preset's)")
+    parser.add_argument("--source", choices=["gan", "fractal"], default="gan", help="synthetic calibration and fitness data, as in the demo")
+    parser.add_argument("--data", default=None, help="override the fitness data spec only")
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument("--output-dir", default="/tmp/evoquant-quality")
     args = parser.parse_args()
@@ -32,12 +33,13 @@ def main() -> int:
 
     from evoquant.demo import run_demo
 
-    results = run_demo(models=args.models, preset=args.preset, data=args.data, jobs=args.jobs, output_dir=args.output_dir, progress=False, echo=lambda *_: None)
+    results = run_demo(models=args.models, preset=args.preset, source=args.source, data=args.data, jobs=args.jobs, output_dir=args.output_dir, progress=False, echo=lambda *_: None)
     for name, result in results.items():
         row = {
             "benchmark": "quality",
             "model": name,
             "preset": args.preset,
+            "source": args.source,
             "data": result.data,
             "objective": result.objective,
             "improved": result.improved,

