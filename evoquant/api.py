@@ -274,14 +274,14 @@ def _shifted(states: np.ndarray, indices: np.ndarray, deltas: np.ndarray) -> np.
     return apply_shifts(states, indices, deltas)
 
 
-def _check_output(output: ModelLike | None, model_path: Path) -> Path | None:
-    """Validate the output path before any long work: never the input, an .xml, in an existing folder."""
+def _check_output(output: ModelLike | None, model_path: Path | None, *, suffix: str = ".xml") -> Path | None:
+    """Validate an output path before any long work: the right suffix, in an existing folder, never the input."""
     if output is None:
         return None
     output_path = Path(output)
-    if output_path.suffix.lower() != ".xml":
-        raise EvoquantError(f"the output must be an .xml path, got {output_path}")
-    if output_path.resolve() == model_path.resolve():
+    if output_path.suffix.lower() != suffix:
+        raise EvoquantError(f"the output must be a {suffix} path, got {output_path}")
+    if model_path is not None and output_path.resolve() == Path(model_path).resolve():
         raise EvoquantError("the output would overwrite the input model; choose another -o path")
     parent = output_path.parent if str(output_path.parent) else Path(".")
     if not parent.is_dir():
@@ -564,14 +564,7 @@ def synthesize(
         shape = input_shape(read_ir(like))
         if len(shape) != 3:
             raise EvoquantError(f"{like} takes inputs of shape {shape}; data sources make images (C, H, W)")
-    output_path = None
-    if output is not None:
-        output_path = Path(output)
-        if output_path.suffix.lower() != ".npz":
-            raise EvoquantError(f"the output must be an .npz path, got {output_path}")
-        parent = output_path.parent if str(output_path.parent) else Path(".")
-        if not parent.is_dir():
-            raise EvoquantError(f"the output directory {parent} does not exist")
+    output_path = _check_output(output, None, suffix=".npz")
     data_source = source if isinstance(source, DataSource) else load_source(str(source))
     batch = data_source.sample(n, tuple(shape), seed=seed, value_range=tuple(value_range))
     if output_path is not None:
