@@ -31,16 +31,18 @@ def main() -> int:
     parser.add_argument("--models", default="bn_cnn,residual_cnn,dw_separable_cnn")
     parser.add_argument("--variants", required=True, help="comma-separated variants, e.g. tie=0,tie=0.5")
     parser.add_argument("--preset", default="default")
+    parser.add_argument("--source", choices=["gan", "fractal"], default="fractal", help="synthetic calibration and fitness data")
     args = parser.parse_args()
 
     from evoquant import zoo
     from evoquant.api import refine
     from evoquant.config import RefineConfig
-    from evoquant.demo import calibration_images, resolve_models
+    from evoquant.demo import calibration_images, resolve_models, synthetic_source
 
     _, _, x_heldout, y_heldout = zoo.mnist_split()
-    calibration = calibration_images()
-    base = RefineConfig.from_yaml(args.preset).replace(progress=False)
+    spec = synthetic_source(args.source, progress=False, echo=lambda *_: None)
+    calibration = calibration_images(spec)
+    base = RefineConfig.from_yaml(args.preset).replace(progress=False, data=spec)
     for name in resolve_models(args.models):
         built = zoo.build(name, calibration=calibration)
         for variant in args.variants.split(","):
@@ -49,7 +51,7 @@ def main() -> int:
             result = refine(built.int8_xml, reference=built.fp32_xml, heldout=(x_heldout, y_heldout), config=config)
             before, after = result.heldout_before, result.heldout_after
             print(json.dumps({
-                "benchmark": "ablation", "model": name, "variant": variant,
+                "benchmark": "ablation", "model": name, "variant": variant, "source": args.source,
                 "heldout_kl_int8": before.kl, "heldout_kl_refined": after.kl,
                 "heldout_mse_int8": before.mse, "heldout_mse_refined": after.mse,
                 "heldout_acc_int8": before.accuracy, "heldout_acc_refined": after.accuracy,
