@@ -189,7 +189,13 @@ def refine(
     teacher_verification = infer(teacher_compiled, verification.images) if teacher_model is not None else None
 
     threads = threads_per_job(config.jobs)
-    context = FitnessContext(str(model_path), selection.images, teacher_selection, selection.labels, objective_spec, threads)
+    draw = None
+    if isinstance(data if data is not None else config.data, str):  # workers can redraw the images themselves
+        from evoquant.fitness.evaluator import ImageDraw
+
+        total = config.selection_size + config.verification_size
+        draw = ImageDraw(data_label, total, 0, config.selection_size, tuple(shape), config.data_seed, tuple(config.value_range))
+    context = FitnessContext(str(model_path), selection.images, teacher_selection, selection.labels, objective_spec, threads, draw)
     verify_context = FitnessContext(str(model_path), verification.images, teacher_verification, verification.labels, objective_spec, threads)
     if config.engine == "suffix":
         from evoquant.fitness.engine import SuffixEngine

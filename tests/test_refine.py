@@ -151,3 +151,19 @@ def test_a_config_file_with_an_unknown_key_is_a_user_error(tmp_path):
     (tmp_path / "bad.yaml").write_text("search:\n  generationz: 3\n")
     with pytest.raises(EvoquantError, match="generationz"):
         RefineConfig.from_yaml(tmp_path / "bad.yaml")
+
+
+def test_workers_draw_their_own_fitness_images_from_the_spec(tiny_irs):
+    import pickle
+
+    from evoquant.fitness.evaluator import FitnessContext, ImageDraw, PlainEvaluator
+
+    draw = ImageDraw("fractal", 48, 0, 32, (3, 8, 8), 1234, (0.0, 1.0))
+    images = draw.materialize()
+    context = FitnessContext(str(tiny_irs.int8), images, None, None, "mse", 1, draw)
+    shipped = pickle.loads(pickle.dumps(context))
+    assert shipped.images is None, "images are not sent when the worker can draw them"
+    assert len(pickle.dumps(context)) < images.nbytes
+    evaluator = PlainEvaluator(shipped)
+    np.testing.assert_array_equal(evaluator.context.images, images)
+    assert images.shape == (32, 3, 8, 8)

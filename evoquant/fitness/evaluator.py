@@ -22,19 +22,58 @@ from evoquant.ir.weights import find_quantized_weights
 from evoquant.search.genome import Payload, apply_shifts
 
 
+@dataclass(frozen=True)
+class ImageDraw:
+    """A seeded draw from a data source spec: lets a worker make the fitness images itself.
+
+    ``materialize`` samples ``total`` images exactly as the main process did and keeps ``[start:stop]``
+    (selection and verification are two slices of one draw, so they stay disjoint).
+    """
+
+    spec: str
+    total: int
+    start: int
+    stop: int
+    shape: tuple[int, ...]
+    seed: int
+    value_range: tuple[float, float]
+
+    def materialize(self) -> np.ndarray:
+        from evoquant.data import load_source
+
+        batch = load_source(self.spec).sample(self.total, self.shape, seed=self.seed, value_range=self.value_range)
+        return np.ascontiguousarray(batch.images[self.start : self.stop])
+
+
 @dataclass
 class FitnessContext:
     """Everything a worker needs to score genomes; small enough to pickle once per worker.
 
-    ``objective`` is a built-in name, a ``module:function`` hook spec, or a picklable callable.
+    ``objective`` is a built-in name, a ``module:function`` hook spec, or a picklable callable. With a
+    ``draw``, the images are not pickled: each worker draws them from the source spec and seed itself.
     """
 
     model_xml: str
-    images: np.ndarray
+    images: np.ndarray | None
     teacher: list[np.ndarray] | None
     labels: np.ndarray | None
     objective: str | Objective
     threads: int | None = None
+    draw: ImageDraw | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self.draw is not None:
+            state["images"] = None  # the worker regenerates them (see ensure_images)
+        return state
+
+    def ensure_images(self) -> np.ndarray:
+        """The fitness images, drawn from ``draw`` on first use in a worker."""
+        if self.images is None:
+            if self.draw is None:
+                raise ValueError("a fitness context needs images or a draw")
+            self.images = self.draw.materialize()
+        return self.images
 
     def resolve_objective(self) -> tuple[Objective, str]:
         """The callable, and how to name it in error messages."""
@@ -54,6 +93,7 @@ class PlainEvaluator:
 
     def __init__(self, context: FitnessContext):
         self.context = context
+        context.ensure_images()
         self.model = read_ir(context.model_xml)
         self.table = find_quantized_weights(self.model)
         self.patcher = ConstantPatcher(self.model, self.table)
