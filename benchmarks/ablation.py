@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-KEYS = {"tie": ("search", "tie_probability", float), "fraction": ("search", "mutation_fraction", float), "adapt": ("search", "adapt_mutation", lambda v: v in ("1", "true", "yes")), "crossover": ("search", "crossover_probability", float), "mu": ("search", "mu", int), "lambda": ("search", "lambda_", int), "generations": ("search", "generations", int), "seed": ("search", "seed", int), "data": ("top", "data", str), "size": ("top", "selection_size", int)}
+KEYS = {"tie": ("search", "tie_probability", float), "fraction": ("search", "mutation_fraction", float), "adapt": ("search", "adapt_mutation", lambda v: v in ("1", "true", "yes")), "fmax": ("search", "mutation_fraction_max", float), "crossover": ("search", "crossover_probability", float), "mu": ("search", "mu", int), "lambda": ("search", "lambda_", int), "generations": ("search", "generations", int), "seed": ("search", "seed", int), "data": ("top", "data", str), "size": ("top", "selection_size", int)}
 
 
 def parse_variant(text: str) -> tuple[dict, dict]:
