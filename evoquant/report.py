@@ -11,7 +11,7 @@ from pathlib import Path
 def _number(value, digits: int = 4) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float) and (abs(value) >= 1e4 or (value != 0 and abs(value) < 10 ** -digits)):
+    if isinstance(value, float) and (abs(value) >= 1e4 or (value != 0 and abs(value) < 1e-2)):
         return f"{value:.{digits - 1}e}"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
