@@ -37,7 +37,7 @@ class SearchConfig:
     max_shift: int = 1  # largest total shift of one weight from its starting state
     tie_probability: float = 0.0  # chance a mutation is a tie flip (only with an FP32 reference)
     tie_pool: float = 0.1  # share of each tensor's weights, closest to a rounding tie, that tie flips draw from
-    crossover_probability: float = 0.2
+    crossover_probability: float = 0.0  # tensor-wise crossover; off by default (benchmarks/ablation.py)
     offspring_groups: int = 0  # >0: a generation's offspring share this many (parent, tensor) pairs, no crossover
     seed: int = 0
 
