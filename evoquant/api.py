@@ -20,8 +20,8 @@ import numpy as np
 from evoquant.config import RefineConfig
 from evoquant.errors import EvoquantError
 from evoquant.fitness.objectives import Objective, accuracy, kl_to_teacher, load_hook, looks_like_classifier, normalized_mse, resolve_objective, top1_agreement
-from evoquant.search.genome import Genome, SearchSpace, TensorSpace
-from evoquant.search.strategy import GenerationStats, SearchResult
+from evoquant.search.genome import SearchSpace, TensorSpace, apply_shifts
+from evoquant.search.strategy import GenerationStats
 
 ModelLike = str | os.PathLike
 DataLike = "str | DataSource | Batch | np.ndarray"
@@ -231,7 +231,7 @@ def refine(
         verifier = PlainEvaluator(verify_context)
         before_outputs = verifier.outputs({})
         candidate_xml = Path(workdir) / "candidate.xml"
-        best_states = {t: _shifted(table[t].states, idx, d) for t, (idx, d) in search.best.payload().items()}
+        best_states = {t: apply_shifts(table[t].states, idx, d) for t, (idx, d) in search.best.payload().items()}
         patcher = ConstantPatcher(int8_model, table)
         patcher.apply(best_states)
         save_atomically(int8_model, candidate_xml)
@@ -272,12 +272,6 @@ def refine(
         selection_before=search.start_fitness,
         selection_after=search.best_fitness,
     )
-
-
-def _shifted(states: np.ndarray, indices: np.ndarray, deltas: np.ndarray) -> np.ndarray:
-    from evoquant.search.genome import apply_shifts
-
-    return apply_shifts(states, indices, deltas)
 
 
 def _check_output(output: ModelLike | None, model_path: Path | None, *, suffix: str = ".xml") -> Path | None:

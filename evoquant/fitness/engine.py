@@ -26,11 +26,7 @@ import numpy as np
 from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
 from evoquant.ir.cut import build_probe, build_suffix, plan_cut
 from evoquant.ir.runtime import compile_ir, infer
-from evoquant.search.genome import Payload, apply_shifts
-
-
-def payload_key(payload: Payload) -> tuple:
-    return tuple(sorted((t, idx.tobytes(), delta.tobytes()) for t, (idx, delta) in payload.items()))
+from evoquant.search.genome import Payload, apply_shifts, payload_from_key, payload_key
 
 
 def _float_rounding_only(produced: np.ndarray, reference: np.ndarray) -> bool:
@@ -127,14 +123,6 @@ class SuffixEngine(PlainEvaluator):
             self._remember(payload)
         return [float(s) for s in scores]
 
-    def outputs_via_suffix(self, parent: Payload, payload: Payload) -> list[np.ndarray] | None:
-        """The candidate's outputs computed from ``parent`` (None if they differ in more than one tensor)."""
-        self._remember(parent)
-        plan = self._find_parent(payload)
-        if plan is None:
-            return None
-        return self._suffix_outputs(plan[0], plan[1], [payload])[0]
-
     # -- parents --------------------------------------------------------------------------------------
     def _remember(self, payload: Payload) -> None:
         key = payload_key(payload)
@@ -160,7 +148,7 @@ class SuffixEngine(PlainEvaluator):
     def _parent_states(self, key: tuple) -> dict[int, np.ndarray]:
         parent = self.known.get(key)
         if parent is None:  # evicted from the known list: rebuild from the key
-            parent = {t: (np.frombuffer(idx, dtype=np.int64), np.frombuffer(delta, dtype=np.int8)) for t, idx, delta in key}
+            parent = payload_from_key(key)
         return {t: apply_shifts(self.table[t].states, idx, delta) for t, (idx, delta) in parent.items()}
 
     def _parent_activations(self, key: tuple) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:

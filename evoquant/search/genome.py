@@ -69,7 +69,7 @@ class Genome:
 
     def key(self) -> tuple:
         """Hashable identity, to skip evaluating duplicates."""
-        return tuple(sorted((k, idx.tobytes(), delta.tobytes()) for k, (idx, delta) in self.shifts.items()))
+        return payload_key(self.shifts)
 
     def shifted(self, space: SearchSpace, tensor: int, indices: np.ndarray, steps: np.ndarray) -> None:
         """Add ``steps`` to the deltas at ``indices`` of ``tensor``, clipped to the bounds and ``max_shift``.
@@ -94,6 +94,16 @@ class Genome:
             self.shifts[tensor] = (np.array(order, dtype=np.int64), np.array([current[i] for i in order], dtype=np.int8))
         else:
             self.shifts.pop(tensor, None)
+
+
+def payload_key(payload: Payload) -> tuple:
+    """Hashable identity of a genome's payload (the same shifts give the same key)."""
+    return tuple(sorted((tensor, idx.tobytes(), delta.tobytes()) for tensor, (idx, delta) in payload.items()))
+
+
+def payload_from_key(key: tuple) -> Payload:
+    """The payload a :func:`payload_key` was made from."""
+    return {tensor: (np.frombuffer(idx, dtype=np.int64), np.frombuffer(delta, dtype=np.int8)) for tensor, idx, delta in key}
 
 
 def apply_shifts(states: np.ndarray, indices: np.ndarray, deltas: np.ndarray) -> np.ndarray:

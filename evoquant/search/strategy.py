@@ -19,7 +19,7 @@ from deap import base, creator, tools
 
 from evoquant.config import SearchConfig
 from evoquant.search.genome import Genome, Payload, SearchSpace
-from evoquant.search.operators import crossover_tensorwise, mutate_random, mutate_tie, tie_pools
+from evoquant.search.operators import crossover_tensorwise, mutate_random, mutate_tie, pick_tensors, tie_pools
 
 if not hasattr(creator, "EvoquantFitness"):
     creator.create("EvoquantFitness", base.Fitness, weights=(-1.0,))
@@ -218,8 +218,6 @@ def _generation(toolbox: base.Toolbox, population: list, rng: np.random.Generato
     """
     if not config.offspring_groups:
         return [_offspring(toolbox, population, rng, config) for _ in range(config.lambda_)]
-    from evoquant.search.operators import pick_tensors
-
     pairs = [(population[int(rng.integers(len(population)))], int(pick_tensors(space, rng, 1)[0])) for _ in range(config.offspring_groups)]
     return [toolbox.mutate(*pairs[i % len(pairs)]) for i in range(config.lambda_)]
 
