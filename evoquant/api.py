@@ -19,7 +19,8 @@ import numpy as np
 
 from evoquant.config import RefineConfig
 from evoquant.errors import EvoquantError
-from evoquant.fitness.objectives import Objective, accuracy, kl_to_teacher, load_hook, looks_like_classifier, normalized_mse, resolve_objective, top1_agreement
+from evoquant.fitness.objectives import OBJECTIVES, Objective, SampleObjective, accuracy, kl_to_teacher, load_hook, looks_like_classifier, normalized_mse, resolve_objective, top1_agreement
+from evoquant.fitness.sampling import effective_size, importance_sample
 from evoquant.search.genome import SearchSpace, TensorSpace, apply_shifts
 from evoquant.search.strategy import GenerationStats
 
@@ -62,6 +63,8 @@ class RefineResult:
     history: list[GenerationStats] = field(default_factory=list)
     selection_before: float | None = None
     selection_after: float | None = None
+    selection_images: int | None = None  # distinct images the search scored on
+    selection_effective_size: float | None = None  # Kish's effective size of their importance weights
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the ``--report`` file)."""
@@ -160,6 +163,7 @@ def refine(
     from evoquant.ir.runtime import compile_ir, infer, input_shape, output_signature, read_ir
     from evoquant.ir.weights import attach_reference, require_quantized_weights
     from evoquant.search.strategy import evolve
+    from evoquant.data import Batch
 
     model_path = Path(model)
     int8_model = read_ir(model_path)
@@ -184,18 +188,21 @@ def refine(
     if teacher_model is None and fitness is None and objective_name != "ce":
         raise EvoquantError("refine compares the INT8 model with its FP32 original: give --reference fp32.xml (or --fitness / --objective ce)")
 
-    data_label, selection, verification, labels_are_classes = _fitness_batches(data, config, shape)
-    teacher_selection = infer(teacher_compiled, selection.images) if teacher_model is not None else None
+    data_label, pool, verification, labels_are_classes = _fitness_batches(data, config, shape)
+    teacher_pool = infer(teacher_compiled, pool.images) if teacher_model is not None else None
     teacher_verification = infer(teacher_compiled, verification.images) if teacher_model is not None else None
+    picked, weights = _importance_selection(pool, teacher_pool, int8_model, objective_spec, config)
+    selection = Batch(np.ascontiguousarray(pool.images[picked]), None if pool.labels is None else pool.labels[picked])
+    teacher_selection = None if teacher_pool is None else [np.ascontiguousarray(t[picked]) for t in teacher_pool]
 
     threads = threads_per_job(config.jobs)
     draw = None
     if isinstance(data if data is not None else config.data, str):  # workers can redraw the images themselves
         from evoquant.fitness.evaluator import ImageDraw
 
-        total = config.selection_size + config.verification_size
-        draw = ImageDraw(data_label, total, 0, config.selection_size, tuple(shape), config.data_seed, tuple(config.value_range))
-    context = FitnessContext(str(model_path), selection.images, teacher_selection, selection.labels, objective_spec, threads, draw)
+        total = len(pool) + config.verification_size
+        draw = ImageDraw(data_label, total, 0, len(pool), tuple(shape), config.data_seed, tuple(config.value_range), tuple(int(i) for i in picked))
+    context = FitnessContext(str(model_path), selection.images, teacher_selection, selection.labels, objective_spec, threads, draw, weights)
     verify_context = FitnessContext(str(model_path), verification.images, teacher_verification, verification.labels, objective_spec, threads)
     if config.engine == "suffix":
         from evoquant.fitness.engine import SuffixEngine
@@ -271,6 +278,8 @@ def refine(
         history=search.history,
         selection_before=search.start_fitness,
         selection_after=search.best_fitness,
+        selection_images=len(picked),
+        selection_effective_size=None if weights is None else effective_size(weights),
     )
 
 
@@ -331,16 +340,42 @@ def _as_batch(data, shape: tuple[int, ...], n: int, *, seed: int, value_range) -
 
 
 def _fitness_batches(data, config: RefineConfig, shape):
-    """Disjoint selection and verification batches drawn in one sample (so finite sources never repeat)."""
-    total = config.selection_size + config.verification_size
-    label, batch, labels_are_classes = _as_batch(data if data is not None else config.data, shape, total, seed=config.data_seed, value_range=config.value_range)
-    from evoquant.data import Batch
+    """The selection pool and the verification batch, disjoint, drawn in one sample (finite sources never
+    repeat). The pool is the selection itself unless importance sampling draws from a larger one (a pool
+    no larger than the selection, or importance 0, means a plain batch)."""
+    from evoquant.data import Batch, DataSource, load_source
 
-    cut = config.selection_size
+    data = data if data is not None else config.data
+    if isinstance(data, (str, os.PathLike)):
+        data = load_source(str(data))
+    pool_size = max(config.selection_pool, config.selection_size) if config.importance > 0 else config.selection_size
+    finite = isinstance(data, (np.ndarray, Batch)) or (isinstance(data, DataSource) and getattr(data, "finite", False))
+    if finite:  # a larger pool only as far as the images go; the selection itself must fit (checked below)
+        pool_size = max(config.selection_size, min(pool_size, len(data) - config.verification_size))
+    total = pool_size + config.verification_size
+    label, batch, labels_are_classes = _as_batch(data, shape, total, seed=config.data_seed, value_range=config.value_range)
+
     labels = batch.labels
-    selection = Batch(np.ascontiguousarray(batch.images[:cut]), None if labels is None else labels[:cut])
-    verification = Batch(np.ascontiguousarray(batch.images[cut:total]), None if labels is None else labels[cut:total])
-    return label, selection, verification, labels_are_classes
+    pool = Batch(np.ascontiguousarray(batch.images[:pool_size]), None if labels is None else labels[:pool_size])
+    verification = Batch(np.ascontiguousarray(batch.images[pool_size:total]), None if labels is None else labels[pool_size:total])
+    return label, pool, verification, labels_are_classes
+
+
+def _importance_selection(pool, teacher_pool, int8_model, objective_spec, config: RefineConfig):
+    """Which pool images the search scores on, and their weights (None: plain mean over the batch).
+
+    Built-in objectives are sums of per-image terms, so the selection is drawn by importance: mostly the
+    images the start model gets most wrong, weighted back to an estimate of the whole pool's loss (see
+    :mod:`evoquant.fitness.sampling`). A user hook is a black box: it gets the pool's first images.
+    """
+    objective = OBJECTIVES.get(objective_spec) if isinstance(objective_spec, str) else objective_spec
+    if config.importance <= 0 or len(pool) <= config.selection_size or not isinstance(objective, SampleObjective):
+        return np.arange(config.selection_size), None
+    from evoquant.ir.runtime import compile_ir, infer
+
+    start_outputs = infer(compile_ir(int8_model), pool.images)
+    terms, _ = objective.terms(start_outputs, teacher_pool, pool.labels)
+    return importance_sample(terms, config.selection_size, config.importance, config.data_seed)
 
 
 def _metrics(outputs, teacher, labels, classifier: bool, fitness: float | None = None) -> Metrics:

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"evoquant {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from evoquant.config import RefineConfig
+
+    default = RefineConfig.from_yaml("default")  # so the help states the defaults that apply
 
     refine = commands.add_parser(
         "refine",
@@ -44,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("model", help="INT8 OpenVINO IR (.xml) to refine; never modified")
     refine.add_argument("--reference", "-r", metavar="FP32.xml", help="the FP32 IR the INT8 model was quantized from (the teacher)")
     refine.add_argument("--output", "-o", metavar="OUT.xml", help="where to write the refined IR (.xml + .bin)")
-    refine.add_argument("--data", "-d", metavar="SPEC", help="fitness images (default: the preset's, fractal)")
+    refine.add_argument("--data", "-d", metavar="SPEC", help=f"fitness images (default: the preset's, {default.data})")
     refine.add_argument("--heldout", metavar="SPEC", help="real labelled data, only for the report (never used to select)")
     refine.add_argument("--objective", choices=["auto", "kl", "mse", "ce", "agreement"], help="built-in fitness (default auto: kl for classifiers, mse otherwise)")
     refine.add_argument("--fitness", metavar="MODULE:FUNCTION", help="a custom fitness hook (see below)")
@@ -52,18 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--config", metavar="FILE.yaml", help="a YAML config file instead of a preset")
     refine.add_argument("--jobs", "-j", type=int, help="parallel evaluation processes (default 1)")
     refine.add_argument("--engine", choices=["plain", "suffix"], help="fitness engine: plain compiles every candidate (default); suffix recomputes only below the changed layer, exactly (one process)")
-    refine.add_argument("--max-cache-mb", type=float, help="activation cache budget of the suffix engine (default 512)")
+    refine.add_argument("--max-cache-mb", type=float, help=f"activation cache budget of the suffix engine (default {default.max_cache_mb:g})")
     refine.add_argument("--backend", help="joblib backend for --jobs: loky (default), threading, dask")
     refine.add_argument("--scheduler", metavar="ADDRESS", help="dask scheduler address for --backend dask (default: a local cluster)")
     refine.add_argument("--seed", type=int, help="search seed (a fixed seed reproduces the run)")
-    refine.add_argument("--generations", type=int, help="generation budget")
+    refine.add_argument("--generations", type=int, help=f"generation budget (default {default.search.generations})")
     refine.add_argument("--max-evaluations", type=int, help="evaluation budget")
     refine.add_argument("--time-limit", type=float, metavar="SECONDS", help="wall-time budget of the search")
-    refine.add_argument("--mutation-fraction", type=float, help="share of a tensor's weights one mutation moves (default 0.01)")
-    refine.add_argument("--mu", type=int, help="parents kept per generation")
-    refine.add_argument("--lambda", dest="lambda_", type=int, help="offspring per generation")
-    refine.add_argument("--selection-size", type=int, help="images the search scores on (default 256)")
-    refine.add_argument("--verification-size", type=int, help="disjoint images that confirm the result (default 256)")
+    refine.add_argument("--mutation-fraction", type=float, help=f"share of a tensor's weights the first mutations move, then adapted (default {default.search.mutation_fraction:g})")
+    refine.add_argument("--mu", type=int, help=f"parents kept per generation (default {default.search.mu})")
+    refine.add_argument("--lambda", dest="lambda_", type=int, help=f"offspring per generation (default {default.search.lambda_})")
+    refine.add_argument("--selection-size", type=int, help=f"image draws the search scores on (default {default.selection_size})")
+    refine.add_argument("--verification-size", type=int, help=f"disjoint images that confirm the result (default {default.verification_size})")
+    refine.add_argument("--selection-pool", type=int, metavar="N", help=f"draw the selection from a pool of N images by importance (default {default.selection_pool}; N <= the selection size: a plain batch)")
+    refine.add_argument("--importance", type=float, metavar="SHARE", help=f"share of the draw proportional to the start model's per-image loss, 0-1 (default {default.importance:g}; 0: the first images, unweighted)")
     refine.add_argument("--input-range", metavar="LOW,HIGH", help="the model's input value range (default 0,1)")
     refine.add_argument("--report", metavar="FILE.json", help="write a JSON report")
     refine.add_argument("--plot", metavar="FILE.png", help="plot the fitness history")
@@ -150,6 +155,8 @@ def refine_config_from_args(args):
         max_cache_mb=args.max_cache_mb,
         selection_size=args.selection_size,
         verification_size=args.verification_size,
+        selection_pool=args.selection_pool,
+        importance=args.importance,
         value_range=_input_range(args.input_range),
         progress=False if args.quiet else None,
         search={

@@ -59,8 +59,10 @@ class RefineConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     objective: str = "auto"  # auto | kl | mse | ce | agreement (or a hook given separately)
     data: str = "fractal"  # source spec for selection and verification batches
-    selection_size: int = 256  # images the fitness is measured on during the search
-    verification_size: int = 256  # disjoint images that decide whether the result beats the start
+    selection_size: int = 512  # image draws the fitness is measured on during the search
+    verification_size: int = 2048  # disjoint images that decide whether the result beats the start
+    selection_pool: int = 4096  # images the selection is drawn from by importance (<= selection_size: off)
+    importance: float = 0.7  # share of the draw proportional to the start model's per-image loss (0: uniform)
     value_range: tuple[float, float] = (0.0, 1.0)  # the model's expected input range
     data_seed: int = 1234
     jobs: int = 1
@@ -72,6 +74,10 @@ class RefineConfig:
     def __post_init__(self):
         if self.selection_size < 1 or self.verification_size < 1:
             raise EvoquantError("selection and verification sizes must be at least 1")
+        if not 0.0 <= self.importance <= 1.0:
+            raise EvoquantError(f"the importance share must be in [0, 1], got {self.importance}")
+        if self.selection_pool < 0:
+            raise EvoquantError(f"the selection pool must be 0 or more images, got {self.selection_pool}")
         if self.jobs < 1:
             raise EvoquantError(f"--jobs must be at least 1, got {self.jobs}")
         if self.engine not in ("plain", "suffix"):

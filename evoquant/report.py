@@ -61,6 +61,8 @@ def format_refine_table(result) -> str:
         f"{verdict}\n{result.evaluations} evaluations in {result.generations} generations, "
         f"search {result.search_seconds:.1f} s, total {result.wall_seconds:.1f} s (stopped: {result.stop_reason})"
     )
+    if result.selection_effective_size is not None:
+        footer += f"\nfitness on {result.selection_images} images drawn by importance (effective size {result.selection_effective_size:.0f})"
     if result.output:
         footer += f"\nwritten: {result.output}"
     return f"{table}\n{footer}"

@@ -44,6 +44,14 @@ def test_refine_cli_writes_output_and_report(tiny_irs, tmp_path):
     assert "KL(FP32||INT8)" in stdout and out.exists() and out.with_suffix(".bin").exists()
     data = json.loads(report.read_text())
     assert data["evaluations"] >= 1 and data["objective"] == "kl"
+    assert 1 <= data["selection_images"] <= 16 and data["selection_effective_size"] is not None  # the fast preset's pool
+    code, stdout, stderr = run_cli(
+        "refine", str(tiny_irs.int8), "--reference", str(tiny_irs.fp32), "--report", str(report), "--preset", "fast", "--generations", "1",
+        "--selection-size", "16", "--verification-size", "16", "--selection-pool", "0", "--quiet",
+    )
+    assert code == 0, stderr
+    data = json.loads(report.read_text())
+    assert data["selection_images"] == 16 and data["selection_effective_size"] is None
 
 
 def bad_inputs(tiny_irs, tmp_path):
@@ -77,6 +85,7 @@ def bad_inputs(tiny_irs, tmp_path):
         ("hook returns nan", [model, *ref, "--fitness", "tests.hooks.fitness_hooks:returns_nan"], "finite"),
         ("bad input range", [model, *ref, "--input-range", "1"], "LOW,HIGH"),
         ("unknown preset", [model, *ref, "--preset", "turbo"], "unknown preset"),
+        ("bad importance", [model, *ref, "--importance", "1.5"], "importance share"),
     ]
 
 

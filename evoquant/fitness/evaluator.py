@@ -27,7 +27,8 @@ class ImageDraw:
     """A seeded draw from a data source spec: lets a worker make the fitness images itself.
 
     ``materialize`` samples ``total`` images exactly as the main process did and keeps ``[start:stop]``
-    (selection and verification are two slices of one draw, so they stay disjoint).
+    (selection and verification are two slices of one draw, so they stay disjoint), then, with ``picked``,
+    the images the importance draw chose from that slice.
     """
 
     spec: str
@@ -37,12 +38,14 @@ class ImageDraw:
     shape: tuple[int, ...]
     seed: int
     value_range: tuple[float, float]
+    picked: tuple[int, ...] | None = None
 
     def materialize(self) -> np.ndarray:
         from evoquant.data import load_source
 
         batch = load_source(self.spec).sample(self.total, self.shape, seed=self.seed, value_range=self.value_range)
-        return np.ascontiguousarray(batch.images[self.start : self.stop])
+        images = batch.images[self.start : self.stop]
+        return np.ascontiguousarray(images if self.picked is None else images[list(self.picked)])
 
 
 @dataclass
@@ -51,6 +54,7 @@ class FitnessContext:
 
     ``objective`` is a built-in name, a ``module:function`` hook spec, or a picklable callable. With a
     ``draw``, the images are not pickled: each worker draws them from the source spec and seed itself.
+    ``weights`` (one per image, built-in objectives only) make the fitness an importance-weighted mean.
     """
 
     model_xml: str
@@ -60,6 +64,7 @@ class FitnessContext:
     objective: str | Objective
     threads: int | None = None
     draw: ImageDraw | None = None
+    weights: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -111,7 +116,10 @@ class PlainEvaluator:
 
     def score(self, outputs: Sequence[np.ndarray]) -> float:
         """Apply the objective to outputs, checking the result is a finite number."""
-        return checked(self.objective(list(outputs), self.context.teacher, self.context.labels), self.objective_name)
+        context = self.context
+        if context.weights is not None:
+            return checked(self.objective(list(outputs), context.teacher, context.labels, weights=context.weights), self.objective_name)
+        return checked(self.objective(list(outputs), context.teacher, context.labels), self.objective_name)
 
     def __call__(self, payload: Payload) -> float:
         return self.score(self.outputs(payload))

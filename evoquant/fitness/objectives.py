@@ -48,38 +48,72 @@ def _need_teacher(name: str, teacher) -> None:
         raise EvoquantError(f"the {name!r} objective compares with the FP32 model: give --reference fp32.xml")
 
 
-@register_objective("kl")
-def kl_to_teacher(outputs, teacher, labels=None) -> float:
+class SampleObjective:
+    """A built-in objective made of per-image terms: ``sum(w * num) / sum(w * den)`` (den 1: a mean).
+
+    Called like any objective; ``weights`` (one per image) turn it into the importance-weighted estimate
+    of its value on the pool the images were drawn from (see :mod:`evoquant.fitness.sampling`). ``terms``
+    gives the per-image numerators, which is what importance sampling draws by.
+    """
+
+    def __init__(self, terms: Callable[..., tuple[np.ndarray, np.ndarray | None]], doc: str):
+        self.terms = terms
+        self.__name__ = terms.__name__
+        self.__doc__ = doc
+
+    def __call__(self, outputs, teacher, labels=None, weights: np.ndarray | None = None) -> float:
+        numerator, denominator = self.terms(outputs, teacher, labels)
+        w = np.ones(len(numerator)) if weights is None else np.asarray(weights, dtype=np.float64)
+        if len(w) != len(numerator):
+            raise EvoquantError(f"{len(w)} sample weights for {len(numerator)} images")
+        total = float(np.dot(w, denominator)) if denominator is not None else float(w.sum())
+        return float(np.dot(w, numerator)) / max(total, 1e-12)
+
+
+def sample_objective(name: str):
+    """Decorator: register per-image ``terms(outputs, teacher, labels) -> (num, den | None)`` as ``name``."""
+
+    def decorate(terms):
+        objective = SampleObjective(terms, terms.__doc__ or "")
+        OBJECTIVES[name] = objective
+        return objective
+
+    return decorate
+
+
+@sample_objective("kl")
+def kl_to_teacher(outputs, teacher, labels=None):
     """Mean KL(teacher ‖ candidate) of the softmax of the first output (classifier logits)."""
     _need_teacher("kl", teacher)
     log_p = log_softmax(teacher[0])
     log_q = log_softmax(outputs[0])
-    return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
+    return np.sum(np.exp(log_p) * (log_p - log_q), axis=1), None
 
 
-@register_objective("mse")
-def normalized_mse(outputs, teacher, labels=None) -> float:
+@sample_objective("mse")
+def normalized_mse(outputs, teacher, labels=None):
     """Squared error over all outputs divided by the teacher's total energy (scale-free, any model)."""
     _need_teacher("mse", teacher)
-    error = sum(float(np.sum((o.astype(np.float64) - t) ** 2)) for o, t in zip(outputs, teacher))
-    energy = sum(float(np.sum(np.asarray(t, dtype=np.float64) ** 2)) for t in teacher)
-    return error / max(energy, 1e-12)
+    flat = lambda arrays: [np.asarray(a, dtype=np.float64).reshape(len(a), -1) for a in arrays]  # noqa: E731
+    error = sum(np.sum((o - t) ** 2, axis=1) for o, t in zip(flat(outputs), flat(teacher)))
+    energy = sum(np.sum(t**2, axis=1) for t in flat(teacher))
+    return error, energy
 
 
-@register_objective("agreement")
-def disagreement(outputs, teacher, labels=None) -> float:
+@sample_objective("agreement")
+def disagreement(outputs, teacher, labels=None):
     """1 - top-1 agreement with the teacher (coarse: use it to report, rarely to select)."""
     _need_teacher("agreement", teacher)
-    return 1.0 - top1_agreement(outputs[0], teacher[0])
+    return (outputs[0].reshape(len(outputs[0]), -1).argmax(1) != teacher[0].reshape(len(teacher[0]), -1).argmax(1)).astype(np.float64), None
 
 
-@register_objective("ce")
-def cross_entropy(outputs, teacher, labels=None) -> float:
+@sample_objective("ce")
+def cross_entropy(outputs, teacher, labels=None):
     """Mean cross-entropy of the first output against the data source's labels (no teacher needed)."""
     if labels is None:
         raise EvoquantError("the 'ce' objective needs labelled data (an .npz with labels or a class folder)")
     log_q = log_softmax(outputs[0])
-    return float(-np.mean(log_q[np.arange(len(labels)), labels]))
+    return -log_q[np.arange(len(labels)), labels], None
 
 
 def top1_agreement(outputs: np.ndarray, teacher: np.ndarray) -> float:
