@@ -33,6 +33,9 @@ def main() -> int:
 
     from evoquant.demo import run_demo
 
+    from evoquant.config import RefineConfig
+
+    config = RefineConfig.from_yaml(args.preset)
     results = run_demo(models=args.models, preset=args.preset, source=args.source, data=args.data, jobs=args.jobs, output_dir=args.output_dir, progress=False, echo=lambda *_: None)
     for name, result in results.items():
         row = {
@@ -47,6 +50,11 @@ def main() -> int:
             "generations": result.generations,
             "shifted_weights": result.shifted_weights,
             "total_weights": result.total_weights,
+            "selection_size": config.selection_size,
+            "selection_pool": config.selection_pool if config.importance > 0 else None,
+            "verification_size": config.verification_size,
+            "selection_images": result.selection_images,
+            "selection_effective_size": result.selection_effective_size,
             "search_seconds": round(result.search_seconds, 2),
             "wall_seconds": round(result.wall_seconds, 2),
             "openvino": openvino.__version__.split("-")[0],

@@ -162,8 +162,8 @@ def refine(
     from evoquant.ir.patch import ConstantPatcher, save_atomically
     from evoquant.ir.runtime import compile_ir, infer, input_shape, output_signature, read_ir
     from evoquant.ir.weights import attach_reference, require_quantized_weights
-    from evoquant.search.strategy import evolve
     from evoquant.data import Batch
+    from evoquant.search.strategy import evolve
 
     model_path = Path(model)
     int8_model = read_ir(model_path)
@@ -188,10 +188,13 @@ def refine(
     if teacher_model is None and fitness is None and objective_name != "ce":
         raise EvoquantError("refine compares the INT8 model with its FP32 original: give --reference fp32.xml (or --fitness / --objective ce)")
 
-    data_label, pool, verification, labels_are_classes = _fitness_batches(data, config, shape)
+    sample_objective = OBJECTIVES.get(objective_spec) if isinstance(objective_spec, str) else objective_spec
+    if not isinstance(sample_objective, SampleObjective) or config.importance <= 0:
+        sample_objective = None  # a hook is a black box: it gets a plain batch, no pool is drawn
+    data_label, pool, verification, labels_are_classes = _fitness_batches(data, config, shape, pooled=sample_objective is not None)
     teacher_pool = infer(teacher_compiled, pool.images) if teacher_model is not None else None
     teacher_verification = infer(teacher_compiled, verification.images) if teacher_model is not None else None
-    picked, weights = _importance_selection(pool, teacher_pool, int8_model, objective_spec, config)
+    picked, weights = _importance_selection(pool, teacher_pool, int8_model, sample_objective, config)
     selection = Batch(np.ascontiguousarray(pool.images[picked]), None if pool.labels is None else pool.labels[picked])
     teacher_selection = None if teacher_pool is None else [np.ascontiguousarray(t[picked]) for t in teacher_pool]
 
@@ -339,16 +342,15 @@ def _as_batch(data, shape: tuple[int, ...], n: int, *, seed: int, value_range) -
     return source.spec, source.sample(n, tuple(shape), seed=seed, value_range=tuple(value_range)), bool(getattr(source, "labels_are_classes", False))
 
 
-def _fitness_batches(data, config: RefineConfig, shape):
+def _fitness_batches(data, config: RefineConfig, shape, *, pooled: bool):
     """The selection pool and the verification batch, disjoint, drawn in one sample (finite sources never
-    repeat). The pool is the selection itself unless importance sampling draws from a larger one (a pool
-    no larger than the selection, or importance 0, means a plain batch)."""
+    repeat). Unless ``pooled`` (importance sampling on), the pool is just the selection."""
     from evoquant.data import Batch, DataSource, load_source
 
     data = data if data is not None else config.data
     if isinstance(data, (str, os.PathLike)):
         data = load_source(str(data))
-    pool_size = max(config.selection_pool, config.selection_size) if config.importance > 0 else config.selection_size
+    pool_size = max(config.selection_pool, config.selection_size) if pooled else config.selection_size
     finite = isinstance(data, (np.ndarray, Batch)) or (isinstance(data, DataSource) and getattr(data, "finite", False))
     if finite:  # a larger pool only as far as the images go; the selection itself must fit (checked below)
         pool_size = max(config.selection_size, min(pool_size, len(data) - config.verification_size))
@@ -361,15 +363,15 @@ def _fitness_batches(data, config: RefineConfig, shape):
     return label, pool, verification, labels_are_classes
 
 
-def _importance_selection(pool, teacher_pool, int8_model, objective_spec, config: RefineConfig):
-    """Which pool images the search scores on, and their weights (None: plain mean over the batch).
+def _importance_selection(pool, teacher_pool, int8_model, objective: SampleObjective | None, config: RefineConfig):
+    """Which pool images the search scores on, and their weights (None: a plain mean over the batch).
 
     Built-in objectives are sums of per-image terms, so the selection is drawn by importance: mostly the
     images the start model gets most wrong, weighted back to an estimate of the whole pool's loss (see
-    :mod:`evoquant.fitness.sampling`). A user hook is a black box: it gets the pool's first images.
+    :mod:`evoquant.fitness.sampling`). Without an objective (importance off, or a hook), or with a pool no
+    larger than the selection, the search scores the pool's first images.
     """
-    objective = OBJECTIVES.get(objective_spec) if isinstance(objective_spec, str) else objective_spec
-    if config.importance <= 0 or len(pool) <= config.selection_size or not isinstance(objective, SampleObjective):
+    if objective is None or len(pool) <= config.selection_size:
         return np.arange(config.selection_size), None
     from evoquant.ir.runtime import compile_ir, infer
 
