@@ -57,8 +57,9 @@ def main() -> int:
     # Real calibration digits come from the training split (never the held-out one), a seeded draw.
     pick = np.random.default_rng(7).permutation(len(x_train))[: args.images]
     sources = {"real": Batch(x_train[pick], y_train[pick])}
-    # Refining with real data needs selection + verification images (512 by default): another seeded draw.
-    refine_real = np.random.default_rng(8).permutation(len(x_train))[:1024]
+    # Refining with real data: the whole training split, shuffled (the preset's pool shrinks to what remains
+    # after the verification images; never the held-out digits).
+    refine_real = np.random.default_rng(8).permutation(len(x_train))
     refine_data = {"real": Batch(x_train[refine_real], y_train[refine_real])}
     if args.gan:
         sources["gan"] = f"gan:{args.gan}"
