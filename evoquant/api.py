@@ -352,7 +352,14 @@ def _fitness_batches(data, config: RefineConfig, shape, *, pooled: bool):
         data = load_source(str(data))
     pool_size = max(config.selection_pool, config.selection_size) if pooled else config.selection_size
     finite = isinstance(data, (np.ndarray, Batch)) or (isinstance(data, DataSource) and getattr(data, "finite", False))
-    if finite:  # a larger pool only as far as the images go; the selection itself must fit (checked below)
+    if finite:  # a larger pool only as far as the images go; the selection and verification must fit
+        needed = config.selection_size + config.verification_size
+        if len(data) < needed:
+            _as_batch(data, shape, min(len(data), 1), seed=config.data_seed, value_range=config.value_range)  # shape errors first
+            raise EvoquantError(
+                f"the data holds {len(data)} images; refine needs {needed} ({config.selection_size} to select, {config.verification_size} to verify): "
+                "give more images or lower --selection-size / --verification-size"
+            )
         pool_size = max(config.selection_size, min(pool_size, len(data) - config.verification_size))
     total = pool_size + config.verification_size
     label, batch, labels_are_classes = _as_batch(data, shape, total, seed=config.data_seed, value_range=config.value_range)

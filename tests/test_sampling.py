@@ -105,7 +105,7 @@ def test_hooks_get_the_plain_batch_and_finite_data_shrinks_the_pool(tiny_irs):
     images = np.random.default_rng(0).random((70, 3, 8, 8), dtype=np.float32)  # fewer than pool + verification
     result = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, data=images, config=IMPORTANCE)
     assert result.selection_images <= 24
-    with pytest.raises(EvoquantError, match="holds 40 images; 56 are needed"):
+    with pytest.raises(EvoquantError, match="holds 40 images; refine needs 56 .24 to select, 32 to verify.: give more"):
         evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, data=images[:40], config=IMPORTANCE)
 
 
