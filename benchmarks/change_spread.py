@@ -20,6 +20,40 @@ import sys
 import numpy as np
 
 
+def macs(node) -> int:
+    """Multiply-accumulates of one Convolution / GroupConvolution / MatMul per image (static shapes)."""
+    out = [int(d) for d in node.get_output_partial_shape(0).get_min_shape()][1:]
+    weight = [int(d) for d in node.input_value(1).get_shape()]
+    if node.get_type_name() == "MatMul":
+        return int(np.prod(out)) * (weight[-1] if node.get_attributes().get("transpose_b") else weight[0])
+    per_output = int(np.prod(weight[-3:])) if node.get_type_name() == "Convolution" else int(np.prod(weight[-3:]))
+    return int(np.prod(out)) * per_output
+
+
+def suffix_share(model, table, space) -> dict:
+    """The share of a forward's MACs an ideal engine must recompute, averaged over the search's layer choice.
+
+    For each quantized layer: its own MACs plus every layer it reaches (skip connections included), over the
+    whole network's; weighted like ``pick_tensors`` picks layers (probability ~ sqrt(size)).
+    """
+    by_name = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+    heavy = {op.get_friendly_name(): macs(op) for op in model.get_ordered_ops() if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")}
+    total = sum(heavy.values())
+    shares = []
+    for weight in table:
+        seen, stack = set(), [by_name[weight.consumer]]
+        while stack:
+            node = stack.pop()
+            if node.get_friendly_name() in seen:
+                continue
+            seen.add(node.get_friendly_name())
+            stack.extend(t.get_node() for out in node.outputs() for t in out.get_target_inputs())
+        shares.append(sum(m for name, m in heavy.items() if name in seen) / total)
+    p = np.sqrt([t.size for t in space.tensors])
+    p = p / p.sum()
+    return {"benchmark": "change_spread", "suffix_share_by_layer": [round(x, 3) for x in shares], "expected_suffix_share": float(np.dot(p, shares))}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deep_residual_cnn")
@@ -49,6 +83,7 @@ def main() -> int:
     images = load_source("fractal").sample(args.batch, zoo.INPUT_SHAPE, seed=1234).images
     parent = infer(compile_ir(model), images)
     space = SearchSpace(tuple(TensorSpace(w.consumer, w.states.reshape(-1).copy(), w.low, w.high) for w in table))
+    print(json.dumps({"model": args.model, **suffix_share(read_ir(built.int8_xml), table, space)}), flush=True)
     layers = [int(i) for i in np.linspace(0, len(table) - 1, 6).round()] if args.layers == "spread" else [int(i) for i in args.layers.split(",")]
     rng = np.random.default_rng(0)
     for tensor in dict.fromkeys(layers):
