@@ -135,6 +135,7 @@ def measure(name: str, groups: int, per_group: int, batch: int) -> dict:
         "same_best": bool(np.argmin(plain_scores) == np.argmin(engine_scores)),
         "max_relative_error": float(np.max(np.abs(engine_scores - plain_scores) / np.abs(plain_scores))),
         "exact_layers": len(engine.exact_layers),
+        "shared_layers": engine.stats.shared_layers,
         "engine_suffix_evaluations": engine.stats.suffix_evaluations,
         "engine_plain_evaluations": engine.stats.plain_evaluations,
         "engine_compiles": engine.stats.suffix_compiles + engine.stats.probe_compiles,

@@ -82,14 +82,14 @@ def ablation_table(rows: list[dict]) -> str:
 
 def eval_speed_table(rows: list[dict]) -> str:
     lines = [
-        "| model | quantized layers | (a) plain /s | (b) forward /s | (c) engine /s | c/a | c/b | Spearman | same best | exact layers | plain --jobs 2 /s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | quantized layers | (a) plain /s | (b) forward /s | (c) engine /s | c/a | c/b | Spearman | same best | layers on suffixes (shared) | engine set-up s | plain --jobs 2 /s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['model']} | {row['quantized_layers']} | {row['plain_per_s']} | {row['forward_per_s']} | {row['engine_per_s']} "
             f"| {row['c_over_a']} | {row['c_over_b']} | {row['spearman']} | {'yes' if row['same_best'] else 'no'} "
-            f"| {row['exact_layers']} of {row['quantized_layers']} | {row['plain_jobs2_per_s']} | {row['peak_rss_mb']} |"
+            f"| {row['exact_layers']} of {row['quantized_layers']} ({row.get('shared_layers', 0)}) | {row.get('engine_setup_s', '-')} | {row['plain_jobs2_per_s']} | {row['peak_rss_mb']} |"
         )
     first = rows[0]
     lines.append("")

@@ -5,9 +5,16 @@ A candidate of the evolution strategy is usually its parent plus shifts in one t
 candidate the engine
 
 1. takes the parent's activations at the layer's frontier (one probe run per parent, cached),
-2. runs the layer's suffix graph (:mod:`evoquant.ir.cut`), compiled with the parent's weights below the
-   layer and the changed layer's weight as an f32 input, so every candidate of the same (parent, layer)
-   reuses one compiled graph,
+2. runs the layer's suffix graph (:mod:`evoquant.ir.cut`) with the changed layer's weight as an f32 input,
+   in one of two forms chosen per layer at set-up:
+
+   * *shared*: every quantized weight below the layer is an f32 input too, so one compile per layer serves
+     every parent for the whole run. f32 kernels below the cut do not reproduce INT8 bit for bit, so a
+     layer gets this form only if, on a few random mutations, the suffix's fitness error is at most a tenth
+     of the fitness change the mutations cause (it ranks candidates as the plain path does);
+   * *per parent*: the parent's weights below the layer stay INT8 Constants, compiled once per (parent,
+     layer), if that reproduces the plain path up to float rounding;
+
 3. takes the outputs the suffix doesn't reach from the parent.
 
 Anything else (the start model, crossover children, genomes whose parent is unknown) goes through the
@@ -26,7 +33,11 @@ import numpy as np
 from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
 from evoquant.ir.cut import build_probe, build_suffix, plan_cut
 from evoquant.ir.runtime import compile_ir, infer
-from evoquant.search.genome import Payload, apply_shifts, payload_from_key, payload_key
+from evoquant.search.genome import Genome, Payload, SearchSpace, TensorSpace, apply_shifts, payload_from_key, payload_key
+from evoquant.search.operators import mutate_random
+
+SHARED_CHECK_MUTATIONS = 3  # random mutations per layer that decide whether its shared suffix ranks exactly
+SHARED_CHECK_TOLERANCE = 0.1  # allowed fitness error, as a share of the mutations' median fitness change
 
 
 def _float_rounding_only(produced: np.ndarray, reference: np.ndarray) -> bool:
@@ -48,6 +59,7 @@ class EngineStats:
     plain_evaluations: int = 0
     suffix_compiles: int = 0
     probe_compiles: int = 0
+    shared_layers: int = 0
     peak_cache_bytes: int = 0
 
 
@@ -67,6 +79,9 @@ class SuffixEngine(PlainEvaluator):
         self.activations: OrderedDict[tuple, tuple[dict[str, np.ndarray], list[np.ndarray]]] = OrderedDict()
         self.suffixes: OrderedDict[tuple, object] = OrderedDict()
         self.stats = EngineStats()
+        self.below = [tuple(w for w in self.table if w.consumer in cut.nodes and w.index != cut.tensor) for cut in self.cuts]
+        self.shared: dict[int, object] = {}  # tensor -> compiled shared suffix
+        self._shared_probe = None  # every weight an input: activations of any parent without a compile
         self.exact_layers = self._exact_layers()
 
     def _export_is_exact(self, key: str) -> bool:
@@ -89,10 +104,12 @@ class SuffixEngine(PlainEvaluator):
         if self._reference_outputs is None:
             self._reference_outputs = infer(compile_ir(self.model, threads=self.context.threads), self.context.images[:32])
         start = payload_key({})
-        exact = set()
+        exact = set(self._shared_layers())
         activations = infer(compile_ir(build_probe(self.model, self.frontier), threads=self.context.threads, f32=True), self.context.images[:32])
         frontier_values = dict(zip(self.frontier, activations[len(self.model.outputs):]))
         for tensor, cut in enumerate(self.cuts):
+            if tensor in exact:
+                continue
             compiled = compile_ir(build_suffix(self.model, self.table[tensor], cut), threads=self.context.threads, f32=True)
             inputs = {i: frontier_values[k] for i, k in enumerate(cut.frontier)}
             weight = self.table[tensor]
@@ -102,6 +119,33 @@ class SuffixEngine(PlainEvaluator):
                 exact.add(tensor)
                 self.suffixes[(start, tensor)] = compiled  # batch is dynamic: reusable for the full batch
         return frozenset(exact)
+
+    def _shared_layers(self) -> list[int]:
+        """Layers whose shared suffix ranks candidates like the plain path (see the module docstring)."""
+        space = SearchSpace(tuple(TensorSpace(w.consumer, w.states.reshape(-1).copy(), w.low, w.high) for w in self.table))
+        rng = np.random.default_rng(0)
+        start = payload_key({})
+        plain_start = self.score(self.outputs({}))
+        chosen = []
+        for tensor, cut in enumerate(self.cuts):
+            if space.tensors[tensor].high <= space.tensors[tensor].low:
+                continue
+            self.shared[tensor] = compile_ir(build_suffix(self.model, self.table[tensor], cut, self.below[tensor]), threads=self.context.threads, f32=True)
+            error_start = abs(self.score(self._suffix_outputs(start, tensor, [{}])[0]) - plain_start)
+            changes, errors = [], [error_start]
+            for _ in range(SHARED_CHECK_MUTATIONS):  # one mutation at a time: most layers that fail, fail at once
+                mutant = mutate_random(Genome(), space, rng, fraction=0.03, tensors=1, only=tensor).payload()
+                plain = self(mutant)
+                changes.append(abs(plain - plain_start))
+                errors.append(abs(self.score(self._suffix_outputs(start, tensor, [mutant])[0]) - plain))
+                if max(errors) > SHARED_CHECK_TOLERANCE * float(np.median(changes)):
+                    break
+            if float(np.median(changes)) > 0 and len(changes) == SHARED_CHECK_MUTATIONS and max(errors) <= SHARED_CHECK_TOLERANCE * float(np.median(changes)):
+                chosen.append(tensor)
+            else:
+                del self.shared[tensor]
+        self.stats.shared_layers = len(chosen)
+        return chosen
 
     # -- the batch entry point -------------------------------------------------------------------------
     def evaluate_many(self, payloads: Sequence[Payload]) -> list[float]:
@@ -141,9 +185,12 @@ class SuffixEngine(PlainEvaluator):
             plan = (key, differing[0])
             if plan in self.suffixes:
                 return plan
-            if best is None or (key in self.activations and best[0] not in self.activations):
+            if best is None or (self._has_activations(key) and not self._has_activations(best[0])):
                 best = plan
         return best
+
+    def _has_activations(self, key: tuple) -> bool:
+        return (key, False) in self.activations or (key, True) in self.activations
 
     def _parent_states(self, key: tuple) -> dict[int, np.ndarray]:
         parent = self.known.get(key)
@@ -151,23 +198,42 @@ class SuffixEngine(PlainEvaluator):
             parent = payload_from_key(key)
         return {t: apply_shifts(self.table[t].states, idx, delta) for t, (idx, delta) in parent.items()}
 
-    def _parent_activations(self, key: tuple) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-        cached = self.activations.get(key)
+    def _parent_activations(self, key: tuple, shared: bool = False) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        """The parent's frontier activations and outputs: from its own INT8 probe (compiled per parent), or,
+        for shared suffixes, from the shared probe (every weight an input, compiled once)."""
+        cached = self.activations.get((key, shared))
         if cached is not None:
-            self.activations.move_to_end(key)
+            self.activations.move_to_end((key, shared))
             return cached
-        self.patcher.apply(self._parent_states(key))
-        try:
-            probe = compile_ir(build_probe(self.model, self.frontier), threads=self.context.threads, f32=True)
-        finally:
-            self.patcher.restore()
-        self.stats.probe_compiles += 1
-        values = infer(probe, self.context.images)
+        if shared:
+            if self._shared_probe is None:
+                self._shared_probe = compile_ir(build_probe(self.model, self.frontier, self.table), threads=self.context.threads, f32=True)
+                self.stats.probe_compiles += 1
+            feeds = {0: self.context.images, **self._weight_inputs(key, self.table, 1, self._shared_probe)}
+            produced = self._shared_probe.create_infer_request().infer(feeds)
+            values = [np.array(produced[output]) for output in self._shared_probe.outputs]
+        else:
+            self.patcher.apply(self._parent_states(key))
+            try:
+                probe = compile_ir(build_probe(self.model, self.frontier), threads=self.context.threads, f32=True)
+            finally:
+                self.patcher.restore()
+            self.stats.probe_compiles += 1
+            values = infer(probe, self.context.images)
         n_outputs = len(self.model.outputs)
         entry = (dict(zip(self.frontier, values[n_outputs:])), values[:n_outputs])
-        self.activations[key] = entry
+        self.activations[(key, shared)] = entry
         self._evict()
         return entry
+
+    def _weight_inputs(self, key: tuple, weights, first: int, compiled) -> dict[int, np.ndarray]:
+        """The parent's dequantized values of ``weights``, keyed by input position from ``first``."""
+        states = self._parent_states(key)
+        inputs = {}
+        for position, weight in enumerate(weights, start=first):
+            values = weight.values(states.get(weight.index, weight.states)).astype(np.float32)
+            inputs[position] = np.ascontiguousarray(values.reshape(compiled.inputs[position].get_partial_shape().to_shape()))
+        return inputs
 
     def _evict(self) -> None:
         size = sum(sum(a.nbytes for a in acts.values()) + sum(o.nbytes for o in outs) for acts, outs in self.activations.values())
@@ -198,11 +264,15 @@ class SuffixEngine(PlainEvaluator):
         return compiled
 
     def _suffix_outputs(self, key: tuple, tensor: int, payloads: Sequence[Payload]) -> list[list[np.ndarray]]:
-        activations, parent_outputs = self._parent_activations(key)
-        compiled = self._compiled_suffix(key, tensor)
+        compiled = self.shared.get(tensor)
+        activations, parent_outputs = self._parent_activations(key, shared=compiled is not None)
         cut, weight = self.cuts[tensor], self.table[tensor]
-        request = compiled.create_infer_request()
         inputs = {i: activations[k] for i, k in enumerate(cut.frontier)}
+        if compiled is not None:  # the parent's weights below the cut are inputs of the shared suffix
+            inputs.update(self._weight_inputs(key, self.below[tensor], len(cut.frontier) + 1, compiled))
+        else:
+            compiled = self._compiled_suffix(key, tensor)
+        request = compiled.create_infer_request()
         results = []
         for payload in payloads:
             indices, deltas = payload.get(tensor, (np.empty(0, np.int64), np.empty(0, np.int8)))

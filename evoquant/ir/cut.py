@@ -16,7 +16,7 @@ Works for any DAG: chains, branches, skip connections.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,11 +97,13 @@ def plan_cut(model: ov.Model, weight: QuantizedWeight, is_safe: Callable[[str], 
     return Cut(weight.index, frozenset(below), tuple(frontier), outputs, weight_shape)
 
 
-def build_suffix(model: ov.Model, weight: QuantizedWeight, cut: Cut) -> ov.Model:
+def build_suffix(model: ov.Model, weight: QuantizedWeight, cut: Cut, shared: Sequence[QuantizedWeight] = ()) -> ov.Model:
     """The suffix graph of ``cut`` built from a clone of ``model`` (whose constants it keeps).
 
-    Inputs: one Parameter per frontier activation (in ``cut.frontier`` order), then the f32 weight.
-    Outputs: the model outputs listed in ``cut.outputs``.
+    Inputs: one Parameter per frontier activation (in ``cut.frontier`` order), then the f32 weight, then
+    one f32 Parameter per weight in ``shared`` (quantized weights below the cut). With every weight below
+    the cut an input, the graph no longer depends on the parent: one compile serves every parent, at the
+    price of f32 kernels below the cut too. Outputs: the model outputs listed in ``cut.outputs``.
     """
     clone = model.clone()
     ops = {op.get_friendly_name(): op for op in clone.get_ordered_ops()}
@@ -123,15 +125,31 @@ def build_suffix(model: ov.Model, weight: QuantizedWeight, cut: Cut) -> ov.Model
     weight_parameter = opset.parameter(list(cut.weight_shape), np.float32, name="cut_weight")
     layer.input(weight.consumer_port).replace_source_output(weight_parameter.output(0))
     results = [clone.get_results()[i] for i in cut.outputs]
-    return ov.Model(results, [parameters[key] for key in cut.frontier] + [weight_parameter], f"suffix_{weight.index}")
+    weights = _weights_as_inputs(ops, shared)
+    return ov.Model(results, [parameters[key] for key in cut.frontier] + [weight_parameter] + weights, f"suffix_{weight.index}")
 
 
-def build_probe(model: ov.Model, activations: list[str]) -> ov.Model:
-    """A clone of ``model`` that also outputs the named activations (after its own outputs)."""
+def build_probe(model: ov.Model, activations: list[str], shared: Sequence[QuantizedWeight] = ()) -> ov.Model:
+    """A clone of ``model`` that also outputs the named activations (after its own outputs).
+
+    With ``shared``, those weights become f32 inputs after the model's own (one compile for every parent).
+    """
     clone = model.clone()
     ops = {op.get_friendly_name(): op for op in clone.get_ordered_ops()}
     extra = []
     for key in activations:
         name, _, port = key.rpartition(":")
         extra.append(opset.result(ops[name].output(int(port))))
-    return ov.Model(list(clone.get_results()) + extra, list(clone.get_parameters()), "probe")
+    weights = _weights_as_inputs(ops, shared)
+    return ov.Model(list(clone.get_results()) + extra, list(clone.get_parameters()) + weights, "probe")
+
+
+def _weights_as_inputs(ops: dict[str, ov.Node], weights: Sequence[QuantizedWeight]) -> list[ov.Node]:
+    """Replace each weight's input port (in the clone whose ops are given) by an f32 Parameter."""
+    parameters = []
+    for weight in weights:
+        consumer = ops[weight.consumer]
+        shape = list(consumer.input_value(weight.consumer_port).get_partial_shape().to_shape())
+        parameters.append(opset.parameter(shape, np.float32, name=f"weight:{weight.index}"))
+        consumer.input(weight.consumer_port).replace_source_output(parameters[-1].output(0))
+    return parameters
