@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--preset", default="default", help="YAML preset: default, fast, thorough (default: %(default)s)")
     refine.add_argument("--config", metavar="FILE.yaml", help="a YAML config file instead of a preset")
     refine.add_argument("--jobs", "-j", type=int, help="parallel evaluation processes (default 1)")
-    refine.add_argument("--engine", choices=["plain", "suffix"], help="fitness engine: plain compiles every candidate (default); suffix recomputes only below the changed layer, exactly (one process)")
+    refine.add_argument("--engine", choices=["plain", "suffix"], help="fitness engine: plain compiles every candidate (default); suffix recomputes only below the changed layer where that ranks candidates as plain does, and falls back to plain elsewhere (one process; fast on chains)")
     refine.add_argument("--max-cache-mb", type=float, help=f"activation cache budget of the suffix engine (default {default.max_cache_mb:g})")
     refine.add_argument("--backend", help="joblib backend for --jobs: loky (default), threading, dask")
     refine.add_argument("--scheduler", metavar="ADDRESS", help="dask scheduler address for --backend dask (default: a local cluster)")
