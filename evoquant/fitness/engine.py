@@ -1,10 +1,12 @@
 """The suffix engine: score a candidate from its parent's cached activations, recomputing only the part of
-the graph that the changed layer can reach, in graphs compiled once per (parent, layer), not per candidate.
+the graph that the changed layer can reach, in graphs compiled once per layer or per (parent, layer), never
+per candidate.
 
 A candidate of the evolution strategy is usually its parent plus shifts in one tensor. For such a
 candidate the engine
 
-1. takes the parent's activations at the layer's frontier (one probe run per parent, cached),
+1. takes the parent's activations at the layer's frontier (one probe run per parent, cached; for shared
+   suffixes from a shared probe whose weights are inputs, so no compile per parent either),
 2. runs the layer's suffix graph (:mod:`evoquant.ir.cut`) with the changed layer's weight as an f32 input,
    in one of two forms chosen per layer at set-up:
 
@@ -18,7 +20,8 @@ candidate the engine
 3. takes the outputs the suffix doesn't reach from the parent.
 
 Anything else (the start model, crossover children, genomes whose parent is unknown) goes through the
-plain path, so the engine is always correct and only faster where it can be. Caches are bounded: the
+plain path, so the engine ranks candidates as the plain path does and is only faster where it can be
+(the final IR is always re-scored on the plain path by ``refine``). Caches are bounded: the
 activations by ``max_cache_mb``, the compiled graphs by count; evicted entries are rebuilt on demand.
 """
 
