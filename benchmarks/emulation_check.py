@@ -17,7 +17,7 @@ from the IR's own constants, and prints the share of quantized elements that dif
 
 A last line per model compares the plugin's logits with the whole IR interpreted in float64 (reference
 semantics of every op), without and with the activation exports, and with the quantizers the plugin fuses
-into residual joins applied as a clamp only (see ``fused_residual_quantizers``).
+into residual joins applied as a clamp only (see ``evoquant.ir.cut.fused_residual_quantizers``).
 """
 
 from __future__ import annotations
@@ -69,39 +69,12 @@ def _layer(x: np.ndarray, node, weight: np.ndarray) -> np.ndarray:
     return torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weight), stride=attributes["strides"], padding=pads, dilation=attributes["dilations"], groups=groups).numpy()
 
 
-def _conv_output_quantizer(node) -> bool:
-    """A FakeQuantize on a convolution's biased output (conv → Add(bias) → FakeQuantize)."""
-    if node.get_type_name() != "FakeQuantize":
-        return False
-    source = node.input_value(0).get_node()
-    return source.get_type_name() == "Add" and any(v.get_node().get_type_name() in ("Convolution", "GroupConvolution") for v in source.input_values())
-
-
-def fused_residual_quantizers(model) -> set[str]:
-    """Quantizers the CPU plugin appears to apply as a clamp only: a conv's output quantizer that feeds a
-    residual Add (when both Add inputs are such quantizers, only the one on the Add's first input).
-
-    Found on a two-conv residual block built in code: the plugin's output differs from reference arithmetic
-    in 24 % of elements and from "clamp to the range, don't round" in 0.01 %.
-    """
-    names = set()
-    for node in model.get_ordered_ops():
-        if not _conv_output_quantizer(node):
-            continue
-        joins = [t for t in node.output(0).get_target_inputs() if t.get_node().get_type_name() == "Add"]
-        if len(joins) != 1:
-            continue
-        other = joins[0].get_node().input_value(1 - joins[0].get_index()).get_node()
-        if not _conv_output_quantizer(other) or joins[0].get_index() == 0:
-            names.add(node.get_friendly_name())
-    return names
-
-
 def reference_forward(model_xml: str, images: np.ndarray, *, clamp_fused: bool = False) -> np.ndarray:
     """The whole IR interpreted in float64 with the reference semantics of each op (the zoo's op set);
-    with ``clamp_fused``, :func:`fused_residual_quantizers` only clamp."""
+    with ``clamp_fused``, :func:`evoquant.ir.cut.fused_residual_quantizers` only clamp."""
     import torch
 
+    from evoquant.ir.cut import fused_residual_quantizers
     from evoquant.ir.runtime import read_ir
 
     model = read_ir(model_xml)

@@ -125,3 +125,51 @@ def test_engine_settings_are_validated():
         RefineConfig(engine="suffix", jobs=2)
     with pytest.raises(EvoquantError, match="unknown engine"):
         RefineConfig(engine="turbo")
+
+
+def test_the_plugin_clamps_but_does_not_round_a_quantizer_fused_into_a_residual_join():
+    """Pins the CPU plugin behaviour the engine's suffixes rely on (fused_residual_quantizers): if a new
+    OpenVINO changes it, this fails rather than the engine silently routing layers to the plain path."""
+    import openvino as ov
+    import openvino.opset13 as opset
+    import torch
+
+    from evoquant.ir.cut import fused_residual_quantizers
+
+    rng = np.random.default_rng(0)
+    channels = 16
+
+    def quantizer(value, low, high):
+        return opset.fake_quantize(value, *(opset.constant(np.float32(v)) for v in (low, high, low, high)), 256)
+
+    def rounded(value, low, high):
+        low, high = np.float32(low), np.float32(high)
+        return np.round((np.clip(value, low, high) - low) / (high - low) * 255) / 255 * (high - low) + low
+
+    def conv(value, seed):
+        r = np.random.default_rng(seed)
+        states = r.integers(-127, 128, size=(channels, channels, 3, 3)).astype(np.int8)
+        scale = (r.random((channels, 1, 1, 1)) * 0.002 + 0.001).astype(np.float32)
+        bias = (r.normal(size=(1, channels, 1, 1)) * 0.1).astype(np.float32)
+        node = opset.add(opset.convolution(value, opset.multiply(opset.convert(opset.constant(states), np.float32), opset.constant(scale)), [1, 1], [1, 1], [1, 1], [1, 1]), opset.constant(bias))
+        return node, lambda x: torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(states * scale.astype(np.float64)), padding=1).numpy() + bias
+
+    block_in, hidden, join, out = (0.0, 4.84646), (0.0, 3.1234), (-128 * 0.041422, 127 * 0.041422), (0.0, 7.7540216)
+    x = opset.parameter([-1, channels, 14, 14], np.float32, name="x")
+    skip = quantizer(x, *block_in)
+    first, first_np = conv(skip, 1)
+    h = quantizer(opset.relu(first), *hidden)
+    second, second_np = conv(h, 2)
+    joined = quantizer(second, *join)
+    model = ov.Model([quantizer(opset.relu(opset.add(joined, skip)), *out).output(0)], [x])
+    assert fused_residual_quantizers(model) == {joined.get_friendly_name()}
+
+    images = (rng.random((16, channels, 14, 14)) * 5).astype(np.float32)
+    plugin = infer(compile_ir(model), images)[0].astype(np.float64)
+    skip_np = rounded(images.astype(np.float64), *block_in)
+    conv_np = second_np(rounded(np.maximum(first_np(skip_np), 0), *hidden))
+    step = (out[1] - out[0]) / 255
+    reference = rounded(np.maximum(rounded(conv_np, *join) + skip_np, 0), *out)
+    clamp_only = rounded(np.maximum(np.clip(conv_np, *join) + skip_np, 0), *out)
+    assert np.mean(np.abs(plugin - clamp_only) > step / 2) < 1e-3
+    assert np.mean(np.abs(plugin - reference) > step / 2) > 0.05
