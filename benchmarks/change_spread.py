@@ -26,8 +26,7 @@ def macs(node) -> int:
     weight = [int(d) for d in node.input_value(1).get_shape()]
     if node.get_type_name() == "MatMul":
         return int(np.prod(out)) * (weight[-1] if node.get_attributes().get("transpose_b") else weight[0])
-    per_output = int(np.prod(weight[-3:])) if node.get_type_name() == "Convolution" else int(np.prod(weight[-3:]))
-    return int(np.prod(out)) * per_output
+    return int(np.prod(out)) * int(np.prod(weight[-3:]))  # (in/groups) x kh x kw per output, both conv kinds
 
 
 def suffix_share(model, table, space) -> dict:
@@ -70,7 +69,7 @@ def main() -> int:
     from evoquant.ir.patch import ConstantPatcher
     from evoquant.ir.runtime import compile_ir, infer, read_ir
     from evoquant.ir.weights import find_quantized_weights
-    from evoquant.search.genome import Genome, SearchSpace, TensorSpace, apply_shifts
+    from evoquant.search.genome import Genome, SearchSpace, apply_shifts
     from evoquant.search.operators import mutate_random
 
     register_deep_residual()
@@ -82,7 +81,7 @@ def main() -> int:
     patcher = ConstantPatcher(model, table)
     images = load_source("fractal").sample(args.batch, zoo.INPUT_SHAPE, seed=1234).images
     parent = infer(compile_ir(model), images)
-    space = SearchSpace(tuple(TensorSpace(w.consumer, w.states.reshape(-1).copy(), w.low, w.high) for w in table))
+    space = SearchSpace.from_weights(table)
     print(json.dumps({"model": args.model, **suffix_share(read_ir(built.int8_xml), table, space)}), flush=True)
     layers = [int(i) for i in np.linspace(0, len(table) - 1, 6).round()] if args.layers == "spread" else [int(i) for i in args.layers.split(",")]
     rng = np.random.default_rng(0)

@@ -42,24 +42,31 @@ def _single_consumer(node):
     return targets[0].get_node() if len(targets) == 1 else None
 
 
-def _fake_quantize(x: np.ndarray, fq) -> np.ndarray:
+def _quantize(x: np.ndarray, low, high, out_low, out_high, levels: int) -> np.ndarray:
+    """FakeQuantize's reference arithmetic."""
+    q = np.round((np.clip(x, low, high) - low) / (high - low) * (levels - 1))
+    return q / (levels - 1) * (out_high - out_low) + out_low
+
+
+def _fake_quantize(x: np.ndarray, fq) -> tuple[np.ndarray, np.ndarray]:
+    """``fq`` applied to ``x`` from its own constants, and its step."""
     low, high, out_low, out_high = (_const(fq.input_value(i).get_node()) for i in range(1, 5))
     levels = fq.get_attributes()["levels"]
-    q = np.round((np.clip(x, low, high) - low) / (high - low) * (levels - 1))
-    return q / (levels - 1) * (out_high - out_low) + out_low, (out_high - out_low) / (levels - 1)
+    return _quantize(x, low, high, out_low, out_high, levels), (out_high - out_low) / (levels - 1)
 
 
 def _layer(x: np.ndarray, node, weight: np.ndarray) -> np.ndarray:
+    """A Convolution, GroupConvolution or MatMul node applied to ``x`` with ``weight`` (any shape holding
+    the node's weight values: it is reshaped to the node's own weight input)."""
     import torch
 
-    kind = node.get_type_name()
-    if kind == "MatMul":
-        attributes = node.get_attributes()
-        w = weight.T if attributes.get("transpose_b") else weight
-        return x.reshape(len(x), -1) @ w
     attributes = node.get_attributes()
+    if node.get_type_name() == "MatMul":
+        a = x.swapaxes(-1, -2) if attributes["transpose_a"] else x
+        b = weight.swapaxes(-1, -2) if attributes["transpose_b"] else weight
+        return a @ b
     groups = 1
-    if kind == "GroupConvolution":
+    if node.get_type_name() == "GroupConvolution":
         shape = [int(d) for d in node.input_value(1).get_shape()]  # (groups, out/groups, in/groups, kh, kw)
         groups = shape[0]
         weight = weight.reshape(shape[0] * shape[1], *shape[2:])
@@ -97,19 +104,9 @@ def reference_forward(model_xml: str, images: np.ndarray, *, clamp_fused: bool =
         elif kind == "FakeQuantize" and op.get_friendly_name() in clamped:
             out = np.clip(inputs[0], inputs[1], inputs[2])
         elif kind == "FakeQuantize":
-            low, high, out_low, out_high = inputs[1:5]
-            levels = attributes["levels"]
-            out = np.round((np.clip(inputs[0], low, high) - low) / (high - low) * (levels - 1)) / (levels - 1) * (out_high - out_low) + out_low
-        elif kind in ("Convolution", "GroupConvolution"):
-            weight, groups = inputs[1], 1
-            if kind == "GroupConvolution":
-                groups = weight.shape[0]
-                weight = weight.reshape(weight.shape[0] * weight.shape[1], *weight.shape[2:])
-            out = torch.nn.functional.conv2d(torch.from_numpy(inputs[0]), torch.from_numpy(weight), stride=attributes["strides"], padding=attributes["pads_begin"], dilation=attributes["dilations"], groups=groups).numpy()
-        elif kind == "MatMul":
-            a = inputs[0].swapaxes(-1, -2) if attributes["transpose_a"] else inputs[0]
-            b = inputs[1].swapaxes(-1, -2) if attributes["transpose_b"] else inputs[1]
-            out = a @ b
+            out = _quantize(inputs[0], *inputs[1:5], attributes["levels"])
+        elif kind in ("Convolution", "GroupConvolution", "MatMul"):
+            out = _layer(inputs[0], op, inputs[1])
         elif kind == "ReduceMean":
             out = inputs[0].mean(axis=tuple(int(i) for i in inputs[1].reshape(-1)), keepdims=attributes["keep_dims"])
         elif kind == "MaxPool":

@@ -54,10 +54,10 @@ def spearman(a, b) -> float:
 
 
 def make_candidates(table, groups: int, per_group: int, seed: int):
-    from evoquant.search.genome import Genome, SearchSpace, TensorSpace
+    from evoquant.search.genome import Genome, SearchSpace
     from evoquant.search.operators import mutate_random, pick_tensors
 
-    space = SearchSpace(tuple(TensorSpace(w.consumer, w.states.reshape(-1).copy(), w.low, w.high) for w in table))
+    space = SearchSpace.from_weights(table)
     rng = np.random.default_rng(seed)
     parents = [mutate_random(Genome(), space, rng, fraction=0.03, tensors=3) for _ in range(4)]
     candidates = []

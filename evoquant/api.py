@@ -21,7 +21,7 @@ from evoquant.config import RefineConfig
 from evoquant.errors import EvoquantError
 from evoquant.fitness.objectives import OBJECTIVES, Objective, SampleObjective, accuracy, kl_to_teacher, load_hook, looks_like_classifier, normalized_mse, resolve_objective, top1_agreement
 from evoquant.fitness.sampling import effective_size, importance_sample
-from evoquant.search.genome import SearchSpace, TensorSpace, apply_shifts
+from evoquant.search.genome import SearchSpace, apply_shifts
 from evoquant.search.strategy import GenerationStats
 
 ModelLike = str | os.PathLike
@@ -218,13 +218,7 @@ def refine(
     start_outputs = local.outputs({})
     local.score(start_outputs)  # a broken hook or objective fails here, before any search
 
-    space = SearchSpace(
-        tensors=tuple(
-            TensorSpace(w.consumer, w.states.reshape(-1).copy(), w.low, w.high, None if w.rounding_residual is None else w.rounding_residual.reshape(-1))
-            for w in table
-        ),
-        max_shift=config.search.max_shift,
-    )
+    space = SearchSpace.from_weights(table, max_shift=config.search.max_shift)
     with tempfile.TemporaryDirectory(prefix="evoquant-") as workdir:
         if config.jobs > 1:
             from functools import partial

@@ -12,7 +12,7 @@ from evoquant.fitness.engine import SuffixEngine
 from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
 from evoquant.ir.cut import plan_cut
 from evoquant.ir.runtime import compile_ir, infer, read_ir
-from evoquant.search.genome import Genome, SearchSpace, TensorSpace
+from evoquant.search.genome import Genome, SearchSpace
 from evoquant.search.operators import mutate_random
 
 
@@ -24,7 +24,7 @@ def context_for(path, reference, n=48):
 
 def family(table, seed=0, per_tensor=4):
     """A parent and children that each differ from it in one tensor (what grouped offspring look like)."""
-    space = SearchSpace(tuple(TensorSpace(w.consumer, w.states.reshape(-1).copy(), w.low, w.high) for w in table))
+    space = SearchSpace.from_weights(table)
     rng = np.random.default_rng(seed)
     parent = mutate_random(Genome(), space, rng, fraction=0.1, tensors=2)
     children = [mutate_random(parent, space, rng, fraction=0.1, tensors=1, only=t).payload() for t in range(len(table)) for _ in range(per_tensor)]

@@ -104,7 +104,7 @@ def normalized_mse(outputs, teacher, labels=None):
 def disagreement(outputs, teacher, labels=None):
     """1 - top-1 agreement with the teacher (coarse: use it to report, rarely to select)."""
     _need_teacher("agreement", teacher)
-    return (outputs[0].reshape(len(outputs[0]), -1).argmax(1) != teacher[0].reshape(len(teacher[0]), -1).argmax(1)).astype(np.float64), None
+    return (top1(outputs[0]) != top1(teacher[0])).astype(np.float64), None
 
 
 @sample_objective("ce")
@@ -116,14 +116,19 @@ def cross_entropy(outputs, teacher, labels=None):
     return -log_q[np.arange(len(labels)), labels], None
 
 
+def top1(outputs: np.ndarray) -> np.ndarray:
+    """Each sample's arg-max class (outputs flattened per sample)."""
+    return outputs.reshape(len(outputs), -1).argmax(1)
+
+
 def top1_agreement(outputs: np.ndarray, teacher: np.ndarray) -> float:
     """Share of samples whose arg-max matches the teacher's."""
-    return float(np.mean(outputs.reshape(len(outputs), -1).argmax(1) == teacher.reshape(len(teacher), -1).argmax(1)))
+    return float(np.mean(top1(outputs) == top1(teacher)))
 
 
 def accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy of logits (N, C) against labels (N,)."""
-    return float(np.mean(outputs.reshape(len(outputs), -1).argmax(1) == labels))
+    return float(np.mean(top1(outputs) == labels))
 
 
 def looks_like_classifier(output_shapes: Sequence[tuple]) -> bool:

@@ -38,6 +38,18 @@ class SearchSpace:
     def has_residuals(self) -> bool:
         return any(tensor.rounding_residual is not None for tensor in self.tensors)
 
+    @classmethod
+    def from_weights(cls, weights, max_shift: int = 1) -> "SearchSpace":
+        """The space of a weight table (anything with ``consumer``, ``states``, ``low``, ``high`` and
+        ``rounding_residual``, such as :class:`evoquant.ir.weights.WeightTable`), flattened."""
+        return cls(
+            tuple(
+                TensorSpace(w.consumer, w.states.reshape(-1).copy(), w.low, w.high, None if w.rounding_residual is None else w.rounding_residual.reshape(-1))
+                for w in weights
+            ),
+            max_shift=max_shift,
+        )
+
 
 Payload = dict[int, tuple[np.ndarray, np.ndarray]]
 """The plain form of a genome sent to workers: {tensor index: (flat indices int64, deltas int8)}."""
