@@ -6,7 +6,7 @@
 A variant is comma-free ``key=value`` (several joined with '+'), keys: tie (tie_probability), fraction
 (mutation_fraction), adapt (adapt_mutation, 0/1), crossover (crossover_probability), mu, lambda, generations, data (a source spec),
 size (selection_size), vsize (verification_size), pool (selection_pool),
-imp (importance), engine (plain|suffix), seed. Fitness data is synthetic; held-out real digits only score the result.
+imp (importance), engine (plain|suffix), groups (offspring_groups), seed. Fitness data is synthetic; held-out real digits only score the result.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-KEYS = {"tie": ("search", "tie_probability", float), "fraction": ("search", "mutation_fraction", float), "adapt": ("search", "adapt_mutation", lambda v: v in ("1", "true", "yes")), "fmax": ("search", "mutation_fraction_max", float), "crossover": ("search", "crossover_probability", float), "mu": ("search", "mu", int), "lambda": ("search", "lambda_", int), "generations": ("search", "generations", int), "seed": ("search", "seed", int), "data": ("top", "data", str), "size": ("top", "selection_size", int), "vsize": ("top", "verification_size", int), "pool": ("top", "selection_pool", int), "imp": ("top", "importance", float), "engine": ("top", "engine", str)}
+KEYS = {"tie": ("search", "tie_probability", float), "fraction": ("search", "mutation_fraction", float), "adapt": ("search", "adapt_mutation", lambda v: v in ("1", "true", "yes")), "fmax": ("search", "mutation_fraction_max", float), "crossover": ("search", "crossover_probability", float), "mu": ("search", "mu", int), "lambda": ("search", "lambda_", int), "generations": ("search", "generations", int), "seed": ("search", "seed", int), "data": ("top", "data", str), "size": ("top", "selection_size", int), "vsize": ("top", "verification_size", int), "pool": ("top", "selection_pool", int), "imp": ("top", "importance", float), "engine": ("top", "engine", str), "groups": ("search", "offspring_groups", int)}
 
 
 def parse_variant(text: str) -> tuple[dict, dict]:

@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +67,7 @@ class RefineResult:
     selection_after: float | None = None
     selection_images: int | None = None  # distinct images the search scored on
     selection_effective_size: float | None = None  # Kish's effective size of their importance weights
+    engine: dict | None = None  # the suffix engine's layer decisions and counters (None: the plain path)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the ``--report`` file)."""
@@ -210,9 +213,10 @@ def refine(
     if config.engine == "suffix":
         from evoquant.fitness.engine import SuffixEngine
 
-        local = SuffixEngine(context, max_cache_mb=config.max_cache_mb)
-        if not config.search.offspring_groups:  # the engine shares one compile per (parent, layer) group
-            config = config.replace(search={"offspring_groups": 2})
+        # The set-up checks run here before any worker starts, so they may use every core.
+        setup_started = time.perf_counter()
+        local = SuffixEngine(dataclasses.replace(context, threads=None) if config.jobs > 1 else context, max_cache_mb=config.max_cache_mb)
+        local.stats.setup_seconds = time.perf_counter() - setup_started
     else:
         local = PlainEvaluator(context)
     start_outputs = local.outputs({})
@@ -220,16 +224,14 @@ def refine(
 
     space = SearchSpace.from_weights(table, max_shift=config.search.max_shift)
     with tempfile.TemporaryDirectory(prefix="evoquant-") as workdir:
-        if config.jobs > 1:
-            from functools import partial
-
-            evaluate = partial(evaluate_in_worker, save_context(context, Path(workdir) / "context.pkl"))
-        else:
-            evaluate = local
+        context_path = save_context(context, Path(workdir) / "context.pkl") if config.jobs > 1 else None
+        evaluate = local if context_path is None else partial(evaluate_in_worker, context_path)
         with ParallelMap(config.jobs, config.backend) as parallel_map, _ProgressBar(config, callback) as bar:
             if config.engine == "suffix":  # the engine scores a whole generation at once, grouped by parent
-                parallel_map = lambda function, payloads: local.evaluate_many(list(payloads))  # noqa: E731
-            search = evolve(space, evaluate, config.search, map_function=parallel_map, callback=bar.update)
+                map_function = _engine_map(local, parallel_map, context_path, config.max_cache_mb)
+            else:
+                map_function = parallel_map
+            search = evolve(space, evaluate, config.search, map_function=map_function, callback=bar.update)
 
         # Verification on the written IR itself: save, reload, compile with plain OpenVINO defaults.
         verifier = PlainEvaluator(verify_context)
@@ -277,7 +279,19 @@ def refine(
         selection_after=search.best_fitness,
         selection_images=len(picked),
         selection_effective_size=None if weights is None else effective_size(weights),
+        engine=local.summary() if config.engine == "suffix" else None,
     )
+
+
+def _engine_map(engine, parallel_map, context_path: str | None, max_cache_mb: float):
+    """DEAP's map for the suffix engine: the engine groups a generation by (parent, layer); the groups run
+    in this process, or on the workers, each keeping its own engine built from this one's layer decisions."""
+    if context_path is None:
+        return lambda function, payloads: engine.evaluate_many(list(payloads))
+    from evoquant.fitness.engine import run_in_worker
+
+    worker = partial(run_in_worker, context_path, engine.layers, max_cache_mb)
+    return lambda function, payloads: engine.evaluate_many(list(payloads), map_items=lambda items: parallel_map(worker, items))
 
 
 def _check_output(output: ModelLike | None, model_path: Path | None, *, suffix: str = ".xml") -> Path | None:

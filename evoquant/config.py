@@ -38,7 +38,7 @@ class SearchConfig:
     tie_probability: float = 0.0  # chance a mutation is a tie flip (only with an FP32 reference)
     tie_pool: float = 0.1  # share of each tensor's weights, closest to a rounding tie, that tie flips draw from
     crossover_probability: float = 0.0  # tensor-wise crossover; off by default (benchmarks/ablation.py)
-    offspring_groups: int = 0  # >0: a generation's offspring share this many (parent, tensor) pairs, no crossover
+    offspring_groups: int = 0  # >0: offspring share this many (parent, tensor) pairs (when crossover is off and mutation_tensors 1)
     seed: int = 0
 
     def __post_init__(self):
@@ -67,8 +67,8 @@ class RefineConfig:
     data_seed: int = 1234
     jobs: int = 1
     backend: str = "loky"  # joblib backend: loky | threading | dask (needs a dask client)
-    engine: str = "plain"  # plain: compile every candidate | suffix: recompute from the changed layer (jobs 1)
-    max_cache_mb: float = 512.0  # the suffix engine's activation cache budget
+    engine: str = "suffix"  # suffix: recompute from the changed layer where exact | plain: compile every candidate
+    max_cache_mb: float = 512.0  # the suffix engine's activation cache budget, per process
     progress: bool = True
 
     def __post_init__(self):
@@ -82,8 +82,6 @@ class RefineConfig:
             raise EvoquantError(f"--jobs must be at least 1, got {self.jobs}")
         if self.engine not in ("plain", "suffix"):
             raise EvoquantError(f"unknown engine {self.engine!r}; choose plain or suffix")
-        if self.engine == "suffix" and self.jobs > 1:
-            raise EvoquantError("the suffix engine runs in one process: use --jobs 1 with --engine suffix")
         low, high = self.value_range
         if not low < high:
             raise EvoquantError(f"the input range must be LOW,HIGH with LOW < HIGH, got {self.value_range}")

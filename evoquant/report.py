@@ -63,6 +63,12 @@ def format_refine_table(result) -> str:
     )
     if result.selection_effective_size is not None:
         footer += f"\nfitness on {result.selection_images} images drawn by importance (effective size {result.selection_effective_size:.0f})"
+    if result.engine is not None:
+        e = result.engine
+        footer += (
+            f"\nsuffix engine: {e['suffix_evaluations']} of {e['suffix_evaluations'] + e['plain_evaluations']} candidates recomputed "
+            f"below the changed layer ({e['suffix_layers']} of {e['quantized_layers']} layers, {e['shared_layers']} shared; set-up {e['setup_seconds']:.1f} s)"
+        )
     if result.output:
         footer += f"\nwritten: {result.output}"
     return f"{table}\n{footer}"

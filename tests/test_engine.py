@@ -102,6 +102,32 @@ def test_engine_serves_a_chain_from_suffixes_with_few_compiles(chain_irs):
     assert engine.stats.probe_compiles == 1
 
 
+def test_a_per_parent_suffix_serves_groups_and_lone_candidates_are_compiled_whole(chain_irs):
+    from evoquant.fitness.engine import MIN_PER_PARENT_GROUP
+
+    engine = SuffixEngine(context_for(*chain_irs))
+    engine.shared_layers.clear()  # as on a residual net: a suffix compile per (parent, layer)
+    parent, children = family(engine.table, per_tensor=MIN_PER_PARENT_GROUP)  # children in tensor order
+    engine.evaluate_many([parent])
+    engine.evaluate_many(children[:MIN_PER_PARENT_GROUP])  # a full group of tensor 0: one suffix serves it
+    assert (engine.stats.suffix_evaluations, engine.stats.suffix_compiles) == (MIN_PER_PARENT_GROUP, 1)
+    engine.evaluate_many(children[MIN_PER_PARENT_GROUP : MIN_PER_PARENT_GROUP + 2])  # two: cheaper compiled whole
+    assert (engine.stats.suffix_evaluations, engine.stats.suffix_compiles, engine.stats.plain_evaluations) == (MIN_PER_PARENT_GROUP, 1, 3)
+
+
+def test_plans_depend_on_the_genomes_not_on_caches(chain_irs):
+    context = context_for(*chain_irs)
+    warm = SuffixEngine(context)
+    cold = SuffixEngine(context, layers=warm.layers)  # as a planner whose workers hold the caches
+    parent, children = family(warm.table, per_tensor=5)
+    for engine in (warm, cold):
+        engine._remember(parent)
+        engine._remember(children[0])  # an earlier offspring: it differs from its siblings in tensor 0 only
+    warm.evaluate_many(children[:1])  # fills the warm engine's caches for (offspring 0's parent, tensor 0)
+    plans = warm._plans(children[1:5])
+    assert plans == cold._plans(children[1:5]) and len(set(plans)) == 1  # one group, whole
+
+
 def test_a_tiny_cache_budget_evicts_but_keeps_results(tiny_irs):
     context = context_for(tiny_irs.int8, tiny_irs.fp32)
     roomy, tight = SuffixEngine(context), SuffixEngine(context, max_cache_mb=0.0001, max_compiled=1)
@@ -112,17 +138,45 @@ def test_a_tiny_cache_budget_evicts_but_keeps_results(tiny_irs):
     assert len(tight.activations) <= 1 and len(tight.suffixes) <= 1
 
 
-def test_refine_with_the_engine_follows_the_same_search(tiny_irs):
+def test_refine_with_the_engine_follows_the_same_search(chain_irs):
+    int8, fp32 = chain_irs
     config = RefineConfig(search=SearchConfig(mu=2, lambda_=6, generations=4, patience=None, offspring_groups=2, seed=5), selection_size=32, verification_size=32, progress=False)
-    plain = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, config=config)
-    engine = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, config=config.replace(engine="suffix"))
+    assert RefineConfig().engine == "suffix"  # the default
+    plain = evoquant.refine(int8, reference=fp32, config=config.replace(engine="plain"))
+    engine = evoquant.refine(int8, reference=fp32, config=config)
     np.testing.assert_allclose([h.best for h in engine.history], [h.best for h in plain.history], rtol=1e-4)
     assert engine.shifted_weights == plain.shifted_weights
+    # The report says how the candidates were scored: every one counted once, most below the changed layer.
+    summary = engine.engine
+    assert plain.engine is None and summary["suffix_evaluations"] + summary["plain_evaluations"] == engine.evaluations
+    assert summary["suffix_evaluations"] > summary["plain_evaluations"] and "suffix engine:" in engine.table()
+    # On two workers, each running its own engine from the main engine's layer decisions: the same search.
+    parallel = evoquant.refine(int8, reference=fp32, config=config.replace(jobs=2))
+    np.testing.assert_allclose([h.best for h in parallel.history], [h.best for h in engine.history], rtol=1e-4)
+    assert parallel.shifted_weights == engine.shifted_weights
+
+
+def test_a_worker_engine_takes_the_main_engines_layer_decisions(chain_irs, tmp_path):
+    from functools import partial
+
+    from evoquant.fitness.engine import _WORKER_ENGINES, run_in_worker
+    from evoquant.fitness.evaluator import save_context
+
+    context = context_for(*chain_irs)
+    main = SuffixEngine(context)
+    parent, children = family(main.table, seed=1)
+    main.evaluate_many([parent])
+    expected = main.evaluate_many(children)
+    planner = SuffixEngine(context, layers=main.layers)  # no set-up checks: the same decisions
+    assert planner.layers == main.layers and planner.stats.suffix_compiles == 0
+    worker = partial(run_in_worker, save_context(context, tmp_path / "context.pkl"), main.layers, 64.0)
+    planner.evaluate_many([parent], map_items=lambda items: [worker(item) for item in items])
+    scores = planner.evaluate_many(children, map_items=lambda items: [worker(item) for item in items])
+    assert scores == expected and planner.stats.suffix_evaluations == main.stats.suffix_evaluations > 0
+    assert len(_WORKER_ENGINES) == 1 and next(iter(_WORKER_ENGINES.values())).max_cache_bytes == 64 * 2**20
 
 
 def test_engine_settings_are_validated():
-    with pytest.raises(EvoquantError, match="one process"):
-        RefineConfig(engine="suffix", jobs=2)
     with pytest.raises(EvoquantError, match="unknown engine"):
         RefineConfig(engine="turbo")
 

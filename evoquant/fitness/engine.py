@@ -15,7 +15,9 @@ candidate the engine
      layer gets this form only if, on a few random mutations, the suffix's fitness error is at most a tenth
      of the fitness change the mutations cause (it ranks candidates as the plain path does);
    * *per parent*: the parent's weights below the layer stay INT8 Constants, compiled once per (parent,
-     layer), if that reproduces the plain path up to float rounding;
+     layer), if that reproduces the plain path up to float rounding; used for groups of at least
+     ``MIN_PER_PARENT_GROUP`` candidates of one (parent, layer), since a compile and a probe for fewer
+     cost more than compiling each candidate whole;
 
 3. takes the outputs the suffix doesn't reach from the parent.
 
@@ -23,12 +25,19 @@ Anything else (the start model, crossover children, genomes whose parent is unkn
 plain path, so the engine ranks candidates as the plain path does and is only faster where it can be
 (the final IR is always re-scored on the plain path by ``refine``). Caches are bounded: the
 activations by ``max_cache_mb``, the compiled graphs by count; evicted entries are rebuilt on demand.
+
+With several jobs, the engine in the main process plans a generation (which candidates share a
+(parent, layer) suffix) and joblib workers run the groups: each worker keeps its own engine, built from the
+main engine's layer decisions (:class:`EngineLayers`, so the set-up checks run once) and its own caches,
+each within ``max_cache_mb``. Routing depends only on the candidates, never on caches or timings, so
+the scores do not depend on the number of jobs.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Sequence
+import pickle
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +50,11 @@ from evoquant.search.operators import mutate_random
 
 SHARED_CHECK_MUTATIONS = 3  # random mutations per layer that decide whether its shared suffix ranks exactly
 SHARED_CHECK_TOLERANCE = 0.1  # allowed fitness error, as a share of the mutations' median fitness change
+# Fewest candidates of one (parent, layer) worth a per-parent suffix: its compile and the parent's probe
+# cost about four plain evaluations (residual_cnn, 512 images: probe 189 ms, suffix compile 19-64 ms, run
+# 1-27 ms, against 62 ms for compiling and running the whole candidate). A fixed count, not measured
+# timings, so that the same seed takes the same path on any machine and with any number of jobs.
+MIN_PER_PARENT_GROUP = 4
 
 
 def _float_rounding_only(produced: np.ndarray, reference: np.ndarray) -> bool:
@@ -54,6 +68,23 @@ def _same_shifts(a, b) -> bool:
     return np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
+@dataclass(frozen=True)
+class EngineLayers:
+    """Which layers the engine serves from suffixes (``exact``) and which of those from shared ones."""
+
+    exact: frozenset[int]
+    shared: frozenset[int]
+
+
+@dataclass(frozen=True)
+class SuffixGroup:
+    """Work for one suffix: candidates that differ from the parent (``parent``, a payload key) in ``tensor`` only."""
+
+    parent: tuple
+    tensor: int
+    payloads: tuple
+
+
 @dataclass
 class EngineStats:
     """Counters for the benchmark and the report."""
@@ -64,12 +95,14 @@ class EngineStats:
     probe_compiles: int = 0
     shared_layers: int = 0
     peak_cache_bytes: int = 0
+    setup_seconds: float = 0.0
 
 
 class SuffixEngine(PlainEvaluator):
     """Fitness by suffix recomputation; a drop-in for :class:`PlainEvaluator` with a batch entry point."""
 
-    def __init__(self, context: FitnessContext, *, max_cache_mb: float = 512.0, max_compiled: int = 24, known_genomes: int = 64):
+    def __init__(self, context: FitnessContext, *, max_cache_mb: float = 512.0, max_compiled: int = 24, known_genomes: int = 64, layers: EngineLayers | None = None):
+        """``layers`` skips the set-up checks (a worker takes the main engine's decisions)."""
         super().__init__(context)
         self._reference_outputs = None
         self._safety: dict[str, bool] = {}
@@ -83,9 +116,27 @@ class SuffixEngine(PlainEvaluator):
         self.suffixes: OrderedDict[tuple, object] = OrderedDict()
         self.stats = EngineStats()
         self.below = [tuple(w for w in self.table if w.consumer in cut.nodes and w.index != cut.tensor) for cut in self.cuts]
-        self.shared: dict[int, object] = {}  # tensor -> compiled shared suffix
+        self.shared_layers: set[int] = set() if layers is None else set(layers.shared)
+        self._shared_suffixes: dict[int, object] = {}  # tensor -> compiled shared suffix
         self._shared_probe = None  # every weight an input: activations of any parent without a compile
-        self.exact_layers = self._exact_layers()
+        self.exact_layers = self._exact_layers() if layers is None else frozenset(layers.exact)
+        self.stats.shared_layers = len(self.shared_layers)
+
+    @property
+    def layers(self) -> EngineLayers:
+        return EngineLayers(self.exact_layers, frozenset(self.shared_layers))
+
+    def summary(self) -> dict:
+        """For the report: which layers the engine serves and how the candidates were scored (counters of
+        this process; with workers, every candidate is counted here when planned)."""
+        return {
+            "quantized_layers": len(self.table),
+            "suffix_layers": len(self.exact_layers),
+            "shared_layers": len(self.shared_layers),
+            "suffix_evaluations": self.stats.suffix_evaluations,
+            "plain_evaluations": self.stats.plain_evaluations,
+            "setup_seconds": round(self.stats.setup_seconds, 2),
+        }
 
     def _export_is_exact(self, key: str) -> bool:
         """Whether reading activation ``key`` out of the model leaves its outputs bit-identical."""
@@ -133,7 +184,7 @@ class SuffixEngine(PlainEvaluator):
         for tensor, cut in enumerate(self.cuts):
             if space.tensors[tensor].high <= space.tensors[tensor].low:
                 continue
-            self.shared[tensor] = compile_ir(build_suffix(self.model, self.table[tensor], cut, self.below[tensor]), threads=self.context.threads, f32=True)
+            self.shared_layers.add(tensor)
             error_start = abs(self.score(self._suffix_outputs(start, tensor, [{}])[0]) - plain_start)
             changes, errors = [], [error_start]
             for _ in range(SHARED_CHECK_MUTATIONS):  # one mutation at a time: most layers that fail, fail at once
@@ -147,29 +198,49 @@ class SuffixEngine(PlainEvaluator):
                 if float(np.median(changes)) > 0:
                     chosen.append(tensor)
                     continue
-            del self.shared[tensor]
-        self.stats.shared_layers = len(chosen)
+            self.shared_layers.discard(tensor)
+            self._shared_suffixes.pop(tensor, None)
         return chosen
 
     # -- the batch entry point -------------------------------------------------------------------------
-    def evaluate_many(self, payloads: Sequence[Payload]) -> list[float]:
-        """Fitness of each payload; candidates sharing a (parent, layer) share one compiled suffix."""
-        plans = [self._find_parent(payload) for payload in payloads]
-        scores: list[float | None] = [None] * len(payloads)
+    def evaluate_many(self, payloads: Sequence[Payload], map_items: Callable[[list], list] | None = None) -> list[float]:
+        """Fitness of each payload; candidates sharing a (parent, layer) share one compiled suffix.
+
+        The work items (suffix groups and single plain candidates) run here, or through ``map_items(items)``
+        (one list of scores per item), e.g. on workers running :func:`run_in_worker`.
+        """
+        plans = self._plans(payloads)
         groups: dict[tuple, list[int]] = {}
+        items, members = [], []
         for i, plan in enumerate(plans):
             if plan is None:
-                scores[i] = self(payloads[i])
-                self.stats.plain_evaluations += 1
+                items.append(payloads[i])
+                members.append([i])
             else:
                 groups.setdefault(plan, []).append(i)
-        for (parent, tensor), members in groups.items():
-            for i, outputs in zip(members, self._suffix_outputs(parent, tensor, [payloads[i] for i in members])):
-                scores[i] = self.score(outputs)
-                self.stats.suffix_evaluations += 1
+        for (parent, tensor), group in groups.items():
+            if tensor in self.shared_layers or len(group) >= MIN_PER_PARENT_GROUP:
+                items.append(SuffixGroup(parent, tensor, tuple(payloads[i] for i in group)))
+                members.append(group)
+            else:  # a per-parent suffix (and its parent's probe) would cost more than compiling each whole
+                items += [payloads[i] for i in group]
+                members += [[i] for i in group]
+        results = [self.run(item) for item in items] if map_items is None else map_items(items)
+        scores: list[float | None] = [None] * len(payloads)
+        for group, item, result in zip(members, items, results):
+            counter = "suffix_evaluations" if isinstance(item, SuffixGroup) else "plain_evaluations"
+            setattr(self.stats, counter, getattr(self.stats, counter) + len(group))
+            for i, score in zip(group, result):
+                scores[i] = score
         for payload in payloads:
             self._remember(payload)
         return [float(s) for s in scores]
+
+    def run(self, item: SuffixGroup | Payload) -> list[float]:
+        """Scores of one work item: a suffix group's candidates, or one candidate on the plain path."""
+        if isinstance(item, SuffixGroup):
+            return [self.score(outputs) for outputs in self._suffix_outputs(item.parent, item.tensor, list(item.payloads))]
+        return [self(item)]
 
     # -- parents --------------------------------------------------------------------------------------
     def _remember(self, payload: Payload) -> None:
@@ -179,22 +250,21 @@ class SuffixEngine(PlainEvaluator):
         while len(self.known) > self.known_limit:
             self.known.popitem(last=False)
 
-    def _find_parent(self, payload: Payload) -> tuple[tuple, int] | None:
-        """A known genome that differs from ``payload`` in exactly one tensor, preferring cached ones."""
-        best = None
-        for key, parent in reversed(self.known.items()):
-            differing = [t for t in set(parent) | set(payload) if not _same_shifts(parent.get(t), payload.get(t))]
-            if len(differing) != 1 or differing[0] not in self.exact_layers:
-                continue
-            plan = (key, differing[0])
-            if plan in self.suffixes:
-                return plan
-            if best is None or (self._has_activations(key) and not self._has_activations(best[0])):
-                best = plan
-        return best
-
-    def _has_activations(self, key: tuple) -> bool:
-        return (key, False) in self.activations or (key, True) in self.activations
+    def _plans(self, payloads: Sequence[Payload]) -> list[tuple[tuple, int] | None]:
+        """Each payload's (parent key, changed tensor): a known genome that differs from it in exactly one
+        tensor the engine serves. Where several qualify (a rejected sibling of an earlier generation also
+        does), the pair most payloads of this batch share wins, then the most recent: groups stay whole,
+        and the choice depends on the genomes alone, never on what a process has cached."""
+        options = []
+        for payload in payloads:
+            found = []
+            for key, parent in reversed(self.known.items()):
+                differing = [t for t in set(parent) | set(payload) if not _same_shifts(parent.get(t), payload.get(t))]
+                if len(differing) == 1 and differing[0] in self.exact_layers:
+                    found.append((key, differing[0]))
+            options.append(found)
+        counts = Counter(plan for found in options for plan in found)
+        return [max(found, key=counts.__getitem__) if found else None for found in options]
 
     def _parent_states(self, key: tuple) -> dict[int, np.ndarray]:
         parent = self.known.get(key)
@@ -267,8 +337,15 @@ class SuffixEngine(PlainEvaluator):
             self.suffixes.popitem(last=False)
         return compiled
 
+    def _shared_suffix(self, tensor: int):
+        compiled = self._shared_suffixes.get(tensor)
+        if compiled is None:  # once per layer for the whole run
+            compiled = compile_ir(build_suffix(self.model, self.table[tensor], self.cuts[tensor], self.below[tensor]), threads=self.context.threads, f32=True)
+            self._shared_suffixes[tensor] = compiled
+        return compiled
+
     def _suffix_outputs(self, key: tuple, tensor: int, payloads: Sequence[Payload]) -> list[list[np.ndarray]]:
-        compiled = self.shared.get(tensor)
+        compiled = self._shared_suffix(tensor) if tensor in self.shared_layers else None
         activations, parent_outputs = self._parent_activations(key, shared=compiled is not None)
         cut, weight = self.cuts[tensor], self.table[tensor]
         inputs = {i: activations[k] for i, k in enumerate(cut.frontier)}
@@ -288,3 +365,18 @@ class SuffixEngine(PlainEvaluator):
                 outputs[output_index] = np.array(produced[compiled.outputs[position]], dtype=np.float32)
             results.append(outputs)
         return results
+
+
+# One engine per context file per worker process, as for the plain path (loky keeps workers between generations).
+_WORKER_ENGINES: dict[str, SuffixEngine] = {}
+
+
+def run_in_worker(context_path: str, layers: EngineLayers, max_cache_mb: float, item: SuffixGroup | Payload) -> list[float]:
+    """Top-level (picklable) entry point: run one work item in this worker's own engine."""
+    engine = _WORKER_ENGINES.get(context_path)
+    if engine is None:
+        with open(context_path, "rb") as handle:
+            engine = SuffixEngine(pickle.load(handle), max_cache_mb=max_cache_mb, layers=layers)
+        _WORKER_ENGINES.clear()  # one run at a time per worker: free the previous run's graphs and caches
+        _WORKER_ENGINES[context_path] = engine
+    return engine.run(item)

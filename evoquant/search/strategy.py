@@ -214,9 +214,10 @@ def _generation(toolbox: base.Toolbox, population: list, rng: np.random.Generato
     """A generation's offspring: independent, or in groups sharing a (parent, tensor) pair.
 
     Grouped offspring differ from one parent in one tensor each, so an evaluator that compiles one graph
-    per (parent, layer) (the suffix engine) serves a whole group with one compile.
+    per (parent, layer) (the suffix engine) serves a whole group with one compile. Crossover children and
+    multi-tensor mutations cannot be grouped so: with either, offspring are independent.
     """
-    if not config.offspring_groups:
+    if not config.offspring_groups or config.crossover_probability > 0 or config.mutation_tensors != 1:
         return [_offspring(toolbox, population, rng, config) for _ in range(config.lambda_)]
     pairs = [(population[int(rng.integers(len(population)))], int(pick_tensors(space, rng, 1)[0])) for _ in range(config.offspring_groups)]
     return [toolbox.mutate(*pairs[i % len(pairs)]) for i in range(config.lambda_)]
