@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -215,7 +216,8 @@ def refine(
 
         # The set-up checks run here before any worker starts, so they may use every core.
         setup_started = time.perf_counter()
-        local = SuffixEngine(dataclasses.replace(context, threads=None) if config.jobs > 1 else context, max_cache_mb=config.max_cache_mb)
+        with _setup_bar(config, 3 * len(table)) as step:
+            local = SuffixEngine(dataclasses.replace(context, threads=None) if config.jobs > 1 else context, max_cache_mb=config.max_cache_mb, progress=step)
         local.stats.setup_seconds = time.perf_counter() - setup_started
     else:
         local = PlainEvaluator(context)
@@ -433,6 +435,18 @@ def _heldout_metrics(heldout, shape, config, model_path: Path, final_xml: Path, 
         _metrics(after, teacher, batch.labels, classifier),
         _metrics(teacher, teacher, batch.labels, classifier) if teacher is not None else None,
     )
+
+
+@contextmanager
+def _setup_bar(config: RefineConfig, steps: int):
+    """A tqdm bar over the suffix engine's set-up checks (seconds on the zoo, minutes on a large model)."""
+    if not config.progress:
+        yield lambda: None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=steps, desc="engine set-up", unit="check", leave=False) as bar:
+        yield lambda: bar.update(1)
 
 
 class _ProgressBar:

@@ -163,12 +163,14 @@ def test_a_worker_engine_takes_the_main_engines_layer_decisions(chain_irs, tmp_p
     from evoquant.fitness.evaluator import save_context
 
     context = context_for(*chain_irs)
-    main = SuffixEngine(context)
+    steps = []
+    main = SuffixEngine(context, progress=lambda: steps.append(1))
+    assert len(steps) == 3 * len(main.table)  # the set-up's progress: cut, shared check, exactness check
     parent, children = family(main.table, seed=1)
     main.evaluate_many([parent])
     expected = main.evaluate_many(children)
     planner = SuffixEngine(context, layers=main.layers)  # no set-up checks: the same decisions
-    assert planner.layers == main.layers and planner.stats.suffix_compiles == 0
+    assert planner.layers == main.layers and planner.stats.suffix_compiles == 0 and not planner._safety  # no export checks
     worker = partial(run_in_worker, save_context(context, tmp_path / "context.pkl"), main.layers, 64.0)
     planner.evaluate_many([parent], map_items=lambda items: [worker(item) for item in items])
     scores = planner.evaluate_many(children, map_items=lambda items: [worker(item) for item in items])

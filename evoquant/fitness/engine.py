@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
-from evoquant.ir.cut import build_probe, build_suffix, plan_cut
+from evoquant.ir.cut import Cut, build_probe, build_suffix, plan_cut
 from evoquant.ir.runtime import compile_ir, infer
 from evoquant.search.genome import Genome, Payload, SearchSpace, apply_shifts, payload_from_key, payload_key
 from evoquant.search.operators import mutate_random
@@ -70,8 +70,10 @@ def _same_shifts(a, b) -> bool:
 
 @dataclass(frozen=True)
 class EngineLayers:
-    """Which layers the engine serves from suffixes (``exact``) and which of those from shared ones."""
+    """The set-up's decisions: each layer's cut, which layers the engine serves from suffixes (``exact``)
+    and which of those from shared ones."""
 
+    cuts: tuple[Cut, ...]
     exact: frozenset[int]
     shared: frozenset[int]
 
@@ -101,12 +103,23 @@ class EngineStats:
 class SuffixEngine(PlainEvaluator):
     """Fitness by suffix recomputation; a drop-in for :class:`PlainEvaluator` with a batch entry point."""
 
-    def __init__(self, context: FitnessContext, *, max_cache_mb: float = 512.0, max_compiled: int = 24, known_genomes: int = 64, layers: EngineLayers | None = None):
-        """``layers`` skips the set-up checks (a worker takes the main engine's decisions)."""
+    def __init__(
+        self,
+        context: FitnessContext,
+        *,
+        max_cache_mb: float = 512.0,
+        max_compiled: int = 24,
+        known_genomes: int = 64,
+        layers: EngineLayers | None = None,
+        progress: Callable[[], None] | None = None,
+    ):
+        """``layers`` skips the set-up checks (a worker takes the main engine's decisions); ``progress`` is
+        called after each of the set-up's ``3 * len(table)`` steps (cut, shared check, exactness check)."""
         super().__init__(context)
         self._reference_outputs = None
         self._safety: dict[str, bool] = {}
-        self.cuts = [plan_cut(self.model, weight, self._export_is_exact) for weight in self.table]
+        self._progress = progress or (lambda: None)
+        self.cuts = list(layers.cuts) if layers is not None else [self._planned(weight) for weight in self.table]
         self.frontier = sorted({key for cut in self.cuts for key in cut.frontier})
         self.max_cache_bytes = int(max_cache_mb * 2**20)
         self.max_compiled = max_compiled
@@ -124,7 +137,12 @@ class SuffixEngine(PlainEvaluator):
 
     @property
     def layers(self) -> EngineLayers:
-        return EngineLayers(self.exact_layers, frozenset(self.shared_layers))
+        return EngineLayers(tuple(self.cuts), self.exact_layers, frozenset(self.shared_layers))
+
+    def _planned(self, weight) -> Cut:
+        cut = plan_cut(self.model, weight, self._export_is_exact)
+        self._progress()
+        return cut
 
     def summary(self) -> dict:
         """For the report: which layers the engine serves and how the candidates were scored (counters of
@@ -162,6 +180,7 @@ class SuffixEngine(PlainEvaluator):
         activations = infer(compile_ir(build_probe(self.model, self.frontier), threads=self.context.threads, f32=True), self.context.images[:32])
         frontier_values = dict(zip(self.frontier, activations[len(self.model.outputs):]))
         for tensor, cut in enumerate(self.cuts):
+            self._progress()
             if tensor in exact:
                 continue
             compiled = compile_ir(build_suffix(self.model, self.table[tensor], cut), threads=self.context.threads, f32=True)
@@ -182,6 +201,7 @@ class SuffixEngine(PlainEvaluator):
         plain_start = self.score(self.outputs({}))
         chosen = []
         for tensor, cut in enumerate(self.cuts):
+            self._progress()
             if space.tensors[tensor].high <= space.tensors[tensor].low:
                 continue
             self.shared_layers.add(tensor)
