@@ -212,13 +212,11 @@ def refine(
     context = FitnessContext(str(model_path), selection.images, teacher_selection, selection.labels, objective_spec, threads, draw, weights)
     verify_context = FitnessContext(str(model_path), verification.images, teacher_verification, verification.labels, objective_spec, threads)
     if config.engine == "suffix":
-        from evoquant.fitness.engine import SuffixEngine
+        from evoquant.fitness.engine import SETUP_STEPS_PER_LAYER, SuffixEngine
 
         # The set-up checks run here before any worker starts, so they may use every core.
-        setup_started = time.perf_counter()
-        with _setup_bar(config, 3 * len(table)) as step:
+        with _setup_bar(config, SETUP_STEPS_PER_LAYER * len(table)) as step:
             local = SuffixEngine(dataclasses.replace(context, threads=None) if config.jobs > 1 else context, max_cache_mb=config.max_cache_mb, progress=step)
-        local.stats.setup_seconds = time.perf_counter() - setup_started
     else:
         local = PlainEvaluator(context)
     start_outputs = local.outputs({})

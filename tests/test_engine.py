@@ -159,8 +159,8 @@ def test_refine_with_the_engine_follows_the_same_search(chain_irs):
 def test_a_worker_engine_takes_the_main_engines_layer_decisions(chain_irs, tmp_path):
     from functools import partial
 
-    from evoquant.fitness.engine import _WORKER_ENGINES, run_in_worker
-    from evoquant.fitness.evaluator import save_context
+    from evoquant.fitness.engine import run_in_worker
+    from evoquant.fitness.evaluator import _WORKER_EVALUATORS, save_context
 
     context = context_for(*chain_irs)
     steps = []
@@ -173,9 +173,11 @@ def test_a_worker_engine_takes_the_main_engines_layer_decisions(chain_irs, tmp_p
     assert planner.layers == main.layers and planner.stats.suffix_compiles == 0 and not planner._safety  # no export checks
     worker = partial(run_in_worker, save_context(context, tmp_path / "context.pkl"), main.layers, 64.0)
     planner.evaluate_many([parent], map_items=lambda items: [worker(item) for item in items])
+    (engine,) = _WORKER_EVALUATORS.values()  # one engine for the run, built with the given cache budget
+    assert isinstance(engine, SuffixEngine) and engine.max_cache_bytes == 64 * 2**20
     scores = planner.evaluate_many(children, map_items=lambda items: [worker(item) for item in items])
     assert scores == expected and planner.stats.suffix_evaluations == main.stats.suffix_evaluations > 0
-    assert len(_WORKER_ENGINES) == 1 and next(iter(_WORKER_ENGINES.values())).max_cache_bytes == 64 * 2**20
+    assert list(_WORKER_EVALUATORS.values()) == [engine]  # reused by every later item, not rebuilt
 
 
 def test_engine_settings_are_validated():

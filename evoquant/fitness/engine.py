@@ -35,14 +35,15 @@ the scores do not depend on the number of jobs.
 
 from __future__ import annotations
 
-import pickle
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
-from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
+from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator, worker_evaluator
 from evoquant.ir.cut import Cut, build_probe, build_suffix, plan_cut
 from evoquant.ir.runtime import compile_ir, infer
 from evoquant.search.genome import Genome, Payload, SearchSpace, apply_shifts, payload_from_key, payload_key
@@ -55,6 +56,7 @@ SHARED_CHECK_TOLERANCE = 0.1  # allowed fitness error, as a share of the mutatio
 # 1-27 ms, against 62 ms for compiling and running the whole candidate). A fixed count, not measured
 # timings, so that the same seed takes the same path on any machine and with any number of jobs.
 MIN_PER_PARENT_GROUP = 4
+SETUP_STEPS_PER_LAYER = 3  # progress steps of the set-up: cut, shared check, exactness check
 
 
 def _float_rounding_only(produced: np.ndarray, reference: np.ndarray) -> bool:
@@ -114,7 +116,9 @@ class SuffixEngine(PlainEvaluator):
         progress: Callable[[], None] | None = None,
     ):
         """``layers`` skips the set-up checks (a worker takes the main engine's decisions); ``progress`` is
-        called after each of the set-up's ``3 * len(table)`` steps (cut, shared check, exactness check)."""
+        called after each of the set-up's ``SETUP_STEPS_PER_LAYER * len(table)`` steps (per layer: its
+        cut, its shared check, its exactness check)."""
+        started = time.perf_counter()
         super().__init__(context)
         self._reference_outputs = None
         self._safety: dict[str, bool] = {}
@@ -134,6 +138,7 @@ class SuffixEngine(PlainEvaluator):
         self._shared_probe = None  # every weight an input: activations of any parent without a compile
         self.exact_layers = self._exact_layers() if layers is None else frozenset(layers.exact)
         self.stats.shared_layers = len(self.shared_layers)
+        self.stats.setup_seconds = time.perf_counter() - started
 
     @property
     def layers(self) -> EngineLayers:
@@ -229,20 +234,16 @@ class SuffixEngine(PlainEvaluator):
         The work items (suffix groups and single plain candidates) run here, or through ``map_items(items)``
         (one list of scores per item), e.g. on workers running :func:`run_in_worker`.
         """
-        plans = self._plans(payloads)
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[tuple | None, list[int]] = {}
+        for i, plan in enumerate(self._plans(payloads)):
+            groups.setdefault(plan, []).append(i)
         items, members = [], []
-        for i, plan in enumerate(plans):
-            if plan is None:
-                items.append(payloads[i])
-                members.append([i])
-            else:
-                groups.setdefault(plan, []).append(i)
-        for (parent, tensor), group in groups.items():
-            if tensor in self.shared_layers or len(group) >= MIN_PER_PARENT_GROUP:
-                items.append(SuffixGroup(parent, tensor, tuple(payloads[i] for i in group)))
+        for plan, group in groups.items():
+            # A per-parent suffix (and its parent's probe) for fewer candidates costs more than compiling each whole.
+            if plan is not None and (plan[1] in self.shared_layers or len(group) >= MIN_PER_PARENT_GROUP):
+                items.append(SuffixGroup(plan[0], plan[1], tuple(payloads[i] for i in group)))
                 members.append(group)
-            else:  # a per-parent suffix (and its parent's probe) would cost more than compiling each whole
+            else:
                 items += [payloads[i] for i in group]
                 members += [[i] for i in group]
         results = [self.run(item) for item in items] if map_items is None else map_items(items)
@@ -387,16 +388,7 @@ class SuffixEngine(PlainEvaluator):
         return results
 
 
-# One engine per context file per worker process, as for the plain path (loky keeps workers between generations).
-_WORKER_ENGINES: dict[str, SuffixEngine] = {}
-
-
 def run_in_worker(context_path: str, layers: EngineLayers, max_cache_mb: float, item: SuffixGroup | Payload) -> list[float]:
-    """Top-level (picklable) entry point: run one work item in this worker's own engine."""
-    engine = _WORKER_ENGINES.get(context_path)
-    if engine is None:
-        with open(context_path, "rb") as handle:
-            engine = SuffixEngine(pickle.load(handle), max_cache_mb=max_cache_mb, layers=layers)
-        _WORKER_ENGINES.clear()  # one run at a time per worker: free the previous run's graphs and caches
-        _WORKER_ENGINES[context_path] = engine
-    return engine.run(item)
+    """Top-level (picklable) entry point: run one work item in this worker's own engine, built once per run
+    from the main engine's decisions (``layers`` and ``max_cache_mb`` are the same for every item of a run)."""
+    return worker_evaluator(context_path, "suffix", partial(SuffixEngine, max_cache_mb=max_cache_mb, layers=layers)).run(item)

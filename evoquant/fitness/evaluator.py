@@ -126,7 +126,7 @@ class PlainEvaluator:
 
 
 # One evaluator per context file per process: workers are reused across generations (loky keeps them).
-_WORKER_EVALUATORS: dict[str, PlainEvaluator] = {}
+_WORKER_EVALUATORS: dict[tuple, PlainEvaluator] = {}
 
 
 def save_context(context: FitnessContext, path: Path) -> str:
@@ -140,15 +140,22 @@ def save_context(context: FitnessContext, path: Path) -> str:
     return str(path)
 
 
-def evaluate_in_worker(context_path: str, payload: Payload) -> float:
-    """Top-level (picklable) entry point for worker processes."""
-    evaluator = _WORKER_EVALUATORS.get(context_path)
+def worker_evaluator(context_path: str, kind: str = "plain", build: Callable[[FitnessContext], PlainEvaluator] = PlainEvaluator) -> PlainEvaluator:
+    """This worker's evaluator of ``kind`` for the run whose context is saved at ``context_path``, built
+    once by ``build`` (the plain path, or the suffix engine) and kept while the worker serves that run."""
+    key = (context_path, kind)
+    evaluator = _WORKER_EVALUATORS.get(key)
     if evaluator is None:
         with open(context_path, "rb") as handle:
-            evaluator = PlainEvaluator(pickle.load(handle))
+            evaluator = build(pickle.load(handle))
         _WORKER_EVALUATORS.clear()  # one run at a time per worker: free the previous run's model
-        _WORKER_EVALUATORS[context_path] = evaluator
-    return evaluator(payload)
+        _WORKER_EVALUATORS[key] = evaluator
+    return evaluator
+
+
+def evaluate_in_worker(context_path: str, payload: Payload) -> float:
+    """Top-level (picklable) entry point for worker processes."""
+    return worker_evaluator(context_path)(payload)
 
 
 def evaluate_chunk(function: Callable[[Payload], float], payloads: list[Payload]) -> list[float]:
