@@ -7,6 +7,8 @@ a few parents, each candidate = its parent plus a 3 % shift of one tensor) and t
   (b) forward: one forward of an already compiled INT8 model per candidate, no compile (the bound for
                any evaluator that recomputes everything)
   (c) engine:  the suffix engine (evoquant.fitness.engine)
+  bound:       each candidate costs only the run of its layer's suffix (no compile, no probe, no plain
+               fallback): the ceiling of the suffix design, however candidates are grouped
 
 It prints evaluations/s of each, c/a and c/b, the engine's fidelity against (a) (Spearman rank
 correlation, same best candidate, max relative fitness error), the share of layers the engine serves
@@ -61,12 +63,35 @@ def make_candidates(table, groups: int, per_group: int, seed: int):
     space = SearchSpace.from_weights(table)
     rng = np.random.default_rng(seed)
     parents = [mutate_random(Genome(), space, rng, fraction=0.03, tensors=3) for _ in range(4)]
-    candidates = []
+    candidates, tensors = [], []
     for g in range(groups):
         parent = parents[g % len(parents)]
         tensor = int(pick_tensors(space, rng, 1)[0])
         candidates += [mutate_random(parent, space, rng, fraction=0.03, tensors=1, only=tensor).payload() for _ in range(per_group)]
-    return [p.payload() for p in parents], candidates
+        tensors += [tensor] * per_group
+    return [p.payload() for p in parents], candidates, tensors
+
+
+def suffix_run_seconds(engine, tensors: list[int], extra: int = 8) -> float:
+    """Mean seconds per candidate if each cost only the run of its layer's suffix: compiled beforehand, the
+    parent's activations cached, every layer served (also those the engine leaves to the plain path). The
+    ceiling of the suffix design, whatever the grouping. Per layer, the marginal cost of a candidate in a
+    group (a group of 1 + ``extra`` against a group of 1, median of 3), timed on the start genome in the form
+    the engine uses for the layer (shared or per parent)."""
+    from evoquant.search.genome import payload_key
+
+    start = payload_key({})
+
+    def seconds(n: int) -> float:
+        started = time.perf_counter()
+        engine._suffix_outputs(start, tensor, [{}] * n)
+        return time.perf_counter() - started
+
+    per_layer = {}
+    for tensor in sorted(set(tensors)):
+        seconds(1)  # compile and probe, not timed
+        per_layer[tensor] = float(np.median([max(seconds(1 + extra) - seconds(1), 0.0) / extra for _ in range(3)]))
+    return float(np.mean([per_layer[t] for t in tensors]))
 
 
 def measure(name: str, groups: int, per_group: int, batch: int) -> dict:
@@ -88,7 +113,7 @@ def measure(name: str, groups: int, per_group: int, batch: int) -> dict:
     objective = "kl" if built.task == "classification" else "mse"
     context = FitnessContext(str(built.int8_xml), images, teacher, None, objective, threads_per_job(1))
     plain = PlainEvaluator(context)
-    parents, candidates = make_candidates(plain.table, groups, per_group, seed=0)
+    parents, candidates, tensors = make_candidates(plain.table, groups, per_group, seed=0)
 
     started = time.perf_counter()
     plain_scores = [plain(c) for c in candidates]
@@ -109,6 +134,7 @@ def measure(name: str, groups: int, per_group: int, batch: int) -> dict:
     started = time.perf_counter()
     engine_scores = engine.evaluate_many(candidates)
     engine_rate = len(candidates) / (time.perf_counter() - started)
+    stats = dict(vars(engine.stats))
 
     with tempfile.TemporaryDirectory() as workdir, ParallelMap(2, "loky") as parallel_map:
         context2 = FitnessContext(str(built.int8_xml), images, teacher, None, objective, threads_per_job(2))
@@ -131,6 +157,7 @@ def measure(name: str, groups: int, per_group: int, batch: int) -> dict:
         engine_jobs2_scores = planner.evaluate_many(candidates, map_items=lambda items: parallel_map(worker, items))
         engine_jobs2_rate = len(candidates) / (time.perf_counter() - started)
 
+    bound_rate = 1.0 / suffix_run_seconds(engine, tensors)
     plain_scores, engine_scores = np.asarray(plain_scores), np.asarray(engine_scores)
     return {
         "benchmark": "eval_speed",
@@ -146,15 +173,18 @@ def measure(name: str, groups: int, per_group: int, batch: int) -> dict:
         "c_over_a": round(engine_rate / plain_rate, 2),
         "c_over_b": round(engine_rate / forward_rate, 2),
         "engine_setup_s": round(setup_seconds, 2),
+        "suffix_bound_per_s": round(bound_rate, 2),
+        "suffix_bound_over_a": round(bound_rate / plain_rate, 2),
+        "suffix_bound_over_b": round(bound_rate / forward_rate, 2),
         "spearman": round(spearman(plain_scores, engine_scores), 5),
         "same_best": bool(np.argmin(plain_scores) == np.argmin(engine_scores)),
         "max_relative_error": float(np.max(np.abs(engine_scores - plain_scores) / np.abs(plain_scores))),
         "exact_layers": len(engine.exact_layers),
-        "shared_layers": engine.stats.shared_layers,
-        "engine_suffix_evaluations": engine.stats.suffix_evaluations,
-        "engine_plain_evaluations": engine.stats.plain_evaluations,
-        "engine_compiles": engine.stats.suffix_compiles + engine.stats.probe_compiles,
-        "engine_cache_mb": round(engine.stats.peak_cache_bytes / 2**20, 1),
+        "shared_layers": stats["shared_layers"],
+        "engine_suffix_evaluations": stats["suffix_evaluations"],
+        "engine_plain_evaluations": stats["plain_evaluations"],
+        "engine_compiles": stats["suffix_compiles"] + stats["probe_compiles"],
+        "engine_cache_mb": round(stats["peak_cache_bytes"] / 2**20, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "plain_jobs2_per_s": round(plain_jobs2_rate, 2),
         "jobs2_matches_jobs1": bool(np.array_equal(np.asarray(jobs2_scores), plain_scores)),

@@ -82,15 +82,16 @@ def ablation_table(rows: list[dict]) -> str:
 
 def eval_speed_table(rows: list[dict]) -> str:
     lines = [
-        "| model | quantized layers | (a) plain /s | (b) forward /s | (c) engine /s | c/a | c/b | Spearman | same best | layers on suffixes (shared) | engine set-up s | --jobs 2: (a) /s | --jobs 2: (c) /s, same scores | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | quantized layers | (a) plain /s | (b) forward /s | (c) engine /s | c/a | c/b | suffix bound /s (÷a, ÷b) | Spearman | same best | layers on suffixes (shared) | engine set-up s | --jobs 2: (a) /s | --jobs 2: (c) /s, same scores | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         jobs2 = row.get("engine_jobs2_per_s")
         engine_jobs2 = "-" if jobs2 is None else f"{jobs2}, {'yes' if row['engine_jobs2_matches_jobs1'] else 'no'}"
+        bound = f"{row['suffix_bound_per_s']} ({row['suffix_bound_over_a']}, {row['suffix_bound_over_b']})" if "suffix_bound_per_s" in row else "-"
         lines.append(
             f"| {row['model']} | {row['quantized_layers']} | {row['plain_per_s']} | {row['forward_per_s']} | {row['engine_per_s']} "
-            f"| {row['c_over_a']} | {row['c_over_b']} | {row['spearman']} | {'yes' if row['same_best'] else 'no'} "
+            f"| {row['c_over_a']} | {row['c_over_b']} | {bound} | {row['spearman']} | {'yes' if row['same_best'] else 'no'} "
             f"| {row['exact_layers']} of {row['quantized_layers']} ({row.get('shared_layers', 0)}) | {row.get('engine_setup_s', '-')} | {row['plain_jobs2_per_s']} | {engine_jobs2} | {row['peak_rss_mb']} |"
         )
     first = rows[0]
