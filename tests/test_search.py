@@ -137,3 +137,38 @@ def test_duplicate_genomes_are_evaluated_once():
     result = evolve(space, lambda p: calls.append(1) or 1.0, SearchConfig(generations=5, patience=None, lambda_=8))
     # One weight with states {-1, 0, 1}: only three distinct genomes exist.
     assert len(calls) == result.evaluations <= 3
+
+
+def _shifted_by_loop(shifts, spec, max_shift, indices, steps):
+    """The one-index-at-a-time definition of Genome.shifted, as the oracle for the vectorized one."""
+    current = dict(zip(*(arr.tolist() for arr in shifts)))
+    for index, step in zip(indices.tolist(), steps.tolist()):
+        state = int(spec.states[index])
+        delta = max(-max_shift, min(max_shift, current.get(index, 0) + step))
+        delta = max(spec.low - state, min(spec.high - state, delta))
+        if delta:
+            current[index] = delta
+        else:
+            current.pop(index, None)
+    order = sorted(current)
+    return order, [current[i] for i in order]
+
+
+@pytest.mark.parametrize("max_shift", [1, 2])
+def test_shifted_matches_its_one_index_at_a_time_definition(max_shift):
+    space = make_space(max_shift=max_shift)
+    rng = np.random.default_rng(5)
+    genome = Genome()
+    for _ in range(200):
+        tensor = int(rng.integers(len(space.tensors)))
+        spec = space.tensors[tensor]
+        indices = rng.choice(spec.size, size=int(rng.integers(1, spec.size // 2)), replace=False)
+        steps = rng.choice([-2, -1, 1, 2], size=len(indices))
+        before = genome.shifts.get(tensor, (np.empty(0, np.int64), np.empty(0, np.int8)))
+        expected = _shifted_by_loop(before, spec, max_shift, indices, steps)
+        genome.shifted(space, tensor, indices, steps)
+        after = genome.shifts.get(tensor, (np.empty(0, np.int64), np.empty(0, np.int8)))
+        assert (after[0].tolist(), after[1].tolist()) == expected
+        assert after[0].dtype == np.int64 and after[1].dtype == np.int8
+    with pytest.raises(ValueError):
+        genome.shifted(space, 0, np.array([1, 1]), np.array([1, 1]))
