@@ -82,15 +82,15 @@ def suffix_run_seconds(engine, tensors: list[int], extra: int = 8) -> float:
 
     start = payload_key({})
 
-    def seconds(n: int) -> float:
+    def seconds(tensor: int, n: int) -> float:
         started = time.perf_counter()
         engine._suffix_outputs(start, tensor, [{}] * n)
         return time.perf_counter() - started
 
     per_layer = {}
     for tensor in sorted(set(tensors)):
-        seconds(1)  # compile and probe, not timed
-        per_layer[tensor] = float(np.median([max(seconds(1 + extra) - seconds(1), 0.0) / extra for _ in range(3)]))
+        seconds(tensor, 1)  # compile and probe, not timed
+        per_layer[tensor] = float(np.median([max(seconds(tensor, 1 + extra) - seconds(tensor, 1), 0.0) / extra for _ in range(3)]))
     return float(np.mean([per_layer[t] for t in tensors]))
 
 
