@@ -97,17 +97,16 @@ class Genome:
         if np.any(indices[1:] == indices[:-1]):
             raise ValueError("shifted() takes each index at most once")
         old_indices, old_deltas = self.shifts.get(tensor, (np.empty(0, np.int64), np.empty(0, np.int8)))
-        positions = np.minimum(np.searchsorted(old_indices, indices), max(len(old_indices) - 1, 0))
-        hit = old_indices[positions] == indices if len(old_indices) else np.zeros(len(indices), dtype=bool)
-        current = np.where(hit, old_deltas[positions] if len(old_indices) else 0, 0).astype(np.int64)
+        # Both sorted and unique, so the indices they share come in the same order in each.
+        in_old = np.isin(old_indices, indices, assume_unique=True)
+        current = np.zeros(len(indices), dtype=np.int64)
+        current[np.isin(indices, old_indices, assume_unique=True)] = old_deltas[in_old]
         start = spec.states[indices].astype(np.int64)
         delta = np.clip(current + steps, -space.max_shift, space.max_shift)
         delta = np.maximum(spec.low - start, np.minimum(spec.high - start, delta))
-        keep = np.ones(len(old_indices), dtype=bool)
-        keep[positions[hit]] = False
         moved = delta != 0
-        merged = np.concatenate([old_indices[keep], indices[moved]])
-        deltas = np.concatenate([old_deltas[keep], delta[moved].astype(np.int8)])
+        merged = np.concatenate([old_indices[~in_old], indices[moved]])
+        deltas = np.concatenate([old_deltas[~in_old], delta[moved].astype(np.int8)])
         if merged.size:
             order = np.argsort(merged, kind="stable")
             self.shifts[tensor] = (merged[order], deltas[order])
