@@ -39,7 +39,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 
 import numpy as np
 
@@ -56,6 +56,7 @@ SHARED_CHECK_TOLERANCE = 0.1  # allowed fitness error, as a share of the mutatio
 # 1-27 ms, against 62 ms for compiling and running the whole candidate). A fixed count, not measured
 # timings, so that the same seed takes the same path on any machine and with any number of jobs.
 MIN_PER_PARENT_GROUP = 4
+SETUP_CHECK_IMAGES = 32  # images the set-up's exactness checks run on
 SETUP_STEPS_PER_LAYER = 3  # progress steps of the set-up: cut, shared check, exactness check
 
 
@@ -120,7 +121,6 @@ class SuffixEngine(PlainEvaluator):
         cut, its shared check, its exactness check)."""
         started = time.perf_counter()
         super().__init__(context)
-        self._reference_outputs = None
         self._safety: dict[str, bool] = {}
         self._progress = progress or (lambda: None)
         self.cuts = list(layers.cuts) if layers is not None else [self._planned(weight) for weight in self.table]
@@ -164,12 +164,19 @@ class SuffixEngine(PlainEvaluator):
     def _export_is_exact(self, key: str) -> bool:
         """Whether reading activation ``key`` out of the model leaves its outputs bit-identical."""
         if key not in self._safety:
-            images = self.context.images[:32]
-            if self._reference_outputs is None:
-                self._reference_outputs = infer(compile_ir(self.model, threads=self.context.threads), images)
-            probed = infer(compile_ir(build_probe(self.model, [key]), threads=self.context.threads, f32=True), images)
+            probed = infer(compile_ir(build_probe(self.model, [key]), threads=self.context.threads, f32=True), self._check_images)
             self._safety[key] = all(np.array_equal(a, b) for a, b in zip(probed, self._reference_outputs))
         return self._safety[key]
+
+    @property
+    def _check_images(self) -> np.ndarray:
+        """The images the set-up checks run on."""
+        return self.context.images[:SETUP_CHECK_IMAGES]
+
+    @cached_property
+    def _reference_outputs(self) -> list[np.ndarray]:
+        """The start model's plain INT8 outputs on the check images, what the set-up checks compare with."""
+        return infer(compile_ir(self.model, threads=self.context.threads), self._check_images)
 
     def _exact_layers(self) -> frozenset[int]:
         """Layers whose suffix reproduces the plain INT8 path bit for bit (checked on the start model).
@@ -178,11 +185,9 @@ class SuffixEngine(PlainEvaluator):
         pattern (e.g. a conv feeding a residual Add), rounding then differs slightly. Candidates changing
         such a layer go through the plain path, so the engine's fitness is exact for every candidate.
         """
-        if self._reference_outputs is None:
-            self._reference_outputs = infer(compile_ir(self.model, threads=self.context.threads), self.context.images[:32])
         start = payload_key({})
         exact = set(self._shared_layers())
-        activations = infer(compile_ir(build_probe(self.model, self.frontier), threads=self.context.threads, f32=True), self.context.images[:32])
+        activations = infer(compile_ir(build_probe(self.model, self.frontier), threads=self.context.threads, f32=True), self._check_images)
         frontier_values = dict(zip(self.frontier, activations[len(self.model.outputs):]))
         for tensor, cut in enumerate(self.cuts):
             self._progress()
