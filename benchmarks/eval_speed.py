@@ -22,6 +22,7 @@ the groups, each with its own engine built from the planner's layer decisions). 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -94,24 +95,32 @@ def suffix_run_seconds(engine, tensors: list[int], extra: int = 8) -> float:
     return float(np.mean([per_layer[t] for t in tensors]))
 
 
-def measure(name: str, groups: int, per_group: int, batch: int) -> dict:
-    from functools import partial
-    from pathlib import Path
-    import tempfile
-
+def fitness_context(name: str, batch: int, threads: int):
+    """The zoo model ``name`` (built if needed) and its fitness context on ``batch`` fractal images."""
     from evoquant import zoo
     from evoquant.data import load_source
     from evoquant.demo import calibration_images
-    from evoquant.fitness.engine import SuffixEngine, run_in_worker
-    from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator, evaluate_in_worker, save_context
-    from evoquant.fitness.parallel import ParallelMap, threads_per_job
+    from evoquant.fitness.evaluator import FitnessContext
     from evoquant.ir.runtime import compile_ir, infer, read_ir
 
     built = zoo.build(name, calibration=calibration_images())
     images = load_source("fractal").sample(batch, zoo.INPUT_SHAPE, seed=1234).images
     teacher = infer(compile_ir(read_ir(built.fp32_xml), f32=True), images)
     objective = "kl" if built.task == "classification" else "mse"
-    context = FitnessContext(str(built.int8_xml), images, teacher, None, objective, threads_per_job(1))
+    return built, FitnessContext(str(built.int8_xml), images, teacher, None, objective, threads)
+
+
+def measure(name: str, groups: int, per_group: int, batch: int) -> dict:
+    from functools import partial
+    from pathlib import Path
+    import tempfile
+
+    from evoquant.fitness.engine import SuffixEngine, run_in_worker
+    from evoquant.fitness.evaluator import PlainEvaluator, evaluate_in_worker, save_context
+    from evoquant.fitness.parallel import ParallelMap, threads_per_job
+    from evoquant.ir.runtime import compile_ir
+
+    _, context = fitness_context(name, batch, threads_per_job(1))
     plain = PlainEvaluator(context)
     parents, candidates, tensors = make_candidates(plain.table, groups, per_group, seed=0)
 
@@ -123,7 +132,7 @@ def measure(name: str, groups: int, per_group: int, batch: int) -> dict:
     request = compiled.create_infer_request()
     started = time.perf_counter()
     for _ in candidates:
-        request.infer({0: images})
+        request.infer({0: context.images})
     forward_rate = len(candidates) / (time.perf_counter() - started)
 
     setup_started = time.perf_counter()
@@ -137,7 +146,7 @@ def measure(name: str, groups: int, per_group: int, batch: int) -> dict:
     stats = dict(vars(engine.stats))
 
     with tempfile.TemporaryDirectory() as workdir, ParallelMap(2, "loky") as parallel_map:
-        context2 = FitnessContext(str(built.int8_xml), images, teacher, None, objective, threads_per_job(2))
+        context2 = dataclasses.replace(context, threads=threads_per_job(2))
         function = partial(evaluate_in_worker, save_context(context2, Path(workdir) / "context.pkl"))
         parallel_map(function, candidates[:4])  # warm the workers (model read once per worker)
         started = time.perf_counter()

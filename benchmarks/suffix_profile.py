@@ -53,24 +53,19 @@ def main() -> int:
     args = parser.parse_args()
 
     from change_spread import macs
-    from eval_speed import register_deep_residual
+    from eval_speed import fitness_context, register_deep_residual
 
-    from evoquant import zoo
-    from evoquant.data import load_source
-    from evoquant.demo import calibration_images
     from evoquant.fitness.engine import SuffixEngine
-    from evoquant.fitness.evaluator import FitnessContext
     from evoquant.fitness.parallel import threads_per_job
     from evoquant.ir.cut import build_suffix
-    from evoquant.ir.runtime import compile_ir, infer, read_ir
+    from evoquant.ir.runtime import compile_ir
     from evoquant.search.genome import payload_key
 
     register_deep_residual()
-    built = zoo.build(args.model, calibration=calibration_images())
-    images = load_source("fractal").sample(args.batch, zoo.INPUT_SHAPE, seed=1234).images
-    teacher = infer(compile_ir(read_ir(built.fp32_xml), f32=True), images)
     threads = threads_per_job(1)
-    engine = SuffixEngine(FitnessContext(str(built.int8_xml), images, teacher, None, "kl", threads))
+    _, context = fitness_context(args.model, args.batch, threads)
+    images = context.images
+    engine = SuffixEngine(context)
     model = engine.model
     heavy = {op.get_friendly_name(): macs(op) for op in model.get_ordered_ops() if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")}
     forward_ms = timed_ms(compile_ir(model, threads=threads), {0: images}, args.repeats)
