@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from evoquant.config import RefineConfig
-from evoquant.errors import EvoquantError
+from evoquant.errors import EvoquantError, EvoquantWarning
 from evoquant.fitness.objectives import OBJECTIVES, Objective, SampleObjective, accuracy, kl_to_teacher, load_hook, looks_like_classifier, normalized_mse, resolve_objective, top1_agreement
 from evoquant.fitness.sampling import effective_size, importance_sample
 from evoquant.search.genome import SearchSpace, apply_shifts
@@ -40,6 +40,16 @@ class Metrics:
     mse: float | None = None
     agreement: float | None = None
     accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """One stage of refine: how long it took and the verification metrics of its result."""
+
+    name: str
+    seconds: float
+    verification: Metrics
+    details: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -69,6 +79,10 @@ class RefineResult:
     selection_images: int | None = None  # distinct images the search scored on
     selection_effective_size: float | None = None  # Kish's effective size of their importance weights
     engine: dict | None = None  # the suffix engine's layer decisions and counters (None: the plain path)
+    stages: list["StageReport"] = field(default_factory=list)  # what each stage did, in order
+    chosen_stage: str = "start"  # whose result was written: start, reconstruct or evolve
+    input_shape: list[int] | None = None  # per-sample input shape the run used
+    unmatched_layers: list[dict] = field(default_factory=list)  # weighted layers not refined, with reasons
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the ``--report`` file)."""
@@ -122,6 +136,8 @@ def refine(
     heldout: DataLike | tuple[np.ndarray, np.ndarray] | None = None,
     config: RefineConfig | None = None,
     preset: str = "default",
+    stages: str | Sequence[str] | None = None,
+    input_shape: Sequence[int] | str | None = None,
     jobs: int | None = None,
     seed: int | None = None,
     generations: int | None = None,
@@ -130,16 +146,24 @@ def refine(
     callback: Callable[[GenerationStats], bool | None] | None = None,
     progress: bool | None = None,
 ) -> RefineResult:
-    """Evolve the rounding of an INT8 OpenVINO model toward its FP32 reference and write a better IR.
+    """Refine the integer weight states of a quantized OpenVINO model toward its FP32 reference.
+
+    A pipeline of stages: ``reconstruct`` (layer by layer, the states that best reproduce each FP32 layer's
+    output on the calibration images) then ``evolve`` (the evolution strategy on the end-to-end objective,
+    starting from the reconstruction), then ``verify``: every stage's result is re-scored on verification
+    images by plain OpenVINO, and the best of the start and the stages is written: never a worse model.
 
     Args:
-        model: the INT8 IR (.xml) to refine; never modified.
-        reference: the FP32 IR (the teacher), compiled with f32 precision. Needed by kl/mse/agreement.
-        data: fitness images: a source spec (``fractal``, ``noise``, ``data.npz``, a folder), a
-            ``DataSource``, a ``Batch`` or an (N, C, H, W) array. Selection and verification images are
-            disjoint. Default: the config's (``fractal``).
-        output: where to write the refined IR (.xml + .bin, written atomically). If the search does not
-            beat the start on the verification images, the unchanged model is written there.
+        model: the quantized IR (.xml) to refine; never modified. A dynamic input shape (what
+            ``ov.convert_model`` gives) needs ``input_shape`` unless the data fixes it; the written IR keeps
+            the model's own input shape and graph, with only weight constants changed.
+        reference: the FP32 IR (the teacher), compiled with f32 precision; FP16-compressed weights are
+            fine. Needed by reconstruct and by kl/mse/agreement.
+        data: fitness and calibration images: a source spec (``fractal``, ``noise``, ``gan:DIR``,
+            ``data.npz``, a folder), a ``DataSource``, a ``Batch`` or an (N, C, H, W) array. Selection and
+            verification images are disjoint. Default: the config's (``fractal``).
+        output: where to write the refined IR (.xml + .bin, written atomically). If no stage beats the
+            start on the verification images, the unchanged model is written there.
         fitness: a custom objective, ``callable(outputs, teacher, labels) -> float`` (lower is better), or
             ``"package.module:function"``; see :mod:`evoquant.fitness.objectives` for the contract. With
             ``jobs > 1`` it must be picklable (module-level).
@@ -148,60 +172,176 @@ def refine(
             ``(images, labels)``.
         config / preset: a full :class:`RefineConfig`, or a preset name; the keyword arguments below
             override it.
+        stages: ``"reconstruct,evolve"`` (default), ``"reconstruct"`` or ``"evolve"`` (or a sequence).
+        input_shape: the model's input shape, batch first (``(1, 3, 224, 224)`` or ``"1,3,224,224"``).
         callback: called with each generation's :class:`GenerationStats`; return True to stop early.
 
     Returns:
-        A :class:`RefineResult`; ``result.table()`` is the printed summary, ``result.to_dict()`` the report.
+        A :class:`RefineResult`; ``result.table()`` is the printed summary, ``result.to_dict()`` the report
+        (with a ``stages`` list: name, seconds and verification metrics after each stage).
     """
     started = time.perf_counter()
     config = (config or RefineConfig.from_yaml(preset)).replace(
         jobs=jobs,
         progress=progress,
         objective=objective,
+        stages=stages,
         data=data if isinstance(data, str) else None,
         search={"seed": seed, "generations": generations, "max_evaluations": max_evaluations, "time_limit": time_limit},
     )
-    from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator, evaluate_in_worker, save_context
-    from evoquant.fitness.parallel import ParallelMap, threads_per_job
-    from evoquant.ir.patch import ConstantPatcher, save_atomically
-    from evoquant.ir.runtime import compile_ir, infer, input_shape, output_signature, read_ir
-    from evoquant.ir.weights import attach_reference, require_quantized_weights
-    from evoquant.data import Batch
-    from evoquant.search.strategy import evolve
+    from evoquant.ir.runtime import compile_ir, has_static_sample_shape, infer, output_signature, parse_input_shape, read_ir, with_sample_shape
+    from evoquant.ir.runtime import input_shape as sample_shape_of
+    from evoquant.ir.weights import attach_reference, find_quantized_weights, find_unmatched_layers, require_quantized_weights
 
     model_path = Path(model)
-    int8_model = read_ir(model_path)
-    table = require_quantized_weights(int8_model, str(model_path))
-    shape = input_shape(int8_model)
+    original = read_ir(model_path)
+    table = require_quantized_weights(original, str(model_path))
+    shape_override = parse_input_shape(input_shape) if isinstance(input_shape, str) else (tuple(input_shape) if input_shape is not None else None)
+    shape = sample_shape_of(original, shape_override, data_shape=_data_sample_shape(data if data is not None else config.data))
     output_path = _check_output(output, model_path)
+    unmatched = find_unmatched_layers(original, table)
+    if unmatched:
+        names = ", ".join(f"{layer.name} ({layer.reason})" for layer in unmatched[:5])
+        _warn(f"{len(unmatched)} weighted layer(s) are not refined: {names}{' ...' if len(unmatched) > 5 else ''}")
+    working = original if has_static_sample_shape(original) else with_sample_shape(original, shape)
+    working_table = table if working is original else find_quantized_weights(working)
+    if [w.constant_name for w in working_table] != [w.constant_name for w in table]:
+        raise EvoquantError("setting the input shape changed the model's weights; report this model to the evoquant developers")
 
-    teacher_model = None
+    teacher_model = teacher_compiled = None
     if reference is not None:
         teacher_model = read_ir(reference)
-        _check_reference(int8_model, teacher_model, shape)
-        attach_reference(table, teacher_model)
+        teacher_shape = sample_shape_of(teacher_model, shape_override, data_shape=shape, role="the reference")
+        if teacher_shape != shape:
+            raise EvoquantError(f"the reference takes inputs of shape {teacher_shape} but the quantized model takes {shape}")
+        if not has_static_sample_shape(teacher_model):
+            teacher_model = with_sample_shape(teacher_model, shape)
+        _check_reference(working, teacher_model)
+        attach_reference(working_table, teacher_model)
         teacher_compiled = compile_ir(teacher_model, f32=True)
+    run_stages = _runnable_stages(config, stages, teacher_model)
     if fitness is not None:
-        objective_spec: str | Objective = fitness if callable(fitness) else fitness
+        objective_spec: str | Objective = fitness
         objective_name = getattr(fitness, "__name__", None) or str(fitness)
         if isinstance(fitness, str):
             load_hook(fitness)  # fail now, in the main process, with a clear message
     else:
-        objective_name = resolve_objective(config.objective, output_signature(int8_model))
+        objective_name = resolve_objective(config.objective, output_signature(original))
         objective_spec = objective_name
     if teacher_model is None and fitness is None and objective_name != "ce":
-        raise EvoquantError("refine compares the INT8 model with its FP32 original: give --reference fp32.xml (or --fitness / --objective ce)")
+        raise EvoquantError("refine compares the quantized model with its FP32 original: give --reference fp32.xml (or --fitness / --objective ce)")
 
     sample_objective = OBJECTIVES.get(objective_spec) if isinstance(objective_spec, str) else objective_spec
     if not isinstance(sample_objective, SampleObjective) or config.importance <= 0:
         sample_objective = None  # a hook is a black box: it gets a plain batch, no pool is drawn
-    data_label, pool, verification, labels_are_classes = _fitness_batches(data, config, shape, pooled=sample_objective is not None)
+    data_label, pool, verification, labels_are_classes = _fitness_batches(data, config, shape, pooled=sample_objective is not None or "reconstruct" in run_stages)
     teacher_pool = infer(teacher_compiled, pool.images) if teacher_model is not None else None
     teacher_verification = infer(teacher_compiled, verification.images) if teacher_model is not None else None
-    picked, weights = _importance_selection(pool, teacher_pool, int8_model, sample_objective, config)
+    classifier = looks_like_classifier(output_signature(original))
+    # A fractal's labels (its system index) are not the model's classes; a GAN's or a class folder's are.
+    class_labels = verification.labels if labels_are_classes else None
+
+    with tempfile.TemporaryDirectory(prefix="evoquant-") as workdir_name:
+        workdir = Path(workdir_name)
+        from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
+
+        verifier = PlainEvaluator(FitnessContext(str(model_path), verification.images, teacher_verification, verification.labels, objective_spec, None))
+
+        def verify(states: dict[int, np.ndarray], name: str) -> tuple[Path, Metrics]:
+            """Write the candidate exactly as it would be delivered (the user's graph, these states), reload it
+            with plain OpenVINO and score it on the verification images."""
+            candidate = _write_states(original, table, states, workdir / f"{name}.xml")
+            outputs = infer(compile_ir(read_ir(candidate)), verification.images)
+            return candidate, _metrics(outputs, teacher_verification, class_labels, classifier, verifier.score(outputs))
+
+        start_outputs = verifier.outputs({})
+        start_metrics = _metrics(start_outputs, teacher_verification, class_labels, classifier, verifier.score(start_outputs))
+        candidates: list[tuple[str, Path, Metrics, dict]] = [("start", model_path, start_metrics, {})]
+        reports: list[StageReport] = []
+        states: dict[int, np.ndarray] = {}
+        search = None
+        picked, weights = np.arange(0), None
+
+        if "reconstruct" in run_stages:
+            from evoquant.reconstruct import reconstruct
+
+            stage_started = time.perf_counter()
+            rebuilt = reconstruct(working, working_table, teacher_model, pool.images, config.reconstruct, progress=config.progress)
+            states = dict(rebuilt.states)
+            candidate, metrics = verify(states, "reconstruct")
+            candidates.append(("reconstruct", candidate, metrics, dict(states)))
+            reports.append(StageReport("reconstruct", time.perf_counter() - stage_started, metrics, rebuilt.to_dict()))
+            if rebuilt.skipped:
+                _warn(f"reconstruct left {len(rebuilt.skipped)} layer(s) as they were: " + ", ".join(f"{layer.name} ({layer.skipped})" for layer in rebuilt.skipped[:5]))
+
+        if "evolve" in run_stages:
+            stage_started = time.perf_counter()
+            evolve_xml = _write_states(working, working_table, states, workdir / "evolve_start.xml") if (states or working is not original) else model_path
+            evolve_model = read_ir(evolve_xml)
+            picked, weights = _importance_selection(pool, teacher_pool, evolve_model, sample_objective, config)
+            search, engine_summary = _evolve_stage(evolve_xml, evolve_model, data, data_label, pool, picked, weights, teacher_pool, objective_spec, shape, config, workdir, callback)
+            start_table = find_quantized_weights(evolve_model)
+            evolved = dict(states)
+            for tensor, (indices, deltas) in search.best.payload().items():
+                evolved[tensor] = apply_shifts(start_table[tensor].states, indices, deltas)
+            candidate, metrics = verify(evolved, "evolve")
+            candidates.append(("evolve", candidate, metrics, evolved))
+            details = {"evaluations": search.evaluations, "generations": len(search.history), "stop_reason": search.stop_reason,
+                       "selection_before": search.start_fitness, "selection_after": search.best_fitness, "engine": engine_summary}
+            reports.append(StageReport("evolve", time.perf_counter() - stage_started, metrics, details))
+
+        # verify: the best of the start and each stage's result on the verification images (ties: the earlier).
+        best_name, final_xml, final_metrics, final_states = min(candidates, key=lambda item: item[2].fitness)
+        improved = best_name != "start" and final_metrics.fitness < start_metrics.fitness
+        if not improved:
+            best_name, final_xml, final_metrics, final_states = candidates[0]
+        heldout_metrics = _heldout_metrics(heldout, shape, config, model_path, final_xml, teacher_model, classifier)
+        if output_path is not None:
+            _write_output(final_xml, output_path)
+
+    moved = sum(int(np.count_nonzero(tensor_states != table[index].states)) for index, tensor_states in final_states.items())
+    return RefineResult(
+        model=str(model_path),
+        output=None if output_path is None else str(output_path),
+        improved=improved,
+        objective=objective_name,
+        data=data_label,
+        verification_before=start_metrics,
+        verification_after=final_metrics,
+        heldout_before=heldout_metrics[0],
+        heldout_after=heldout_metrics[1],
+        heldout_reference=heldout_metrics[2],
+        evaluations=0 if search is None else search.evaluations,
+        generations=0 if search is None else len(search.history),
+        shifted_weights=moved,
+        total_weights=table.total_size,
+        search_seconds=0.0 if search is None else search.elapsed,
+        wall_seconds=time.perf_counter() - started,
+        stop_reason="no search" if search is None else search.stop_reason,
+        history=[] if search is None else search.history,
+        selection_before=None if search is None else search.start_fitness,
+        selection_after=None if search is None else search.best_fitness,
+        selection_images=len(picked) if search is not None else None,
+        selection_effective_size=None if weights is None else effective_size(weights),
+        engine=None if search is None else reports[-1].details.get("engine"),
+        stages=reports,
+        chosen_stage=best_name,
+        input_shape=list(shape),
+        unmatched_layers=[dataclasses.asdict(layer) for layer in unmatched],
+    )
+
+
+def _evolve_stage(evolve_xml: Path, evolve_model, data, data_label, pool, picked, weights, teacher_pool, objective_spec, shape, config: RefineConfig, workdir: Path, callback):
+    """The evolution strategy from ``evolve_xml`` (the start, or the reconstruction): returns the search
+    result and the suffix engine's summary (None on the plain path)."""
+    from evoquant.data import Batch
+    from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator, evaluate_in_worker, save_context
+    from evoquant.fitness.parallel import ParallelMap, threads_per_job
+    from evoquant.ir.weights import find_quantized_weights
+    from evoquant.search.strategy import evolve
+
     selection = Batch(np.ascontiguousarray(pool.images[picked]), None if pool.labels is None else pool.labels[picked])
     teacher_selection = None if teacher_pool is None else [np.ascontiguousarray(t[picked]) for t in teacher_pool]
-
     threads = threads_per_job(config.jobs)
     draw = None
     if isinstance(data if data is not None else config.data, str):  # workers can redraw the images themselves
@@ -209,8 +349,8 @@ def refine(
 
         total = len(pool) + config.verification_size
         draw = ImageDraw(data_label, total, 0, len(pool), tuple(shape), config.data_seed, tuple(config.value_range), tuple(int(i) for i in picked))
-    context = FitnessContext(str(model_path), selection.images, teacher_selection, selection.labels, objective_spec, threads, draw, weights)
-    verify_context = FitnessContext(str(model_path), verification.images, teacher_verification, verification.labels, objective_spec, threads)
+    context = FitnessContext(str(evolve_xml), selection.images, teacher_selection, selection.labels, objective_spec, threads, draw, weights)
+    table = find_quantized_weights(evolve_model)
     if config.engine == "suffix":
         from evoquant.fitness.engine import SETUP_STEPS_PER_LAYER, SuffixEngine
 
@@ -219,68 +359,69 @@ def refine(
             local = SuffixEngine(dataclasses.replace(context, threads=None) if config.jobs > 1 else context, max_cache_mb=config.max_cache_mb, progress=step)
     else:
         local = PlainEvaluator(context)
-    start_outputs = local.outputs({})
-    local.score(start_outputs)  # a broken hook or objective fails here, before any search
+    local.score(local.outputs({}))  # a broken hook or objective fails here, before any search
 
     space = SearchSpace.from_weights(table, max_shift=config.search.max_shift)
-    with tempfile.TemporaryDirectory(prefix="evoquant-") as workdir:
-        context_path = save_context(context, Path(workdir) / "context.pkl") if config.jobs > 1 else None
-        evaluate = local if context_path is None else partial(evaluate_in_worker, context_path)
-        with ParallelMap(config.jobs, config.backend) as parallel_map, _ProgressBar(config, callback) as bar:
-            if config.engine == "suffix":  # the engine scores a whole generation at once, grouped by parent
-                map_function = _engine_map(local, parallel_map, context_path, config.max_cache_mb)
-            else:
-                map_function = parallel_map
-            search = evolve(space, evaluate, config.search, map_function=map_function, callback=bar.update)
+    context_path = save_context(context, workdir / "context.pkl") if config.jobs > 1 else None
+    evaluate = local if context_path is None else partial(evaluate_in_worker, context_path)
+    with ParallelMap(config.jobs, config.backend) as parallel_map, _ProgressBar(config, callback) as bar:
+        if config.engine == "suffix":  # the engine scores a whole generation at once, grouped by parent
+            map_function = _engine_map(local, parallel_map, context_path, config.max_cache_mb)
+        else:
+            map_function = parallel_map
+        search = evolve(space, evaluate, config.search, map_function=map_function, callback=bar.update)
+    return search, (local.summary() if config.engine == "suffix" else None)
 
-        # Verification on the written IR itself: save, reload, compile with plain OpenVINO defaults.
-        verifier = PlainEvaluator(verify_context)
-        before_outputs = verifier.outputs({})
-        candidate_xml = Path(workdir) / "candidate.xml"
-        best_states = {t: apply_shifts(table[t].states, idx, d) for t, (idx, d) in search.best.payload().items()}
-        patcher = ConstantPatcher(int8_model, table)
-        patcher.apply(best_states)
-        save_atomically(int8_model, candidate_xml)
+
+def _runnable_stages(config: RefineConfig, asked, teacher_model) -> tuple[str, ...]:
+    """The stages to run: reconstruction needs the FP32 reference. Asked for explicitly without one, that is
+    an error; by default, it is dropped with a warning (never silently)."""
+    run = tuple(config.stages)
+    if "reconstruct" in run and teacher_model is None:
+        if asked is not None:
+            raise EvoquantError("the reconstruct stage fits layers to the FP32 model's outputs: give --reference fp32.xml, or --stages evolve")
+        _warn("no --reference: the reconstruct stage is skipped (it needs the FP32 model); running evolve only")
+        run = tuple(stage for stage in run if stage != "reconstruct")
+    return run
+
+
+def _write_states(model, table, states: dict[int, np.ndarray], path: Path) -> Path:
+    """Save ``model`` with ``states`` patched into its weight constants (restored afterwards)."""
+    from evoquant.ir.patch import ConstantPatcher, save_atomically
+
+    patcher = ConstantPatcher(model, table)
+    patcher.apply(states)
+    try:
+        return save_atomically(model, path)
+    finally:
         patcher.restore()
-        after_outputs = infer(compile_ir(read_ir(candidate_xml), threads=None), verification.images)
-        fitness_before = verifier.score(before_outputs)
-        fitness_after = verifier.score(after_outputs)
-        improved = search.best.n_shifts > 0 and fitness_after < fitness_before
-        final_xml = candidate_xml if improved else model_path
-        classifier = looks_like_classifier(output_signature(int8_model))
-        heldout_metrics = _heldout_metrics(heldout, shape, config, model_path, final_xml, teacher_model, classifier)
-        if output_path is not None:
-            _write_output(final_xml, output_path)
 
-    # A fractal's labels (its system index) are not the model's classes; a GAN's or a class folder's are.
-    class_labels = verification.labels if labels_are_classes else None
-    verification_before = _metrics(before_outputs, teacher_verification, class_labels, classifier, fitness_before)
-    verification_after = _metrics(after_outputs if improved else before_outputs, teacher_verification, class_labels, classifier, fitness_after if improved else fitness_before)
-    return RefineResult(
-        model=str(model_path),
-        output=None if output_path is None else str(output_path),
-        improved=improved,
-        objective=objective_name,
-        data=data_label,
-        verification_before=verification_before,
-        verification_after=verification_after,
-        heldout_before=heldout_metrics[0],
-        heldout_after=heldout_metrics[1],
-        heldout_reference=heldout_metrics[2],
-        evaluations=search.evaluations,
-        generations=len(search.history),
-        shifted_weights=search.best.n_shifts if improved else 0,
-        total_weights=table.total_size,
-        search_seconds=search.elapsed,
-        wall_seconds=time.perf_counter() - started,
-        stop_reason=search.stop_reason,
-        history=search.history,
-        selection_before=search.start_fitness,
-        selection_after=search.best_fitness,
-        selection_images=len(picked),
-        selection_effective_size=None if weights is None else effective_size(weights),
-        engine=local.summary() if config.engine == "suffix" else None,
-    )
+
+def _data_sample_shape(data) -> tuple[int, ...] | None:
+    """The per-sample image shape the data fixes, if it does (arrays, .npz files, generators)."""
+    from evoquant.data import Batch
+
+    if isinstance(data, np.ndarray) and data.ndim >= 2:
+        return tuple(data.shape[1:])
+    if isinstance(data, Batch):
+        return tuple(data.images.shape[1:])
+    if isinstance(data, (str, os.PathLike)) and (str(data).lower().endswith(".npz") or str(data).startswith("gan:")):
+        from evoquant.data import load_source
+
+        try:
+            source = load_source(str(data))
+        except EvoquantError:
+            return None  # reported where the data is loaded for real
+        shape = getattr(source, "image_shape", None)
+        return None if shape is None else tuple(shape)[-3:]
+    return None
+
+
+def _warn(message: str) -> None:
+    """A warning the user must see (the CLI prints it as one ``warning:`` line)."""
+    import warnings
+
+    warnings.warn(message, EvoquantWarning, stacklevel=3)
 
 
 def _engine_map(engine, parallel_map, context_path: str | None, max_cache_mb: float):
@@ -320,12 +461,9 @@ def _write_output(source_xml: Path, output_xml: Path) -> None:
         os.replace(staged_xml, output_xml)
 
 
-def _check_reference(int8_model, teacher_model, shape: tuple[int, ...]) -> None:
-    from evoquant.ir.runtime import input_shape, output_signature
+def _check_reference(int8_model, teacher_model) -> None:
+    from evoquant.ir.runtime import output_signature
 
-    teacher_shape = input_shape(teacher_model)
-    if teacher_shape != shape:
-        raise EvoquantError(f"the reference takes inputs of shape {teacher_shape} but the INT8 model takes {shape}")
     ours, theirs = output_signature(int8_model), output_signature(teacher_model)
     if len(ours) != len(theirs) or any(a != b and "?" not in a + b for a, b in zip(ours, theirs)):
         raise EvoquantError(f"the reference's outputs {theirs} do not match the INT8 model's {ours}")

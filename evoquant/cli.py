@@ -13,6 +13,12 @@ examples:
   evoquant refine int8.xml --reference fp32.xml --data calib.npz --jobs 2 --report report.json
   evoquant refine int8.xml --reference fp32.xml --heldout real.npz --preset thorough --plot history.png
   evoquant refine int8.xml --fitness mypackage.scores:task_loss --data images/ -o refined.xml
+  evoquant refine w4a8.xml -r fp32.xml --input-shape 1,3,32,32 -o refined.xml    # a dynamic-shape IR
+  evoquant refine int8.xml -r fp32.xml --stages reconstruct -o refined.xml       # layer-wise only (seconds)
+
+stages: reconstruct (layer by layer, the integer states that best reproduce each FP32 layer's output on the
+calibration images; needs --reference), then evolve (the evolution strategy on the end-to-end objective,
+from the reconstruction). The verification images decide which result is written: never a worse model.
 
 data specs (--data, --heldout): a .npz (keys x|images [, y|labels]), a folder of images (a sub-folder per
 class gives labels), or a built-in source NAME[:ARG]: fractal[:K], noise[:uniform|gaussian], gan:GEN_DIR (a
@@ -47,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("model", help="INT8 OpenVINO IR (.xml) to refine; never modified")
     refine.add_argument("--reference", "-r", metavar="FP32.xml", help="the FP32 IR the INT8 model was quantized from (the teacher)")
     refine.add_argument("--output", "-o", metavar="OUT.xml", help="where to write the refined IR (.xml + .bin)")
-    refine.add_argument("--data", "-d", metavar="SPEC", help=f"fitness images (default: the preset's, {default.data})")
+    refine.add_argument("--data", "-d", metavar="SPEC", help=f"calibration and fitness images (default: the preset's, {default.data})")
+    refine.add_argument("--stages", metavar="LIST", help=f"stages to run, in order (default {','.join(default.stages)}): reconstruct fits each layer to the FP32 layer's output, evolve searches the end-to-end objective from there")
+    refine.add_argument("--input-shape", "-shape", dest="input_shape", metavar="SHAPE", help="the model's input shape, batch first, as benchmark_app -shape: 1,3,224,224 or [1,3,224,224] (needed for a dynamic input unless --data fixes it)")
     refine.add_argument("--heldout", metavar="SPEC", help="real labelled data, only for the report (never used to select)")
     refine.add_argument("--objective", choices=["auto", "kl", "mse", "ce", "agreement"], help="built-in fitness (default auto: kl for classifiers, mse otherwise)")
     refine.add_argument("--fitness", metavar="MODULE:FUNCTION", help="a custom fitness hook (see below)")
@@ -159,6 +167,7 @@ def refine_config_from_args(args):
         importance=args.importance,
         value_range=_input_range(args.input_range),
         progress=False if args.quiet else None,
+        stages=args.stages,
         search={
             "seed": args.seed,
             "generations": args.generations,
@@ -179,7 +188,8 @@ def run_refine(args) -> int:
     config = refine_config_from_args(args)
     _check_writable(args.report, args.plot)
     with cluster_backend(config.backend, args.scheduler):
-        result = refine(args.model, reference=args.reference, data=args.data, output=args.output, fitness=args.fitness, objective=args.objective, heldout=args.heldout, config=config)
+        result = refine(args.model, reference=args.reference, data=args.data, output=args.output, fitness=args.fitness, objective=args.objective,
+                        heldout=args.heldout, config=config, stages=args.stages, input_shape=args.input_shape)
     print(result.table())
     if args.report:
         write_json(result.to_dict(), args.report)
@@ -516,8 +526,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
-    from evoquant.errors import EvoquantError
+    import warnings
 
+    from evoquant.errors import EvoquantError, EvoquantWarning
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, EvoquantWarning):
+            print(f"warning: {textwrap.shorten(str(message), 400)}", file=sys.stderr)
+        else:
+            default_showwarning(message, category, filename, lineno, file, line)
+
+    default_showwarning = warnings.showwarning
+    warnings.showwarning = one_line_warning
     try:
         return args.run(args)
     except EvoquantError as error:

@@ -53,10 +53,36 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class ReconstructConfig:
+    """The layer-wise reconstruction stage (see :mod:`evoquant.reconstruct`)."""
+
+    images: int = 512  # calibration images the layers are fitted on (drawn from the selection pool)
+    max_rows: int = 65536  # output rows (positions x images) a layer is fitted on at most
+    damping: float = 0.01  # pull toward the starting weights, relative to the mean input energy
+    max_shift: int | None = 1  # states stay within this many of the start (None: the quantizer's range)
+    act_order: bool = True  # quantize high-energy input columns first (GPTQ's order)
+    batch_size: int = 64  # images per forward while gathering activations
+    seed: int = 0  # which rows are sampled when a layer has more than max_rows
+
+    def __post_init__(self):
+        if self.images < 1 or self.max_rows < 1 or self.batch_size < 1:
+            raise EvoquantError("reconstruct: images, max_rows and batch_size must be at least 1")
+        if self.damping <= 0:
+            raise EvoquantError(f"reconstruct: damping must be positive, got {self.damping}")
+        if self.max_shift is not None and self.max_shift < 1:
+            raise EvoquantError(f"reconstruct: max_shift must be at least 1 (or null), got {self.max_shift}")
+
+
+STAGES = ("reconstruct", "evolve")
+
+
+@dataclass(frozen=True)
 class RefineConfig:
     """Everything ``refine`` needs besides the model, the reference and the data source."""
 
     search: SearchConfig = field(default_factory=SearchConfig)
+    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
+    stages: tuple[str, ...] = STAGES  # which of reconstruct, evolve run (in that order)
     objective: str = "auto"  # auto | kl | mse | ce | agreement (or a hook given separately)
     data: str = "fractal"  # source spec for selection and verification batches
     selection_size: int = 512  # image draws the fitness is measured on during the search
@@ -82,6 +108,9 @@ class RefineConfig:
             raise EvoquantError(f"--jobs must be at least 1, got {self.jobs}")
         if self.engine not in ("plain", "suffix"):
             raise EvoquantError(f"unknown engine {self.engine!r}; choose plain or suffix")
+        unknown = [stage for stage in self.stages if stage not in STAGES]
+        if unknown or not self.stages or len(set(self.stages)) != len(self.stages):
+            raise EvoquantError(f"stages must be a non-empty list of {', '.join(STAGES)} without repeats, got {','.join(self.stages)}")
         low, high = self.value_range
         if not low < high:
             raise EvoquantError(f"the input range must be LOW,HIGH with LOW < HIGH, got {self.value_range}")
@@ -89,8 +118,16 @@ class RefineConfig:
     def replace(self, **changes) -> "RefineConfig":
         """A copy with top-level fields and/or ``search=`` fields changed; ``None`` values are ignored."""
         search_changes = {k: v for k, v in changes.pop("search", {}).items() if v is not None}
+        reconstruct_changes = {k: v for k, v in changes.pop("reconstruct", {}).items() if v is not None}
         top = {k: v for k, v in changes.items() if v is not None}
-        return dataclasses.replace(self, search=dataclasses.replace(self.search, **search_changes), **top)
+        if "stages" in top:
+            top["stages"] = _stage_list(top["stages"])
+        return dataclasses.replace(
+            self,
+            search=dataclasses.replace(self.search, **search_changes),
+            reconstruct=dataclasses.replace(self.reconstruct, **reconstruct_changes),
+            **top,
+        )
 
     @classmethod
     def from_yaml(cls, preset: str | Path = "default") -> "RefineConfig":
@@ -110,13 +147,24 @@ class RefineConfig:
         if not isinstance(raw, dict):
             raise EvoquantError(f"{path} must hold a mapping of settings")
         search_raw = raw.pop("search", {}) or {}
-        _check_keys(path, raw, cls, skip={"search"})
+        reconstruct_raw = raw.pop("reconstruct", {}) or {}
+        _check_keys(path, raw, cls, skip={"search", "reconstruct"})
         _check_keys(path, search_raw, SearchConfig)
+        _check_keys(path, reconstruct_raw, ReconstructConfig)
+        if "stages" in raw:
+            raw["stages"] = _stage_list(raw["stages"])
         if "value_range" in raw:
             raw["value_range"] = tuple(raw["value_range"])
         if "lambda" in search_raw:
             search_raw["lambda_"] = search_raw.pop("lambda")
-        return cls(search=SearchConfig(**search_raw), **raw)
+        return cls(search=SearchConfig(**search_raw), reconstruct=ReconstructConfig(**reconstruct_raw), **raw)
+
+
+def _stage_list(stages) -> tuple[str, ...]:
+    """``"reconstruct,evolve"`` or a sequence of names → a tuple of names."""
+    if isinstance(stages, str):
+        stages = stages.split(",")
+    return tuple(str(stage).strip() for stage in stages if str(stage).strip())
 
 
 def _check_keys(path: Path, raw: dict, kind, skip=frozenset()) -> None:

@@ -93,17 +93,79 @@ def infer(compiled: ov.CompiledModel, images: np.ndarray, *, batch_size: int = 2
     return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(compiled.outputs))]
 
 
-def input_shape(model: ov.Model) -> tuple[int, ...]:
-    """The per-sample input shape (without batch) of a single-input model, e.g. ``(1, 28, 28)``."""
+def input_shape(model: ov.Model, override: "tuple[int, ...] | None" = None, *, data_shape: "tuple[int, ...] | None" = None, role: str = "the model") -> tuple[int, ...]:
+    """The per-sample input shape (without batch) of a single-input model, e.g. ``(1, 28, 28)``.
+
+    A model saved with ``ov.convert_model`` defaults has a fully dynamic input (``[?,?,?,?]``); its shape
+    then comes from ``override`` (the user's ``--input-shape``, batch first, as ``benchmark_app -shape``) or
+    from ``data_shape`` (the per-sample shape the data fixes, e.g. an .npz). Either must fit the model's
+    static dimensions; ``role`` names the model in errors ("the reference", ...).
+    """
     if len(model.inputs) != 1:
-        raise EvoquantError(f"evoquant supports models with one input; this one has {len(model.inputs)}")
+        raise EvoquantError(f"evoquant supports models with one input; {role} has {len(model.inputs)}")
     shape = model.inputs[0].get_partial_shape()
-    if shape.rank.is_dynamic or len(shape) < 2:
-        raise EvoquantError(f"the model's input shape {shape} has no fixed per-sample dimensions")
-    dims = shape[1:]
-    if any(dim.is_dynamic for dim in dims):
-        raise EvoquantError(f"the model's input shape {shape} is dynamic beyond the batch dimension")
-    return tuple(dim.get_length() for dim in dims)
+    if override is not None:
+        wanted = ov.PartialShape([-1, *override[1:]])
+        if not wanted.compatible(shape):
+            raise EvoquantError(f"--input-shape {format_shape(override)} does not fit {role}'s input shape {shape}")
+        return tuple(int(d) for d in override[1:])
+    if shape.rank.is_static and len(shape) >= 2 and all(dim.is_static for dim in shape[1:]):
+        return tuple(dim.get_length() for dim in shape[1:])
+    if data_shape is not None and (shape.rank.is_dynamic or len(shape) == len(data_shape) + 1):
+        if ov.PartialShape([-1, *data_shape]).compatible(shape):
+            return tuple(int(d) for d in data_shape)
+    example = "1,3,224,224" if shape.rank.is_dynamic or len(shape) == 4 else ",".join(["1"] + ["N"] * (len(shape) - 1))
+    raise EvoquantError(f"{role}'s input shape {shape} is dynamic: give it with --input-shape, e.g. --input-shape {example} (as benchmark_app -shape)")
+
+
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    """``--input-shape`` as OpenVINO's tools spell it: ``1,3,224,224``, ``[1,3,224,224]`` or
+    ``input[1,3,224,224]`` (a leading input name is ignored: evoquant models have one input). The batch
+    dimension may be ``?`` or ``-1``; evaluation batches are always dynamic."""
+    if text is None:
+        return None
+    body = text.strip()
+    if "[" in body:
+        body = body[body.index("[") + 1 :]
+        if not body.endswith("]"):
+            raise EvoquantError(f"--input-shape {text!r}: unbalanced brackets (e.g. [1,3,224,224])")
+        body = body[:-1]
+    parts = [part.strip() for part in body.replace(" ", ",").split(",") if part.strip()]
+    try:
+        dims = tuple(-1 if part in ("?", "-1") and i == 0 else int(part) for i, part in enumerate(parts))
+    except ValueError:
+        raise EvoquantError(f"--input-shape must be integers batch first, e.g. 1,3,224,224 or [1,3,224,224], got {text!r}") from None
+    if len(dims) < 2 or min(dims[1:]) < 1 or (dims[0] < 1 and dims[0] != -1):
+        raise EvoquantError(f"--input-shape needs a batch and at least one positive dimension, e.g. 1,3,224,224, got {text!r}")
+    return dims
+
+
+def format_shape(shape: tuple[int, ...]) -> str:
+    return "[" + ",".join("?" if d < 0 else str(d) for d in shape) + "]"
+
+
+def has_static_sample_shape(model: ov.Model) -> bool:
+    """Whether every input dimension but the batch is fixed (no working copy is needed)."""
+    shape = model.inputs[0].get_partial_shape()
+    return shape.rank.is_static and all(dim.is_static for dim in shape[1:])
+
+
+def with_sample_shape(model: ov.Model, sample_shape: tuple[int, ...]) -> ov.Model:
+    """A copy of ``model`` whose input is ``[batch, *sample_shape]`` (the batch keeps its own dimension).
+
+    Sets the Parameter's partial shape and re-infers types: unlike ``model.reshape`` this runs no
+    SmartReshape pass, so no flatten is rewritten to read ``ShapeOf`` of a weight. The model itself is
+    untouched (the written IR keeps the user's dynamic shape).
+    """
+    copy = model.clone()
+    parameter = copy.get_parameters()[0]
+    batch = parameter.get_partial_shape()[0] if parameter.get_partial_shape().rank.is_static else ov.Dimension()
+    parameter.set_partial_shape(ov.PartialShape([batch, *sample_shape]))
+    try:
+        copy.validate_nodes_and_infer_types()
+    except RuntimeError as error:
+        raise EvoquantError(f"the model does not accept inputs of shape {format_shape((-1, *sample_shape))}: {_last_line(str(error))}") from None
+    return copy
 
 
 def static_batch(model: ov.Model) -> int | None:

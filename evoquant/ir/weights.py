@@ -129,6 +129,67 @@ def find_quantized_weights(model: ov.Model) -> WeightTable:
     return WeightTable(weights)
 
 
+#: Layers that take a weight, and the input ports a constant weight can sit on.
+WEIGHTED_OPS = {
+    "Convolution": (1,),
+    "GroupConvolution": (1,),
+    "ConvolutionBackpropData": (1,),
+    "GroupConvolutionBackpropData": (1,),
+    "MatMul": (0, 1),
+}
+
+
+@dataclass(frozen=True)
+class UnmatchedLayer:
+    """A layer with a constant weight that evoquant does not refine, and why."""
+
+    name: str
+    type: str
+    port: int
+    reason: str
+
+
+def find_unmatched_layers(model: ov.Model, table: WeightTable) -> list[UnmatchedLayer]:
+    """Every weighted layer (Convolution, GroupConvolution, MatMul, ConvolutionBackpropData) whose input
+    comes from a Constant but is not in ``table``, with the reason. Nothing is skipped silently."""
+    matched = {(weight.consumer, weight.consumer_port) for weight in table}
+    unmatched = []
+    for op in model.get_ordered_ops():
+        ports = WEIGHTED_OPS.get(op.get_type_name(), ())
+        for port in ports:
+            if port >= op.get_input_size() or (op.get_friendly_name(), port) in matched:
+                continue
+            reason = _unmatched_reason(op.input_value(port).get_node())
+            if reason is not None:
+                unmatched.append(UnmatchedLayer(op.get_friendly_name(), op.get_type_name(), port, reason))
+    return unmatched
+
+
+def _unmatched_reason(node: ov.Node) -> str | None:
+    """Why the constant behind a weight input is not a refinable quantized weight; None: no constant there."""
+    path = []
+    while node.get_type_name() != "Constant":
+        kind = node.get_type_name()
+        if kind not in _PASS_THROUGH | {"Multiply", "Subtract", "FakeQuantize"}:
+            return None  # an activation (e.g. attention's Q·Kᵀ), not a weight
+        path.append(kind)
+        # Follow the data input: a dequantizing Multiply/Subtract has its scale or zero point on a Constant.
+        inputs = [node.input_value(i).get_node() for i in range(node.get_input_size())]
+        if kind in ("Multiply", "Subtract"):
+            non_constant = [n for n in inputs if n.get_type_name() != "Constant"]
+            node = non_constant[0] if non_constant else inputs[0]
+        else:
+            node = inputs[0]
+    element_type = node.get_element_type().get_type_name()
+    if element_type in INTEGER_TYPES:
+        return f"{element_type} weight through {' <- '.join(path) or 'nothing'}: not a pattern evoquant recognises"
+    if "FakeQuantize" in path:
+        return "FakeQuantize on the weight with non-constant ranges or a shared weight"
+    if len(_consumers(node.output(0))) > 1:
+        return f"{element_type} weight shared by several layers, not quantized"
+    return f"not quantized ({element_type} weight)"
+
+
 def require_quantized_weights(model: ov.Model, source: str) -> WeightTable:
     """Like :func:`find_quantized_weights`, but a model without any is a user error."""
     table = find_quantized_weights(model)
@@ -141,7 +202,9 @@ def require_quantized_weights(model: ov.Model, source: str) -> WeightTable:
 
 
 def _consumers(output: ov.Output) -> list[ov.Input]:
-    return list(output.get_target_inputs())
+    """Inputs fed by ``output`` that use its values. ``ShapeOf`` only reads the shape: ``model.reshape``'s
+    SmartReshape makes the flatten before a classifier read ``ShapeOf`` of the classifier's weight."""
+    return [target for target in output.get_target_inputs() if target.get_node().get_type_name() not in ("ShapeOf",)]
 
 
 def _single_consumer(node: ov.Node) -> ov.Node | None:

@@ -1,0 +1,156 @@
+"""The layer-wise solver, in numpy: integer states that make a layer reproduce a target output.
+
+A quantized layer computes ``y = W x + b_q`` with ``W = (Q - z) * s`` on its own grid (per-element scale
+``s`` and zero point ``z``, integer states ``Q`` in ``[lo, hi]``). Given rows ``X`` (its inputs as the
+quantized model feeds them) and targets ``T`` (the FP32 layer's output, bias included, minus ``b_q``), the
+solver minimises
+
+    ‖Q X − T‖² + λ ‖W − W₀‖²        (W₀: the starting dequantized weight)
+
+over integer ``Q``. With ``H = XᵀX + λI`` the objective equals ``(W − W*) H (W − W*)ᵀ`` plus a constant,
+where ``W* = (TᵀX + λW₀) H⁻¹`` is the continuous optimum; the integer states are then chosen column by
+column with the OBQ/GPTQ error feedback on ``H`` (each column's rounding error is pushed onto the columns
+not yet quantized, through the Cholesky factor of ``H⁻¹``). Damping toward ``W₀`` rather than toward zero
+keeps a layer near its starting weights where the data does not pin it down.
+
+Everything here is plain arrays: the OpenVINO side (which rows, which targets) lives in
+:mod:`evoquant.ir.layers`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The integer grid of one weight matrix (rows = outputs, columns = inputs), every array ``[R, K]``.
+
+    ``value(Q) = (Q - zero) * scale``; ``low``/``high`` bound each state (the quantizer's range, narrowed
+    to ±k around the starting states when asked).
+    """
+
+    scale: np.ndarray
+    zero: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+    def values(self, states: np.ndarray) -> np.ndarray:
+        return (states - self.zero) * self.scale
+
+    def nearest(self, weight: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(weight / self.scale + self.zero), self.low, self.high)
+
+
+class NormalEquations:
+    """Accumulates ``XᵀX``, ``TᵀX``, ``ΣX``, ``ΣT`` and ``ΣT²`` over chunks of rows, in float64.
+
+    Memory is ``K² + R·K`` numbers whatever the number of rows, so a layer is fed chunk by chunk.
+    """
+
+    def __init__(self, inputs: int, outputs: int):
+        self.gram = np.zeros((inputs, inputs))
+        self.cross = np.zeros((outputs, inputs))
+        self.input_sum = np.zeros(inputs)
+        self.target_sum = np.zeros(outputs)
+        self.target_square = 0.0
+        self.rows = 0
+
+    def add(self, rows: np.ndarray, targets: np.ndarray) -> None:
+        """``rows``: ``[M, K]`` inputs; ``targets``: ``[M, R]`` wanted outputs (bias removed)."""
+        rows = np.asarray(rows, dtype=np.float32)
+        targets = np.asarray(targets, dtype=np.float32)
+        self.gram += (rows.T @ rows).astype(np.float64)
+        self.cross += (targets.T @ rows).astype(np.float64)
+        self.input_sum += rows.sum(axis=0, dtype=np.float64)
+        self.target_sum += targets.sum(axis=0, dtype=np.float64)
+        self.target_square += float(np.square(targets, dtype=np.float64).sum())
+        self.rows += len(rows)
+
+    def error(self, weight: np.ndarray) -> float:
+        """Mean squared output error ``‖W X − T‖² / (M R)`` of a weight matrix, from the sums alone."""
+        value = np.einsum("rk,kl,rl->", weight, self.gram, weight) - 2 * np.einsum("rk,rk->", weight, self.cross) + self.target_square
+        return float(max(value, 0.0) / max(self.rows * weight.shape[0], 1))
+
+
+def solve_states(
+    equations: NormalEquations,
+    grid: Grid,
+    start_states: np.ndarray,
+    *,
+    damping: float = 0.01,
+    act_order: bool = True,
+    block: int = 128,
+) -> np.ndarray:
+    """Integer states ``[R, K]`` minimising the damped output error (see the module docstring).
+
+    ``damping`` is λ relative to the mean diagonal of ``XᵀX``; ``act_order`` quantizes the columns with the
+    largest input energy first (GPTQ's order), which leaves the low-energy ones to absorb the errors.
+    """
+    start_states = np.asarray(start_states, dtype=np.float64)
+    start_weight = grid.values(start_states)
+    gram = equations.gram
+    diagonal = np.diag(gram)
+    lam = damping * float(diagonal.mean()) if diagonal.size and diagonal.mean() > 0 else 1.0
+    lam = max(lam, 1e-12)
+    hessian = gram + lam * np.eye(len(gram))
+    target_weight = np.linalg.solve(hessian, (equations.cross + lam * start_weight).T).T
+
+    order = np.argsort(-diagonal, kind="stable") if act_order else np.arange(len(gram))
+    hessian = hessian[np.ix_(order, order)]
+    weight = target_weight[:, order]
+    scale, zero, low, high = (array[:, order] for array in (grid.scale, grid.zero, grid.low, grid.high))
+    inverse_factor = _upper_cholesky_of_inverse(hessian)
+
+    columns = weight.shape[1]
+    states = np.empty_like(weight)
+    for begin in range(0, columns, block):
+        end = min(begin + block, columns)
+        part = weight[:, begin:end].copy()
+        errors = np.zeros_like(part)
+        factor = inverse_factor[begin:end, begin:end]
+        for i in range(end - begin):
+            column = part[:, i]
+            q = np.clip(np.rint(column / scale[:, begin + i] + zero[:, begin + i]), low[:, begin + i], high[:, begin + i])
+            states[:, begin + i] = q
+            error = (column - (q - zero[:, begin + i]) * scale[:, begin + i]) / factor[i, i]
+            part[:, i:] -= np.outer(error, factor[i, i:])
+            errors[:, i] = error
+        weight[:, end:] -= errors @ inverse_factor[begin:end, end:]
+    result = np.empty_like(states)
+    result[:, order] = states
+    return result.astype(np.int32)
+
+
+def _upper_cholesky_of_inverse(hessian: np.ndarray) -> np.ndarray:
+    """``U`` with ``H⁻¹ = Uᵀ U``, upper triangular (GPTQ's factor); more damping if ``H`` is near singular."""
+    extra = 0.0
+    for _ in range(8):
+        try:
+            inverse = np.linalg.inv(hessian + extra * np.eye(len(hessian)))
+            return np.linalg.cholesky(inverse).T
+        except np.linalg.LinAlgError:
+            extra = max(extra * 10, 1e-8 * float(np.abs(np.diag(hessian)).mean() or 1.0))
+    raise np.linalg.LinAlgError("the input Hessian is singular even after extra damping")
+
+
+def brute_force_states(equations: NormalEquations, grid: Grid, start_states: np.ndarray, *, damping: float = 0.0) -> np.ndarray:
+    """The exact optimum over every integer assignment in the grid (tiny layers only: tests)."""
+    import itertools
+
+    rows, columns = start_states.shape
+    start_weight = grid.values(np.asarray(start_states, dtype=np.float64))
+    lam = damping * float(np.diag(equations.gram).mean())
+    best = np.empty((rows, columns))
+    for r in range(rows):
+        choices = [range(int(grid.low[r, k]), int(grid.high[r, k]) + 1) for k in range(columns)]
+        best_value = np.inf
+        for combo in itertools.product(*choices):
+            q = np.array(combo, dtype=np.float64)
+            w = (q - grid.zero[r]) * grid.scale[r]
+            value = w @ equations.gram @ w - 2 * w @ equations.cross[r] + lam * np.sum((w - start_weight[r]) ** 2)
+            if value < best_value:
+                best_value, best[r] = value, q
+    return best.astype(np.int32)

@@ -1,0 +1,187 @@
+"""The reconstruction stage: layer by layer, integer states that reproduce the FP32 layer outputs.
+
+For each quantized layer in graph order: its inputs come from the *current* quantized model (the layers
+before it already reconstructed, as the CPU plugin computes them), its target is the FP32 reference's
+output of the same layer, bias included, minus the quantized model's own bias (NNCF's bias correction has
+moved that bias; the target absorbs it). The solver (:mod:`evoquant.reconstruct.solver`) picks states on
+the tensor's own grid, within ±``max_shift`` of the starting states. Layers are matched to the reference
+by name and checked by output shape, never by weight values (SmoothQuant rescales weights and inputs).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from evoquant.config import ReconstructConfig
+from evoquant.reconstruct.rows import input_rows, output_rows, rows_per_image, weight_from_matrices, weight_matrices
+from evoquant.reconstruct.solver import Grid, NormalEquations, solve_states
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """One layer of the reconstruction: mean squared output error before and after, states moved."""
+
+    name: str
+    rows: int
+    error_before: float | None
+    error_after: float | None
+    changed: int
+    size: int
+    skipped: str | None = None  # why the layer was left as it was
+
+
+@dataclass
+class ReconstructResult:
+    """States per weight-table index (only the layers that changed), and a report per layer."""
+
+    states: dict[int, np.ndarray]
+    layers: list[LayerResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def skipped(self) -> list[LayerResult]:
+        return [layer for layer in self.layers if layer.skipped]
+
+    def to_dict(self) -> dict:
+        return {"seconds": self.seconds, "layers": [asdict(layer) for layer in self.layers]}
+
+
+def weight_grid(weight, geometry, max_shift: int | None) -> list[Grid]:
+    """Each group's :class:`Grid` for a weight-table entry, as the layer sees the weight."""
+    shape = weight.shape
+    scale = np.broadcast_to(np.asarray(weight.scale, dtype=np.float64), shape)
+    offset = np.broadcast_to(np.asarray(weight.offset, dtype=np.float64), shape)
+    if weight.form == "compressed":
+        zero = offset
+    else:  # value = offset + q * scale = (q - zero) * scale
+        zero = -offset / np.where(scale == 0, 1.0, scale)
+    low = np.full(shape, float(weight.low))
+    high = np.full(shape, float(weight.high))
+    if max_shift is not None:
+        low = np.maximum(low, weight.states - max_shift)
+        high = np.minimum(high, weight.states + max_shift)
+    frozen = scale == 0  # a degenerate channel: nothing to choose
+    low = np.where(frozen, weight.states, low)
+    high = np.where(frozen, weight.states, high)
+    safe_scale = np.where(frozen, 1.0, scale)
+    parts = [weight_matrices(array, geometry) for array in (safe_scale, zero, low, high)]
+    return [Grid(*group) for group in zip(*parts)]
+
+
+def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructConfig, *, progress: bool = False) -> ReconstructResult:
+    """Reconstruct every quantized layer of ``model`` (a static-shape ``ov.Model``) against ``teacher``.
+
+    ``images`` are the calibration images (already shaped and scaled for the model). The model object is
+    patched while the stage runs and restored at the end; the returned states are applied by the caller.
+    """
+    from evoquant.ir.layers import ActivationTap, UnsupportedLayer, layer_bias, layer_geometry, layer_output_shape
+    from evoquant.ir.patch import ConstantPatcher
+
+    started = time.perf_counter()
+    images = np.ascontiguousarray(images[: config.images])
+    layers: list[LayerResult] = []
+    plans = []
+    for weight in table:
+        try:
+            geometry = layer_geometry(model, weight)
+            reference_shape = layer_output_shape(teacher, weight.consumer)
+        except UnsupportedLayer as error:
+            layers.append(LayerResult(weight.consumer, 0, None, None, 0, weight.size, skipped=str(error)))
+            continue
+        if reference_shape != geometry.output_shape:
+            layers.append(LayerResult(weight.consumer, 0, None, None, 0, weight.size, skipped=f"the reference's layer outputs {reference_shape}, this one {geometry.output_shape}"))
+            continue
+        plans.append((weight, geometry))
+    if not plans:
+        return ReconstructResult({}, layers, time.perf_counter() - started)
+
+    chunks = list(range(0, len(images), config.batch_size))
+    positions = {weight.index: _positions(geometry, len(images), chunks, config, weight.index) for weight, geometry in plans}
+
+    # Targets: the FP32 layer outputs (bias included) minus the quantized layer's bias, at the sampled rows.
+    teacher_tap = ActivationTap(teacher, [("output", weight.consumer, 0) for weight, _ in plans], f32=True)
+    biases = {weight.index: layer_bias(model, weight.consumer) for weight, _ in plans}
+    targets: dict[int, list[list[np.ndarray]]] = {weight.index: [] for weight, _ in plans}
+    for chunk, (start, outputs) in enumerate(teacher_tap.chunks(images, config.batch_size)):
+        for (weight, geometry), output in zip(plans, outputs):
+            if biases[weight.index] is not None:
+                output = output - biases[weight.index]
+            targets[weight.index].append(output_rows(output, geometry, positions[weight.index][chunk]))
+    del teacher_tap
+
+    patcher = ConstantPatcher(model, table)
+    solved: dict[int, np.ndarray] = {}
+    bar = _bar(progress, len(plans))
+    try:
+        for weight, geometry in plans:
+            result, states = _solve_layer(model, weight, geometry, images, targets.pop(weight.index), positions[weight.index], config, ActivationTap)
+            layers.append(result)
+            if states is not None:
+                solved[weight.index] = states
+                patcher.apply({weight.index: states})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"{weight.consumer}: error {_change(result)}")
+    finally:
+        patcher.restore()
+        if bar is not None:
+            bar.close()
+    order = {weight.consumer: i for i, weight in enumerate(table)}
+    layers.sort(key=lambda layer: order.get(layer.name, -1))
+    return ReconstructResult(solved, layers, time.perf_counter() - started)
+
+
+def _solve_layer(model, weight, geometry, images, targets, positions, config: ReconstructConfig, tap_class):
+    data_port = 1 - weight.consumer_port if geometry.kind == "matmul" else 0
+    tap = tap_class(model, [("input", weight.consumer, data_port)], f32=False)
+    groups = weight_grid(weight, geometry, config.max_shift)
+    equations = [NormalEquations(grid.scale.shape[1], grid.scale.shape[0]) for grid in groups]
+    for chunk, (start, (inputs,)) in enumerate(tap.chunks(images, config.batch_size)):
+        for group, rows in enumerate(input_rows(inputs, geometry, positions[chunk])):
+            equations[group].add(rows, targets[chunk][group])
+    start_matrices = weight_matrices(weight.states, geometry)
+    new_matrices, before, after = [], 0.0, 0.0
+    for grid, start, system in zip(groups, start_matrices, equations):
+        states = solve_states(system, grid, start, damping=config.damping, act_order=config.act_order)
+        error_before, error_after = system.error(grid.values(start)), system.error(grid.values(states))
+        if error_after > error_before:  # damping pulled it elsewhere: never make a layer worse on its own data
+            states, error_after = start.astype(np.int32), error_before
+        new_matrices.append(states)
+        before += error_before
+        after += error_after
+    new_states = weight_from_matrices(new_matrices, geometry).reshape(weight.shape).astype(np.int32)
+    changed = int(np.count_nonzero(new_states != weight.states))
+    count = len(groups)
+    result = LayerResult(weight.consumer, equations[0].rows, before / count, after / count, changed, weight.size)
+    return result, (new_states if changed else None)
+
+
+def _positions(geometry, total: int, chunks: list[int], config: ReconstructConfig, seed: int) -> list[np.ndarray]:
+    """Per chunk of images, the flat output rows the layer is fitted on (all of them, or a seeded subset
+    so that a layer gets at most ``max_rows`` rows)."""
+    per_image = rows_per_image(geometry)
+    rng = np.random.default_rng([config.seed, seed])
+    share = min(1.0, config.max_rows / max(per_image * total, 1))
+    picked = []
+    for start in chunks:
+        count = min(config.batch_size, total - start) * per_image
+        take = max(1, int(round(count * share)))
+        picked.append(np.arange(count) if take >= count else np.sort(rng.choice(count, size=take, replace=False)))
+    return picked
+
+
+def _change(result: LayerResult) -> str:
+    if not result.error_before:
+        return "-"
+    return f"{100 * (result.error_after - result.error_before) / result.error_before:+.0f}%"
+
+
+def _bar(progress: bool, total: int):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="reconstruct", unit="layer", leave=False)
