@@ -2,9 +2,9 @@
 
 Public API::
 
-    evoquant.refine(model, reference=..., data=..., output=..., fitness=...)  -> RefineResult
-    evoquant.inspect(model)                                                  -> list[WeightInfo]
-    evoquant.quantize(fp32, calibration=..., output=..., subset_size=..., preset=..., ignored_scope=...)
+    evoquant.refine(model, reference=..., data=..., output=..., stages=..., input_shape=...) -> RefineResult
+    evoquant.inspect(model) / inspect_unmatched(model)                       -> weights / layers not refined
+    evoquant.quantize(fp32, calibration=..., output=..., weight_bits=4|8, target_device=..., model_type=...)
                                                                              -> QuantizeResult
     evoquant.synthesize(source, n=..., shape=... | like=..., output=...)    -> Batch
     evoquant.gan.train_gan / distill / load_generator                        (synthetic data from GANs)
@@ -12,9 +12,10 @@ Public API::
     evoquant.EvoquantError                                                   (every user-facing error)
 """
 
-from evoquant.api import Metrics, QuantizeResult, RefineResult, WeightInfo, inspect, quantize, refine, synthesize
-from evoquant.config import RefineConfig, SearchConfig
-from evoquant.errors import EvoquantError
+from evoquant.api import Metrics, QuantizeResult, RefineResult, StageReport, WeightInfo, inspect, inspect_unmatched, quantize, refine, synthesize
+from evoquant.config import ReconstructConfig, RefineConfig, SearchConfig
+from evoquant.errors import EvoquantError, EvoquantWarning
 
-__all__ = ["refine", "inspect", "quantize", "synthesize", "QuantizeResult", "RefineConfig", "SearchConfig", "RefineResult", "Metrics", "WeightInfo", "EvoquantError"]
+__all__ = ["refine", "inspect", "inspect_unmatched", "quantize", "synthesize", "QuantizeResult", "RefineConfig", "SearchConfig", "ReconstructConfig",
+           "RefineResult", "StageReport", "Metrics", "WeightInfo", "EvoquantError", "EvoquantWarning"]
 __version__ = "0.1.0"

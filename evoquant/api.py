@@ -114,7 +114,8 @@ class WeightInfo:
 
 
 def inspect(model: ModelLike) -> list[WeightInfo]:
-    """List the quantized weights of an INT8 IR: consumer, form, type, shape, granularity and bounds."""
+    """List the quantized weights of an IR: consumer, form, type, shape, granularity and bounds.
+    :func:`inspect_unmatched` lists the weighted layers that are not refined, with the reason."""
     from evoquant.ir.runtime import read_ir
     from evoquant.ir.weights import require_quantized_weights
 
@@ -123,6 +124,16 @@ def inspect(model: ModelLike) -> list[WeightInfo]:
         WeightInfo(w.index, w.consumer, w.consumer_type, w.form, w.element_type, w.shape, w.granularity, w.low, w.high, w.size)
         for w in table
     ]
+
+
+def inspect_unmatched(model: ModelLike) -> list:
+    """The weighted layers (Convolution, GroupConvolution, MatMul, ConvolutionBackpropData) whose weight is
+    constant but not a refinable quantized weight, each with the reason (:class:`~evoquant.ir.weights.UnmatchedLayer`)."""
+    from evoquant.ir.runtime import read_ir
+    from evoquant.ir.weights import find_quantized_weights, find_unmatched_layers
+
+    ov_model = read_ir(model)
+    return find_unmatched_layers(ov_model, find_quantized_weights(ov_model))
 
 
 def refine(
@@ -621,9 +632,14 @@ CALIBRATION_SEED = 7
 QUANTIZE_PRESETS = ("performance", "mixed")
 
 
+#: Below this top-1 agreement with FP32 on the calibration images, quantize measures NNCF's full bias
+#: correction too and says which is better (fast bias correction can wreck a model: shared/CONTEXT.md).
+LOW_AGREEMENT = 0.9
+
+
 @dataclass(frozen=True)
 class QuantizeResult:
-    """What ``quantize`` wrote: the INT8 IR, the calibration it used and how many weight tensors NNCF quantized."""
+    """What ``quantize`` wrote: the quantized IR, its settings, calibration, and how close it is to FP32."""
 
     model: str
     output: str
@@ -633,6 +649,13 @@ class QuantizeResult:
     ignored_scope: tuple[str, ...]
     quantized_tensors: int
     seconds: float
+    weight_bits: int = 8
+    target_device: str = "CPU"
+    model_type: str | None = None
+    fast_bias_correction: bool = True
+    input_shape: tuple[int, ...] | None = None
+    agreement: float | None = None  # top-1 agreement with FP32 on the calibration images (classifiers)
+    agreement_full_bias_correction: float | None = None  # measured only when agreement is low
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -648,25 +671,37 @@ def quantize(
     output: ModelLike,
     subset_size: int = 300,
     preset: str = "performance",
+    weight_bits: int = 8,
+    target_device: str | None = None,
+    model_type: str | None = None,
     ignored_scope: str | Sequence[str] | None = None,
     fast_bias_correction: bool = True,
+    input_shape: Sequence[int] | str | None = None,
     seed: int = CALIBRATION_SEED,
     value_range: tuple[float, float] = (0.0, 1.0),
     progress: bool = False,
 ) -> QuantizeResult:
-    """Quantize an FP32 OpenVINO IR to INT8 with ``nncf.quantize``, calibrated on any data source.
+    """Quantize an FP32 OpenVINO IR with ``nncf.quantize`` (W8A8 or W4A8), calibrated on any data source.
 
     Args:
-        model: the FP32 IR (.xml); never modified. One input, ``(N, C, H, W)`` for data sources.
+        model: the FP32 IR (.xml); never modified; FP16-compressed weights and dynamic shapes are fine.
         calibration: a source spec (``gan:GEN_DIR``, ``fractal``, ``noise:gaussian``, ``data.npz``, a
             folder), a ``DataSource``, a ``Batch`` or an ``(N, C, H, W)`` array already in the model's range.
-        output: the INT8 IR to write (.xml + .bin, written atomically; never the input).
+        output: the quantized IR to write (.xml + .bin, written atomically; never the input). It keeps the
+            model's own input shape.
         subset_size: calibration images drawn and given to NNCF (one per NNCF item, or per batch when the
             model has a fixed batch size).
         preset: NNCF's ``performance`` (symmetric) or ``mixed`` (asymmetric activations) preset.
+        weight_bits: 8 (W8A8) or 4 (W4A8: 4-bit symmetric per-channel weights, 8-bit activations).
+        target_device: NNCF's target (CPU, GPU, NPU, ANY); default CPU for 8-bit and NPU for 4-bit weights
+            (NNCF's CPU target refuses 4 bits; the CPU plugin runs the result).
+        model_type: ``"transformer"`` for NNCF's transformer scheme (SmoothQuant, attention handling).
         ignored_scope: layers NNCF leaves in FP32: names, ``re:PATTERN`` regular expressions, or
             ``type:OpType``; a comma-separated string or a sequence.
-        fast_bias_correction: NNCF's fast (default) or full bias correction.
+        fast_bias_correction: NNCF's fast (default) or full bias correction. When the result agrees with
+            FP32 on fewer than 90 % of the calibration images, the full one is measured too and a warning
+            says which is better.
+        input_shape: the model's input shape, batch first, for a dynamic-shape model (unless the data fixes it).
         seed, value_range: the draw from the source and the model's input range.
         progress: show NNCF's own log and progress bars.
 
@@ -677,13 +712,16 @@ def quantize(
         EvoquantError: an unreadable model, a bad output path, data that does not fit the model, an
             unknown preset, ignored-scope entries that match nothing, or NNCF failing.
     """
-    from evoquant.ir.runtime import input_shape, read_ir, static_batch
+    from evoquant.ir.quantize import QuantizeSettings, nncf_quantize, top1_agreement_with
+    from evoquant.ir.runtime import input_shape as sample_shape_of
+    from evoquant.ir.runtime import parse_input_shape, read_ir, static_batch
     from evoquant.ir.weights import find_quantized_weights
 
     started = time.perf_counter()
     model_path = Path(model)
     fp32_model = read_ir(model_path)
-    shape = input_shape(fp32_model)
+    shape_override = parse_input_shape(input_shape) if isinstance(input_shape, str) else (tuple(input_shape) if input_shape is not None else None)
+    shape = sample_shape_of(fp32_model, shape_override, data_shape=_data_sample_shape(calibration))
     output_path = _check_output(output, model_path)
     if output_path is None:
         raise EvoquantError("quantize needs an output path (-o int8.xml)")
@@ -692,29 +730,26 @@ def quantize(
     if preset not in QUANTIZE_PRESETS:
         raise EvoquantError(f"unknown quantization preset {preset!r}; choose from {', '.join(QUANTIZE_PRESETS)}")
     scope_entries = _scope_entries(ignored_scope)
+    settings = QuantizeSettings(weight_bits=weight_bits, target_device=target_device, model_type=model_type, preset=preset,
+                                fast_bias_correction=bool(fast_bias_correction), ignored_scope=tuple(scope_entries))
 
     label, batch, _ = _as_batch(calibration, shape, subset_size, seed=seed, value_range=value_range)
     images = batch.images[:subset_size]
-    fixed_batch = static_batch(fp32_model)
-    items = _calibration_items(images, fixed_batch)
+    items = _calibration_items(images, static_batch(fp32_model))
 
-    import nncf
-
-    settings = {
-        "subset_size": len(items),
-        "preset": nncf.QuantizationPreset(preset),
-        "fast_bias_correction": bool(fast_bias_correction),
-        "ignored_scope": _nncf_ignored_scope(nncf, scope_entries) if scope_entries else None,
-    }
     with _nncf_output(progress):
-        try:
-            int8_model = nncf.quantize(fp32_model, nncf.Dataset(items), **settings)
-        except nncf.ValidationError as error:
-            raise EvoquantError(f"NNCF rejected the settings: {_one_line(error)}") from None
-        except (RuntimeError, ValueError) as error:
-            raise EvoquantError(f"NNCF could not quantize {model_path}: {_one_line(error)}") from None
-    quantized = len(find_quantized_weights(int8_model))
-    _save_model_atomically(int8_model, output_path)
+        quantized = nncf_quantize(fp32_model, items, settings)
+    agreement = top1_agreement_with(fp32_model, quantized, images, shape)
+    agreement_full = None
+    if agreement is not None and agreement < LOW_AGREEMENT and settings.fast_bias_correction:
+        with _nncf_output(progress):
+            alternative = nncf_quantize(fp32_model, items, dataclasses.replace(settings, fast_bias_correction=False))
+        agreement_full = top1_agreement_with(fp32_model, alternative, images, shape)
+        better = "it does better" if agreement_full > agreement else "it does no better"
+        _warn(f"the quantized model agrees with FP32 on only {100 * agreement:.1f}% of the calibration images; with --no-fast-bias-correction "
+              f"{100 * agreement_full:.1f}% ({better})")
+    quantized_tensors = len(find_quantized_weights(quantized))
+    _save_model_atomically(quantized, output_path)
     return QuantizeResult(
         model=str(model_path),
         output=str(output_path),
@@ -722,8 +757,15 @@ def quantize(
         subset_size=len(images),
         preset=preset,
         ignored_scope=tuple(scope_entries),
-        quantized_tensors=quantized,
+        quantized_tensors=quantized_tensors,
         seconds=time.perf_counter() - started,
+        weight_bits=settings.weight_bits,
+        target_device=settings.device,
+        model_type=settings.model_type,
+        fast_bias_correction=settings.fast_bias_correction,
+        input_shape=shape,
+        agreement=agreement,
+        agreement_full_bias_correction=agreement_full,
     )
 
 
@@ -736,6 +778,7 @@ def synthesize(
     seed: int = 0,
     value_range: tuple[float, float] = (0.0, 1.0),
     output: str | os.PathLike | None = None,
+    input_shape: Sequence[int] | str | None = None,
 ) -> "Batch":
     """Draw ``n`` images (and labels, when the source has them) shaped and scaled for a model.
 
@@ -745,6 +788,7 @@ def synthesize(
         n: number of images.
         shape: ``(C, H, W)``; or ``like``: an OpenVINO IR whose input gives the shape (exactly one of them).
         seed, value_range: the draw (deterministic in ``seed``) and the range pixel values are mapped to.
+        input_shape: with ``like``, the model's input shape (batch first) when its input is dynamic.
         output: when given, an ``.npz`` written atomically with ``x`` (float32 NCHW) and, if labelled, ``y``
             (int64). evoquant's own ``--data`` reads ``.npz`` images in [0, 1]: keep the default range for
             files meant for evoquant.
@@ -761,9 +805,11 @@ def synthesize(
     if (shape is None) == (like is None):
         raise EvoquantError("give the image shape either as C,H,W (--shape) or from a model (--like model.xml), not both")
     if like is not None:
-        from evoquant.ir.runtime import input_shape, read_ir
+        from evoquant.ir.runtime import input_shape as sample_shape_of
+        from evoquant.ir.runtime import parse_input_shape, read_ir
 
-        shape = input_shape(read_ir(like))
+        override = parse_input_shape(input_shape) if isinstance(input_shape, str) else (tuple(input_shape) if input_shape is not None else None)
+        shape = sample_shape_of(read_ir(like), override)
         if len(shape) != 3:
             raise EvoquantError(f"{like} takes inputs of shape {shape}; data sources make images (C, H, W)")
     output_path = _check_output(output, None, suffix=".npz")
@@ -794,25 +840,6 @@ def _scope_entries(ignored_scope: str | Sequence[str] | None) -> list[str]:
         if sep and kind in ("re", "type") and not value:
             raise EvoquantError(f"empty ignored-scope entry {entry!r}; expected NAME, re:PATTERN or type:OpType")
     return entries
-
-
-def _nncf_ignored_scope(nncf, entries: list[str]):
-    import re
-
-    names, patterns, types = [], [], []
-    for entry in entries:
-        kind, sep, value = entry.partition(":")
-        if sep and kind == "re":
-            try:
-                re.compile(value)
-            except re.error as error:
-                raise EvoquantError(f"ignored-scope pattern {value!r} is not a valid regular expression: {error}") from None
-            patterns.append(value)
-        elif sep and kind == "type":
-            types.append(value)
-        else:
-            names.append(entry)
-    return nncf.IgnoredScope(names=names, patterns=patterns, types=types)
 
 
 class _nncf_output:

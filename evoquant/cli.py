@@ -215,11 +215,19 @@ def run_inspect(args) -> int:
     import json
     from dataclasses import asdict
 
-    from evoquant.api import inspect
+    from evoquant.api import inspect, inspect_unmatched
     from evoquant.report import format_inspect_table
 
     weights = inspect(args.model)
-    print(json.dumps([asdict(w) for w in weights], indent=2) if args.json else format_inspect_table(weights))
+    unmatched = inspect_unmatched(args.model)
+    if args.json:
+        print(json.dumps({"weights": [asdict(w) for w in weights], "unmatched": [asdict(layer) for layer in unmatched]}, indent=2))
+        return 0
+    print(format_inspect_table(weights))
+    if unmatched:
+        print(f"\nnot refined: {len(unmatched)} weighted layer(s)")
+        for layer in unmatched:
+            print(f"  {layer.name} ({layer.type}, input {layer.port}): {layer.reason}")
     return 0
 
 
@@ -291,6 +299,8 @@ examples:
   evoquant quantize fp32.xml --calibration gan:gen/ -o int8.xml
   evoquant quantize fp32.xml --calibration fractal --subset-size 512 --preset mixed -o int8.xml
   evoquant quantize fp32.xml --calibration images/ --ignored-scope "head/fc,re:.*attention.*,type:Softmax" -o int8.xml
+  evoquant quantize fp32.xml --calibration gan:gen/ --weight-bits 4 -o w4a8.xml        # W4A8 (NNCF's NPU target)
+  evoquant quantize vit.xml --calibration fractal --input-shape 1,3,32,32 --model-type transformer -o int8.xml
 
 --calibration takes every data spec: gan:GEN_DIR, fractal[:K], noise[:uniform|gaussian], a .npz, a folder.
 """
@@ -364,6 +374,7 @@ def _add_synth_parser(commands) -> None:
     synth.add_argument("--output", "-o", metavar="DATA.npz", required=True, help="where to write the images")
     synth.add_argument("--seed", type=int, default=0, help="seed of the draw (default: %(default)s)")
     synth.add_argument("--input-range", metavar="LOW,HIGH", help="the model's input value range (default 0,1)")
+    synth.add_argument("--input-shape", "-shape", dest="input_shape", metavar="SHAPE", help="with --like: the model's input shape, batch first, when it is dynamic")
     synth.set_defaults(run=run_synth)
 
 
@@ -381,7 +392,11 @@ def _add_quantize_parser(commands) -> None:
     quantize.add_argument("--subset-size", type=int, default=300, help="calibration images (default: %(default)s)")
     quantize.add_argument("--preset", choices=["performance", "mixed"], default="performance", help="NNCF preset (default: %(default)s)")
     quantize.add_argument("--ignored-scope", metavar="LIST", help="comma-separated layers to keep in FP32: NAME, re:PATTERN or type:OpType")
-    quantize.add_argument("--full-bias-correction", action="store_true", help="NNCF's full bias correction instead of the fast one")
+    quantize.add_argument("--weight-bits", type=int, choices=[4, 8], default=8, help="weight precision: 8 (W8A8) or 4 (W4A8; default: %(default)s)")
+    quantize.add_argument("--target-device", choices=["CPU", "GPU", "NPU", "ANY"], type=str.upper, help="NNCF's target device (default CPU for 8-bit weights, NPU for 4-bit: NNCF's CPU target refuses 4 bits)")
+    quantize.add_argument("--model-type", choices=["transformer"], type=str.lower, help="NNCF's transformer scheme (SmoothQuant, attention)")
+    quantize.add_argument("--no-fast-bias-correction", "--full-bias-correction", dest="full_bias_correction", action="store_true", help="NNCF's full bias correction instead of the fast one (quantize measures it and says so when the fast one goes wrong)")
+    quantize.add_argument("--input-shape", "-shape", dest="input_shape", metavar="SHAPE", help="the model's input shape, batch first (1,3,224,224 or [1,3,224,224]), for a dynamic-shape model")
     quantize.add_argument("--seed", type=int, default=7, help="seed of the calibration draw (default: %(default)s)")
     quantize.add_argument("--input-range", metavar="LOW,HIGH", help="the model's input value range (default 0,1)")
     quantize.add_argument("--verbose", "-v", action="store_true", help="show NNCF's own output")
@@ -501,7 +516,7 @@ def run_synth(args) -> int:
 
     shape = _shape(args.shape) if args.shape else None
     value_range = _input_range(args.input_range) or (0.0, 1.0)
-    batch = synthesize(args.source, n=args.n, shape=shape, like=args.like, seed=args.seed, value_range=value_range, output=args.output)
+    batch = synthesize(args.source, n=args.n, shape=shape, like=args.like, seed=args.seed, value_range=value_range, output=args.output, input_shape=args.input_shape)
     labels = "no labels" if batch.labels is None else f"labels of {len(set(batch.labels.tolist()))} classes"
     print(f"{args.output}: {len(batch)} images {'x'.join(map(str, batch.images.shape[1:]))} in [{value_range[0]:g}, {value_range[1]:g}], {labels}")
     return 0
@@ -512,10 +527,12 @@ def run_quantize(args) -> int:
 
     value_range = _input_range(args.input_range) or (0.0, 1.0)
     result = quantize(args.model, calibration=args.calibration, output=args.output, subset_size=args.subset_size, preset=args.preset,
-                      ignored_scope=args.ignored_scope, fast_bias_correction=not args.full_bias_correction, seed=args.seed,
-                      value_range=value_range, progress=args.verbose)
-    print(f"{result.output}: {result.quantized_tensors} quantized weight tensors, calibrated on {result.subset_size} images "
-          f"from {result.calibration} ({result.preset}, {result.seconds:.1f} s)")
+                      weight_bits=args.weight_bits, target_device=args.target_device, model_type=args.model_type,
+                      ignored_scope=args.ignored_scope, fast_bias_correction=not args.full_bias_correction, input_shape=args.input_shape,
+                      seed=args.seed, value_range=value_range, progress=args.verbose)
+    agreement = "" if result.agreement is None else f", top-1 agreement with FP32 {100 * result.agreement:.1f}%"
+    print(f"{result.output}: W{result.weight_bits}A8, {result.quantized_tensors} quantized weight tensors, calibrated on {result.subset_size} images "
+          f"from {result.calibration} ({result.preset}, target {result.target_device}{agreement}, {result.seconds:.1f} s)")
     return 0
 
 

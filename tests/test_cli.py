@@ -30,8 +30,9 @@ def test_inspect_prints_a_table_and_json(tiny_irs, capsys):
     table = capsys.readouterr().out
     assert "conv1" in table and "[-63, 63]" in table and "3 quantized tensors" in table
     assert main(["inspect", str(tiny_irs.int8), "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert [row["consumer"] for row in rows] == ["conv1", "depthwise", "fc"]
+    report = json.loads(capsys.readouterr().out)
+    assert [row["consumer"] for row in report["weights"]] == ["conv1", "depthwise", "fc"]
+    assert report["unmatched"] == []
 
 
 def test_refine_cli_writes_output_and_report(tiny_irs, tmp_path):

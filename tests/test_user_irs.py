@@ -1,0 +1,147 @@
+"""IRs as users save them: ``convert_model`` defaults (fully dynamic input), ``save_model`` defaults (FP16
+weights), ``model.reshape``'s flatten rewrite, and W4A8 (i4 weights) from ``evoquant quantize``."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import openvino as ov
+import openvino.opset13 as opset
+import pytest
+
+from conftest import INPUT_SHAPE, calibration_batches, tiny_fp32_model
+from test_cli import run_cli
+from evoquant.ir.runtime import read_ir
+from evoquant.ir.weights import find_quantized_weights, find_unmatched_layers
+
+
+def _dynamic(model: ov.Model) -> ov.Model:
+    """The model with a fully dynamic input, as ov.convert_model(m, example_input=x) saves it."""
+    copy = model.clone()
+    copy.get_parameters()[0].set_partial_shape(ov.PartialShape.dynamic(4))
+    copy.validate_nodes_and_infer_types()
+    return copy
+
+
+def _input_shape(path) -> str:
+    return str(read_ir(path).inputs[0].get_partial_shape())
+
+
+@pytest.fixture(scope="module")
+def user_irs(tmp_path_factory):
+    """A dynamic-shape FP32 reference saved with FP16 weights (both user defaults), its NNCF INT8 and
+    W4A8 models (dynamic too), and fitness images."""
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+    folder = tmp_path_factory.mktemp("user")
+    fp32 = _dynamic(tiny_fp32_model())
+    ov.save_model(fp32, folder / "fp32.xml")  # compress_to_fp16 defaults to True
+    dataset = nncf.Dataset(calibration_batches())
+    ov.save_model(nncf.quantize(_dynamic(tiny_fp32_model()), dataset, subset_size=32), folder / "int8.xml", compress_to_fp16=False)
+    rng = np.random.default_rng(5)
+    np.savez(folder / "data.npz", x=rng.random((400, *INPUT_SHAPE), dtype=np.float32))
+    return folder
+
+
+def test_saved_reference_really_is_fp16_and_dynamic(user_irs):
+    model = read_ir(user_irs / "fp32.xml")
+    assert "?" in _input_shape(user_irs / "fp32.xml") and "?" in _input_shape(user_irs / "int8.xml")
+    assert any(op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.f16 for op in model.get_ordered_ops())
+
+
+def test_dynamic_model_without_shape_says_how_to_give_it(user_irs):
+    code, _, stderr = run_cli("refine", str(user_irs / "int8.xml"), "-r", str(user_irs / "fp32.xml"), "--data", "fractal", "-q")
+    assert code == 2 and "--input-shape" in stderr and "Traceback" not in stderr
+
+
+def test_input_shape_that_does_not_fit_is_one_line(user_irs):
+    code, _, stderr = run_cli("refine", str(user_irs / "int8.xml"), "-r", str(user_irs / "fp32.xml"), "--input-shape", "1,3,8", "-q", "--data", "fractal")
+    assert code == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("shape_flag", [["--input-shape", "[1,3,8,8]"], []])  # given, or fixed by the .npz
+def test_refine_dynamic_ir_keeps_its_shape_and_changes_only_weights(user_irs, tmp_path, shape_flag):
+    out = tmp_path / "refined.xml"
+    code, stdout, stderr = run_cli("refine", str(user_irs / "int8.xml"), "-r", str(user_irs / "fp32.xml"), "--data", str(user_irs / "data.npz"),
+                                   *shape_flag, "-o", str(out), "-q", "--selection-size", "64", "--verification-size", "64", "--selection-pool", "128",
+                                   "--generations", "2", "--engine", "plain")
+    assert code == 0, stderr
+    assert _input_shape(out) == _input_shape(user_irs / "int8.xml") == "[?,?,?,?]"
+    before, after = read_ir(user_irs / "int8.xml"), read_ir(out)
+    assert [op.get_type_name() for op in before.get_ordered_ops()] == [op.get_type_name() for op in after.get_ordered_ops()]
+    weights_before, weights_after = find_quantized_weights(before), find_quantized_weights(after)
+    assert [w.constant_name for w in weights_before] == [w.constant_name for w in weights_after]
+    # every non-weight constant is byte-identical
+    others = lambda m: [np.asarray(op.get_data()).tobytes() for op in m.get_ordered_ops()  # noqa: E731
+                        if op.get_type_name() == "Constant" and op.get_friendly_name() not in {w.constant_name for w in weights_before}]
+    assert others(before) == others(after)
+
+
+def test_quantize_and_synth_take_a_dynamic_model(user_irs, tmp_path):
+    out = tmp_path / "int8.xml"
+    code, stdout, stderr = run_cli("quantize", str(user_irs / "fp32.xml"), "-c", "fractal", "--input-shape", "1,3,8,8", "--subset-size", "16", "-o", str(out))
+    assert code == 0, stderr
+    assert _input_shape(out) == "[?,?,?,?]" and len(find_quantized_weights(read_ir(out))) == 3
+    code, _, stderr = run_cli("synth", "-s", "fractal", "-n", "8", "--like", str(user_irs / "fp32.xml"), "--input-shape", "1,3,8,8", "-o", str(tmp_path / "s.npz"))
+    assert code == 0, stderr
+    assert np.load(tmp_path / "s.npz")["x"].shape == (8, *INPUT_SHAPE)
+
+
+def test_w4a8_quantize_makes_i4_weights_that_refine_improves(user_irs, tmp_path):
+    w4 = tmp_path / "w4a8.xml"
+    code, stdout, stderr = run_cli("quantize", str(user_irs / "fp32.xml"), "-c", str(user_irs / "data.npz"), "--weight-bits", "4", "--subset-size", "32", "-o", str(w4))
+    assert code == 0, stderr
+    assert "W4A8" in stdout and "target NPU" in stdout
+    table = find_quantized_weights(read_ir(w4))
+    assert {w.element_type for w in table} == {"i4"} and all(w.low >= -8 and w.high <= 7 for w in table)
+    assert ov.Core().compile_model(read_ir(w4), "CPU")  # the CPU plugin runs it
+    out = tmp_path / "refined.xml"
+    code, stdout, stderr = run_cli("refine", str(w4), "-r", str(user_irs / "fp32.xml"), "--data", str(user_irs / "data.npz"), "-o", str(out), "-q",
+                                   "--selection-size", "64", "--verification-size", "64", "--selection-pool", "128", "--generations", "2", "--engine", "plain")
+    assert code == 0, stderr
+    refined = find_quantized_weights(read_ir(out))
+    assert {w.element_type for w in refined} == {"i4"}
+    moved = sum(int(np.count_nonzero(a.states != b.states)) for a, b in zip(table, refined))
+    assert moved > 0 and "refined:" in stdout
+    assert all(a.low <= b.states.min() and b.states.max() <= a.high for a, b in zip(table, refined))
+
+
+def test_w4_on_the_cpu_target_is_refused_in_one_line(user_irs, tmp_path):
+    code, _, stderr = run_cli("quantize", str(user_irs / "fp32.xml"), "-c", "fractal", "--input-shape", "1,3,8,8", "--weight-bits", "4", "--target-device", "CPU", "-o", str(tmp_path / "x.xml"))
+    assert code == 2 and "NPU" in stderr and not (tmp_path / "x.xml").exists()
+
+
+def test_reshape_flatten_pattern_keeps_every_weight():
+    """model.reshape's SmartReshape makes the flatten read ShapeOf of the classifier's dequantized weight:
+    the weight must still be found, and nothing weighted may go unreported."""
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+    quantized = nncf.quantize(tiny_fp32_model(), nncf.Dataset(calibration_batches()), subset_size=32)
+    fc = next(op for op in quantized.get_ordered_ops() if op.get_friendly_name() == "fc")
+    weight_output = fc.input_value(1)
+    flatten = fc.input_value(0).get_node()
+    assert flatten.get_type_name() == "Reshape"
+    # flatten to [batch, weight_shape[1]] read off ShapeOf(weight), as SmartReshape writes it
+    columns = opset.gather(opset.shape_of(weight_output), opset.constant(np.array([1], dtype=np.int64)), opset.constant(np.int64(0)))
+    target = opset.concat([opset.constant(np.array([-1], dtype=np.int64)), columns], 0)
+    flatten.input(1).replace_source_output(target.output(0))
+    quantized.validate_nodes_and_infer_types()
+    table = find_quantized_weights(quantized)
+    assert [w.consumer for w in table] == ["conv1", "depthwise", "fc"]
+    assert find_unmatched_layers(quantized, table) == []
+
+
+def test_unquantized_layer_is_reported_with_its_reason(tmp_path):
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+    quantized = nncf.quantize(tiny_fp32_model(), nncf.Dataset(calibration_batches()), subset_size=32, ignored_scope=nncf.IgnoredScope(names=["fc"]))
+    table = find_quantized_weights(quantized)
+    unmatched = find_unmatched_layers(quantized, table)
+    assert [(layer.name, layer.port) for layer in unmatched] == [("fc", 1)] and "not quantized" in unmatched[0].reason
+    ov.save_model(quantized, tmp_path / "partial.xml", compress_to_fp16=False)
+    code, stdout, _ = run_cli("inspect", str(tmp_path / "partial.xml"))
+    assert code == 0 and "not refined: 1" in stdout and "fc" in stdout
