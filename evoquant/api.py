@@ -209,7 +209,7 @@ def refine(
     table = require_quantized_weights(original, str(model_path))
     shape_override = parse_input_shape(input_shape) if isinstance(input_shape, str) else (tuple(input_shape) if input_shape is not None else None)
     shape = sample_shape_of(original, shape_override, data_shape=_data_sample_shape(data if data is not None else config.data))
-    output_path = _check_output(output, model_path)
+    output_path = _check_output(output, model_path, reference, data)
     unmatched = find_unmatched_layers(original, table)
     if unmatched:
         names = ", ".join(f"{layer.name} ({layer.reason})" for layer in unmatched[:5])
@@ -446,18 +446,17 @@ def _engine_map(engine, parallel_map, context_path: str | None, max_cache_mb: fl
     return lambda function, payloads: engine.evaluate_many(list(payloads), map_items=lambda items: parallel_map(worker, items))
 
 
-def _check_output(output: ModelLike | None, model_path: Path | None, *, suffix: str = ".xml") -> Path | None:
-    """Validate an output path before any long work: the right suffix, in an existing folder, never the input."""
+def _check_output(output: ModelLike | None, *inputs: ModelLike | None, suffix: str = ".xml") -> Path | None:
+    """Validate an output path before any long work: the right suffix, writable, never an input (see
+    :func:`evoquant.paths.check_outputs`)."""
+    from evoquant.paths import check_outputs
+
     if output is None:
         return None
     output_path = Path(output)
     if output_path.suffix.lower() != suffix:
         raise EvoquantError(f"the output must be a {suffix} path, got {output_path}")
-    if model_path is not None and output_path.resolve() == Path(model_path).resolve():
-        raise EvoquantError("the output would overwrite the input model; choose another -o path")
-    parent = output_path.parent if str(output_path.parent) else Path(".")
-    if not parent.is_dir():
-        raise EvoquantError(f"the output directory {parent} does not exist")
+    check_outputs({"the output": output_path}, [path for path in inputs if isinstance(path, (str, os.PathLike))])
     return output_path
 
 
@@ -812,7 +811,7 @@ def synthesize(
         shape = sample_shape_of(read_ir(like), override)
         if len(shape) != 3:
             raise EvoquantError(f"{like} takes inputs of shape {shape}; data sources make images (C, H, W)")
-    output_path = _check_output(output, None, suffix=".npz")
+    output_path = _check_output(output, like, source if isinstance(source, str) else None, suffix=".npz")
     data_source = source if isinstance(source, DataSource) else load_source(str(source))
     batch = data_source.sample(n, tuple(shape), seed=seed, value_range=tuple(value_range))
     if output_path is not None:

@@ -4,6 +4,7 @@ so ``evoquant --help`` answers instantly."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import textwrap
 
@@ -186,7 +187,7 @@ def run_refine(args) -> int:
     from evoquant.report import plot_history, write_json
 
     config = refine_config_from_args(args)
-    _check_writable(args.report, args.plot)
+    _check_writable({"-o": args.output, "--report": args.report, "--plot": args.plot}, args.model, args.reference, args.data, args.heldout, args.config)
     with cluster_backend(config.backend, args.scheduler):
         result = refine(args.model, reference=args.reference, data=args.data, output=args.output, fitness=args.fitness, objective=args.objective,
                         heldout=args.heldout, config=config, stages=args.stages, input_shape=args.input_shape)
@@ -200,15 +201,19 @@ def run_refine(args) -> int:
     return 0
 
 
-def _check_writable(*paths) -> None:
-    """Fail before a long run, not after it, when a report path cannot be written."""
+def _check_writable(outputs: dict, *inputs) -> None:
+    """Fail before a long run, not after it, when an output cannot be written or would replace an input."""
     from pathlib import Path
 
-    from evoquant.errors import EvoquantError
+    from evoquant.paths import check_outputs
 
-    for path in paths:
-        if path and not (Path(path).parent if str(Path(path).parent) else Path(".")).is_dir():
-            raise EvoquantError(f"the directory of {path} does not exist")
+    paths = []
+    for spec in inputs:  # model, reference, data specs (gan:DIR names a directory), config files
+        text = str(spec) if spec else ""
+        path = text[len("gan:") :] if text.startswith("gan:") else text
+        if path and Path(path).exists():
+            paths.append(path)
+    check_outputs(outputs, paths)
 
 
 def run_inspect(args) -> int:
@@ -235,7 +240,7 @@ def run_demo(args) -> int:
     from evoquant.demo import run_demo as demo
     from evoquant.report import write_json
 
-    _check_writable(args.report)
+    _check_writable({"--report": args.report})
     results = demo(models=args.models, preset=args.preset, source=args.source, data=args.data, jobs=args.jobs, output_dir=args.output_dir, progress=not args.quiet)
     if args.report:
         write_json({name: result.to_dict() for name, result in results.items()}, args.report)
@@ -536,6 +541,15 @@ def run_quantize(args) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler so that every ``with`` block (temporary directories, worker pools)
+    unwinds as it does for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     parser = build_parser()
@@ -555,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
 
     default_showwarning = warnings.showwarning
     warnings.showwarning = one_line_warning
+    signal.signal(signal.SIGTERM, _terminate)  # a scheduler's kill or a closed terminal: clean up like Ctrl-C
     try:
         return args.run(args)
     except EvoquantError as error:
@@ -563,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":
