@@ -53,14 +53,22 @@ def format_refine_table(result) -> str:
             rows.append([f"{label} accuracy", _percent(before.accuracy), _percent(after.accuracy), "", fp32])
     table = format_rows(["metric", "INT8 start", "refined", "change", "FP32"], rows)
     verdict = (
-        f"refined: {result.shifted_weights} of {result.total_weights} weights moved one state"
+        f"refined: {result.shifted_weights} of {result.total_weights} weights moved from their starting state"
         if result.improved
         else "no improvement on the verification images: the unchanged model was kept"
     )
-    footer = (
-        f"{verdict}\n{result.evaluations} evaluations in {result.generations} generations, "
-        f"search {result.search_seconds:.1f} s, total {result.wall_seconds:.1f} s (stopped: {result.stop_reason})"
-    )
+    stages = getattr(result, "stages", [])
+    if stages:
+        parts = [f"{stage.name} {stage.seconds:.1f} s (verification fitness {_number(stage.verification.fitness)})" for stage in stages]
+        verdict += f"\nstages: {', '.join(parts)}; kept: {result.chosen_stage}'s result"
+    footer = verdict
+    if result.generations:
+        footer += (
+            f"\n{result.evaluations} evaluations in {result.generations} generations, "
+            f"search {result.search_seconds:.1f} s, total {result.wall_seconds:.1f} s (stopped: {result.stop_reason})"
+        )
+    else:
+        footer += f"\ntotal {result.wall_seconds:.1f} s"
     if result.selection_effective_size is not None:
         footer += f"\nfitness on {result.selection_images} images drawn by importance (effective size {result.selection_effective_size:.0f})"
     if result.engine is not None:
@@ -71,6 +79,8 @@ def format_refine_table(result) -> str:
         )
     if result.output:
         footer += f"\nwritten: {result.output}"
+    else:
+        footer += "\nnothing written (no -o given)"
     return f"{table}\n{footer}"
 
 
