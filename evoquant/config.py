@@ -50,6 +50,16 @@ class SearchConfig:
             raise EvoquantError("mutation step and max shift must be at least 1")
         if self.generations < 0:
             raise EvoquantError("generations must be >= 0")
+        if self.seed < 0:
+            raise EvoquantError(f"the seed must be 0 or more, got {self.seed}")
+        if self.max_evaluations is not None and self.max_evaluations < 1:
+            raise EvoquantError(f"the evaluation budget must be at least 1 (leave it out for none), got {self.max_evaluations}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise EvoquantError(f"the time limit must be a positive number of seconds, got {self.time_limit}")
+        if self.patience is not None and self.patience < 1:
+            raise EvoquantError(f"patience must be at least 1 generation (null: no early stop), got {self.patience}")
+        if self.offspring_groups < 0:
+            raise EvoquantError(f"offspring_groups must be 0 or more, got {self.offspring_groups}")
 
 
 @dataclass(frozen=True)
@@ -148,16 +158,44 @@ class RefineConfig:
             raise EvoquantError(f"{path} must hold a mapping of settings")
         search_raw = raw.pop("search", {}) or {}
         reconstruct_raw = raw.pop("reconstruct", {}) or {}
+        for section, name in ((search_raw, "search"), (reconstruct_raw, "reconstruct")):
+            if not isinstance(section, dict):
+                raise EvoquantError(f"{path}: {name} must be a mapping of settings, got {type(section).__name__}")
         _check_keys(path, raw, cls, skip={"search", "reconstruct"})
         _check_keys(path, search_raw, SearchConfig)
         _check_keys(path, reconstruct_raw, ReconstructConfig)
+        if "lambda" in search_raw:
+            search_raw["lambda_"] = search_raw.pop("lambda")
+        _check_types(path, raw, cls)
+        _check_types(path, search_raw, SearchConfig, prefix="search.")
+        _check_types(path, reconstruct_raw, ReconstructConfig, prefix="reconstruct.")
         if "stages" in raw:
             raw["stages"] = _stage_list(raw["stages"])
         if "value_range" in raw:
-            raw["value_range"] = tuple(raw["value_range"])
-        if "lambda" in search_raw:
-            search_raw["lambda_"] = search_raw.pop("lambda")
+            value_range = raw["value_range"]
+            if len(value_range) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value_range):
+                raise EvoquantError(f"{path}: value_range must be two numbers [LOW, HIGH], got {value_range!r}")
+            raw["value_range"] = tuple(value_range)
         return cls(search=SearchConfig(**search_raw), reconstruct=ReconstructConfig(**reconstruct_raw), **raw)
+
+
+def _check_types(path: Path, raw: dict, kind, prefix: str = "") -> None:
+    """One line naming the key when a YAML value has the wrong type (``mu: 2.5``, ``value_range: 5``)."""
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(kind)}
+    for key, value in raw.items():
+        annotation = annotations.get(key, "")
+        allowed = {part.strip().split("[")[0] for part in annotation.split("|")}
+        ok = (
+            (value is None and "None" in allowed)
+            or (isinstance(value, bool) and "bool" in allowed)
+            or (isinstance(value, int) and not isinstance(value, bool) and ("int" in allowed or "float" in allowed))
+            or (isinstance(value, float) and "float" in allowed)
+            or (isinstance(value, str) and ("str" in allowed or key == "stages"))
+            or (isinstance(value, (list, tuple)) and "tuple" in allowed)
+        )
+        if not ok:
+            shown = key if key != "lambda_" else "lambda"
+            raise EvoquantError(f"{path}: {prefix}{shown} must be {annotation.replace('tuple', 'a list')}, got {value!r}")
 
 
 def _stage_list(stages) -> tuple[str, ...]:

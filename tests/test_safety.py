@@ -95,3 +95,34 @@ def test_sigterm_exits_143_and_leaves_no_temporary_files(inputs, tmp_path_factor
     assert stderr.strip().splitlines()[-1] == "terminated"
     assert not any(scratch.glob("evoquant-*"))
     assert not (inputs / "out.xml").exists()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "selection_size: lots",
+        "value_range: 5",
+        "value_range: [0, 1, 2]",
+        "search:\n  mu: 2.5",
+        "search: [1, 2]",
+        "search:\n  offspring_groups: -2",
+        "search:\n  patience: -1",
+        "search:\n  max_evaluations: 0",
+        "reconstruct:\n  damping: none",
+        "stages: [reconstruct, polish]",
+    ],
+)
+def test_bad_config_values_are_one_line_errors(tmp_path, text):
+    from evoquant import EvoquantError, RefineConfig
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(EvoquantError) as error:
+        RefineConfig.from_yaml(path)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("flags", [["--seed", "-1"], ["--max-evaluations", "0"], ["--time-limit", "0"]])
+def test_bad_budget_flags_are_refused_before_work(inputs, flags):
+    code, _, stderr = run_cli("refine", str(inputs / "int8.xml"), "-r", str(inputs / "fp32.xml"), *flags, "-q")
+    assert code == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
