@@ -207,7 +207,7 @@ def refine(
     model_path = Path(model)
     original = read_ir(model_path)
     table = require_quantized_weights(original, str(model_path))
-    shape_override = parse_input_shape(input_shape) if isinstance(input_shape, str) else (tuple(input_shape) if input_shape is not None else None)
+    shape_override = parse_input_shape(input_shape)
     shape = sample_shape_of(original, shape_override, data_shape=_data_sample_shape(data if data is not None else config.data))
     output_path = _check_output(output, model_path, reference, data)
     unmatched = find_unmatched_layers(original, table)
@@ -290,8 +290,8 @@ def refine(
             evolve_xml = _write_states(working, working_table, states, workdir / "evolve_start.xml") if (states or working is not original) else model_path
             evolve_model = read_ir(evolve_xml)
             picked, weights = _importance_selection(pool, teacher_pool, evolve_model, sample_objective, config)
-            search, engine_summary = _evolve_stage(evolve_xml, evolve_model, data, data_label, pool, picked, weights, teacher_pool, objective_spec, shape, config, workdir, callback)
             start_table = find_quantized_weights(evolve_model)
+            search, engine_summary = _evolve_stage(evolve_xml, start_table, data, data_label, pool, picked, weights, teacher_pool, objective_spec, shape, config, workdir, callback)
             evolved = dict(states)
             for tensor, (indices, deltas) in search.best.payload().items():
                 evolved[tensor] = apply_shifts(start_table[tensor].states, indices, deltas)
@@ -342,13 +342,12 @@ def refine(
     )
 
 
-def _evolve_stage(evolve_xml: Path, evolve_model, data, data_label, pool, picked, weights, teacher_pool, objective_spec, shape, config: RefineConfig, workdir: Path, callback):
-    """The evolution strategy from ``evolve_xml`` (the start, or the reconstruction): returns the search
-    result and the suffix engine's summary (None on the plain path)."""
+def _evolve_stage(evolve_xml: Path, table, data, data_label, pool, picked, weights, teacher_pool, objective_spec, shape, config: RefineConfig, workdir: Path, callback):
+    """The evolution strategy from ``evolve_xml`` (the start, or the reconstruction; ``table`` its weights):
+    returns the search result and the suffix engine's summary (None on the plain path)."""
     from evoquant.data import Batch
     from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator, evaluate_in_worker, save_context
     from evoquant.fitness.parallel import ParallelMap, threads_per_job
-    from evoquant.ir.weights import find_quantized_weights
     from evoquant.search.strategy import evolve
 
     selection = Batch(np.ascontiguousarray(pool.images[picked]), None if pool.labels is None else pool.labels[picked])
@@ -361,7 +360,6 @@ def _evolve_stage(evolve_xml: Path, evolve_model, data, data_label, pool, picked
         total = len(pool) + config.verification_size
         draw = ImageDraw(data_label, total, 0, len(pool), tuple(shape), config.data_seed, tuple(config.value_range), tuple(int(i) for i in picked))
     context = FitnessContext(str(evolve_xml), selection.images, teacher_selection, selection.labels, objective_spec, threads, draw, weights)
-    table = find_quantized_weights(evolve_model)
     if config.engine == "suffix":
         from evoquant.fitness.engine import SETUP_STEPS_PER_LAYER, SuffixEngine
 
@@ -719,7 +717,7 @@ def quantize(
     started = time.perf_counter()
     model_path = Path(model)
     fp32_model = read_ir(model_path)
-    shape_override = parse_input_shape(input_shape) if isinstance(input_shape, str) else (tuple(input_shape) if input_shape is not None else None)
+    shape_override = parse_input_shape(input_shape)
     shape = sample_shape_of(fp32_model, shape_override, data_shape=_data_sample_shape(calibration))
     output_path = _check_output(output, model_path)
     if output_path is None:
@@ -807,7 +805,7 @@ def synthesize(
         from evoquant.ir.runtime import input_shape as sample_shape_of
         from evoquant.ir.runtime import parse_input_shape, read_ir
 
-        override = parse_input_shape(input_shape) if isinstance(input_shape, str) else (tuple(input_shape) if input_shape is not None else None)
+        override = parse_input_shape(input_shape)
         shape = sample_shape_of(read_ir(like), override)
         if len(shape) != 3:
             raise EvoquantError(f"{like} takes inputs of shape {shape}; data sources make images (C, H, W)")
@@ -901,7 +899,3 @@ def _save_npz_atomically(arrays: dict, output: Path) -> None:
         Path(temporary).unlink(missing_ok=True)
         raise
 
-
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__

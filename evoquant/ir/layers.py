@@ -16,7 +16,7 @@ import numpy as np
 import openvino as ov
 
 from evoquant.ir.runtime import compile_ir
-from evoquant.ir.weights import QuantizedWeight
+from evoquant.ir.weights import QuantizedWeight, constant_value, consumers
 
 _SAME_ORDER = {"Reshape", "Squeeze", "Unsqueeze", "Convert"}  # keep the weight's element order
 
@@ -103,10 +103,7 @@ def layer_output_shape(model: ov.Model, name: str) -> tuple[int, ...]:
 def layer_bias(model: ov.Model, name: str) -> np.ndarray | None:
     """The constant added right after layer ``name`` (its bias), shaped to broadcast on its output; None if none."""
     add = _bias_add(model, name)
-    if add is None:
-        return None
-    constant = _constant_input(add)
-    return np.asarray(constant.get_data(), dtype=np.float64).reshape(tuple(constant.get_output_shape(0)))
+    return None if add is None else _bias_value(add)
 
 
 class ActivationTap:
@@ -153,20 +150,19 @@ def _bias_add(model: ov.Model, name: str) -> ov.Node | None:
     layer = _by_name(model, name)
     if layer is None:
         return None
-    targets = [t for t in layer.output(0).get_target_inputs() if t.get_node().get_type_name() != "ShapeOf"]
+    targets = consumers(layer.output(0))
     if len(targets) != 1 or targets[0].get_node().get_type_name() != "Add":
         return None
     add = targets[0].get_node()
-    return add if _constant_input(add) is not None else None
+    return add if _bias_value(add) is not None else None
 
 
-def _constant_input(add: ov.Node) -> ov.Node | None:
+def _bias_value(add: ov.Node) -> np.ndarray | None:
+    """The Add's constant operand (possibly behind a Convert, e.g. FP16-compressed), float64."""
     for port in range(2):
-        node = add.input_value(port).get_node()
-        if node.get_type_name() == "Convert":
-            node = node.input_value(0).get_node()
-        if node.get_type_name() == "Constant":
-            return node
+        value = constant_value(add.input_value(port).get_node())
+        if value is not None:
+            return value
     return None
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import openvino as ov
 
 from evoquant.errors import EvoquantError
+from evoquant.ir.runtime import _last_line
 
 WEIGHT_BITS = (4, 8)
 TARGET_DEVICES = ("CPU", "GPU", "NPU", "ANY")
@@ -68,9 +69,9 @@ def nncf_quantize(model: ov.Model, items: Sequence[np.ndarray], settings: Quanti
     try:
         return nncf.quantize(model, nncf.Dataset(list(items)), **arguments)
     except nncf.ValidationError as error:
-        raise EvoquantError(f"NNCF rejected the settings: {_one_line(error)}") from None
+        raise EvoquantError(f"NNCF rejected the settings: {_last_line(str(error))}") from None
     except (RuntimeError, ValueError) as error:
-        raise EvoquantError(f"NNCF could not quantize the model: {_one_line(error)}") from None
+        raise EvoquantError(f"NNCF could not quantize the model: {_last_line(str(error))}") from None
 
 
 def top1_agreement_with(reference: ov.Model, quantized: ov.Model, images: np.ndarray, sample_shape: tuple[int, ...]) -> float | None:
@@ -106,7 +107,3 @@ def _ignored_scope(nncf, entries: list[str]):
             names.append(entry)
     return nncf.IgnoredScope(names=names, patterns=patterns, types=types)
 
-
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def input_shape(model: ov.Model, override: "tuple[int, ...] | None" = None, *, d
         if not wanted.compatible(shape):
             raise EvoquantError(f"--input-shape {format_shape(override)} does not fit {role}'s input shape {shape}")
         return tuple(int(d) for d in override[1:])
-    if shape.rank.is_static and len(shape) >= 2 and all(dim.is_static for dim in shape[1:]):
+    if shape.rank.is_static and len(shape) >= 2 and has_static_sample_shape(model):
         return tuple(dim.get_length() for dim in shape[1:])
     if data_shape is not None and (shape.rank.is_dynamic or len(shape) == len(data_shape) + 1):
         if ov.PartialShape([-1, *data_shape]).compatible(shape):
@@ -118,12 +119,15 @@ def input_shape(model: ov.Model, override: "tuple[int, ...] | None" = None, *, d
     raise EvoquantError(f"{role}'s input shape {shape} is dynamic: give it with --input-shape, e.g. --input-shape {example} (as benchmark_app -shape)")
 
 
-def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+def parse_input_shape(text: "str | Sequence[int] | None") -> tuple[int, ...] | None:
     """``--input-shape`` as OpenVINO's tools spell it: ``1,3,224,224``, ``[1,3,224,224]`` or
-    ``input[1,3,224,224]`` (a leading input name is ignored: evoquant models have one input). The batch
-    dimension may be ``?`` or ``-1``; evaluation batches are always dynamic."""
+    ``input[1,3,224,224]`` (a leading input name is ignored: evoquant models have one input), or a
+    sequence of ints from Python. The batch dimension may be ``?`` or ``-1``; evaluation batches are
+    always dynamic."""
     if text is None:
         return None
+    if not isinstance(text, str):
+        text = ",".join(str(dim) for dim in text)
     body = text.strip()
     if "[" in body:
         body = body[body.index("[") + 1 :]

@@ -185,7 +185,7 @@ def _unmatched_reason(node: ov.Node) -> str | None:
         return f"{element_type} weight through {' <- '.join(path) or 'nothing'}: not a pattern evoquant recognises"
     if "FakeQuantize" in path:
         return "FakeQuantize on the weight with non-constant ranges or a shared weight"
-    if len(_consumers(node.output(0))) > 1:
+    if len(consumers(node.output(0))) > 1:
         return f"{element_type} weight shared by several layers, not quantized"
     return f"not quantized ({element_type} weight)"
 
@@ -201,18 +201,18 @@ def require_quantized_weights(model: ov.Model, source: str) -> WeightTable:
     return table
 
 
-def _consumers(output: ov.Output) -> list[ov.Input]:
+def consumers(output: ov.Output) -> list[ov.Input]:
     """Inputs fed by ``output`` that use its values. ``ShapeOf`` only reads the shape: ``model.reshape``'s
     SmartReshape makes the flatten before a classifier read ``ShapeOf`` of the classifier's weight."""
     return [target for target in output.get_target_inputs() if target.get_node().get_type_name() not in ("ShapeOf",)]
 
 
 def _single_consumer(node: ov.Node) -> ov.Node | None:
-    targets = _consumers(node.output(0))
+    targets = consumers(node.output(0))
     return targets[0].get_node() if len(targets) == 1 else None
 
 
-def _constant_value(node: ov.Node) -> np.ndarray | None:
+def constant_value(node: ov.Node) -> np.ndarray | None:
     """Data of a Constant, possibly behind a Convert (f16 scales, u8 zero points)."""
     if node.get_type_name() == "Convert":
         node = node.input_value(0).get_node()
@@ -240,9 +240,9 @@ def _read_constant(node: ov.Node) -> np.ndarray:
 
 def _find_consumer(output: ov.Output) -> tuple[ov.Node, int] | None:
     """Follow shape-only ops to the layer that uses a weight; return it and the input port."""
-    targets = _consumers(output)
+    targets = consumers(output)
     while len(targets) == 1 and targets[0].get_node().get_type_name() in _PASS_THROUGH:
-        targets = _consumers(targets[0].get_node().output(0))
+        targets = consumers(targets[0].get_node().output(0))
     if len(targets) != 1:
         return None
     return targets[0].get_node(), targets[0].get_index()
@@ -258,14 +258,14 @@ def _match_compressed(constant: ov.Node) -> QuantizedWeight | None:
     previous, node = convert, _single_consumer(convert)
     zero_point = None
     if node is not None and node.get_type_name() == "Subtract":
-        zero_point = _constant_value(node.input_value(1).get_node())
+        zero_point = constant_value(node.input_value(1).get_node())
         if zero_point is None:
             return None
         previous, node = node, _single_consumer(node)
     if node is None or node.get_type_name() != "Multiply":
         return None
     chain_port = 0 if node.input_value(0).get_node().get_friendly_name() == previous.get_friendly_name() else 1
-    scale = _constant_value(node.input_value(1 - chain_port).get_node())
+    scale = constant_value(node.input_value(1 - chain_port).get_node())
     if scale is None:
         return None
     consumer = _find_consumer(node.output(0))
@@ -328,14 +328,14 @@ def _match_fakequantize(constant: ov.Node) -> QuantizedWeight | None:
     element_type = constant.get_element_type().get_type_name()
     if element_type not in ("f32", "f16", "bf16"):
         return None
-    targets = _consumers(constant.output(0))
+    targets = consumers(constant.output(0))
     if len(targets) == 1 and targets[0].get_node().get_type_name() == "Convert":
-        targets = _consumers(targets[0].get_node().output(0))
+        targets = consumers(targets[0].get_node().output(0))
     # The weight is the FakeQuantize's data input (port 0); its range Constants feed ports 1-4.
     if len(targets) != 1 or targets[0].get_index() != 0 or targets[0].get_node().get_type_name() != "FakeQuantize":
         return None
     node = targets[0].get_node()
-    bounds = [_constant_value(node.input_value(port).get_node()) for port in range(1, 5)]
+    bounds = [constant_value(node.input_value(port).get_node()) for port in range(1, 5)]
     if any(bound is None for bound in bounds):
         return None
     input_low, input_high, output_low, output_high = bounds

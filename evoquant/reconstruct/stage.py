@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from evoquant.config import ReconstructConfig
+from evoquant.ir.layers import ActivationTap, UnsupportedLayer, layer_bias, layer_geometry, layer_output_shape
 from evoquant.reconstruct.rows import input_rows, output_rows, rows_per_image, weight_from_matrices, weight_matrices
 from evoquant.reconstruct.solver import Grid, NormalEquations, solve_states
 
@@ -77,7 +78,6 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
     ``images`` are the calibration images (already shaped and scaled for the model). The model object is
     patched while the stage runs and restored at the end; the returned states are applied by the caller.
     """
-    from evoquant.ir.layers import ActivationTap, UnsupportedLayer, layer_bias, layer_geometry, layer_output_shape
     from evoquant.ir.patch import ConstantPatcher
 
     started = time.perf_counter()
@@ -117,7 +117,7 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
     bar = _bar(progress, len(plans))
     try:
         for weight, geometry in plans:
-            result, states = _solve_layer(model, weight, geometry, images, targets.pop(weight.index), positions[weight.index], config, ActivationTap)
+            result, states = _solve_layer(model, weight, geometry, images, targets.pop(weight.index), positions[weight.index], config)
             layers.append(result)
             if states is not None:
                 solved[weight.index] = states
@@ -134,9 +134,9 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
     return ReconstructResult(solved, layers, time.perf_counter() - started)
 
 
-def _solve_layer(model, weight, geometry, images, targets, positions, config: ReconstructConfig, tap_class):
+def _solve_layer(model, weight, geometry, images, targets, positions, config: ReconstructConfig):
     data_port = 1 - weight.consumer_port if geometry.kind == "matmul" else 0
-    tap = tap_class(model, [("input", weight.consumer, data_port)], f32=False)
+    tap = ActivationTap(model, [("input", weight.consumer, data_port)], f32=False)
     groups = weight_grid(weight, geometry, config.max_shift)
     equations = [NormalEquations(grid.scale.shape[1], grid.scale.shape[0]) for grid in groups]
     for chunk, (start, (inputs,)) in enumerate(tap.chunks(images, config.batch_size)):
