@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from evoquant.config import RefineConfig
 from evoquant.errors import EvoquantError, EvoquantWarning
 from evoquant.fitness.objectives import OBJECTIVES, Objective, SampleObjective, accuracy, kl_to_teacher, load_hook, looks_like_classifier, normalized_mse, resolve_objective, top1_agreement
 from evoquant.fitness.sampling import effective_size, importance_sample
+from evoquant.paths import copy_ir, save_ir
 from evoquant.search.genome import SearchSpace, apply_shifts
 from evoquant.search.strategy import GenerationStats
 
@@ -228,6 +228,10 @@ def refine(
         if not has_static_sample_shape(teacher_model):
             teacher_model = with_sample_shape(teacher_model, shape)
         _check_reference(working, teacher_model)
+        quantized_in_reference = find_quantized_weights(teacher_model)
+        if quantized_in_reference:
+            raise EvoquantError(f"the reference {reference} is itself quantized ({len(quantized_in_reference)} quantized weight tensors): "
+                                "give the FP32 model the quantized one was made from")
         attach_reference(working_table, teacher_model)
         teacher_compiled = compile_ir(teacher_model, f32=True)
     run_stages = _runnable_stages(config, stages, teacher_model)
@@ -249,8 +253,16 @@ def refine(
     teacher_pool = infer(teacher_compiled, pool.images) if teacher_model is not None else None
     teacher_verification = infer(teacher_compiled, verification.images) if teacher_model is not None else None
     classifier = looks_like_classifier(output_signature(original))
+    classes = int(output_signature(original)[0][0]) if classifier else None
     # A fractal's labels (its system index) are not the model's classes; a GAN's or a class folder's are.
     class_labels = verification.labels if labels_are_classes else None
+    if objective_name == "ce" and not labels_are_classes:
+        what = "has no labels" if pool.labels is None else "has labels that are not the model's classes (a fractal's label is its system's index)"
+        raise EvoquantError(f"--objective ce needs images labelled with the model's classes, and {data_label} {what}: "
+                            "use gan:GEN_DIR, a folder with a sub-folder per class or an .npz with labels, or another objective")
+    if labels_are_classes and classes is not None:
+        _check_labels(pool.labels, classes, data_label)
+    heldout_batch = _heldout_batch(heldout, shape, config, teacher_model is not None, classes)
 
     with tempfile.TemporaryDirectory(prefix="evoquant-") as workdir_name:
         workdir = Path(workdir_name)
@@ -267,6 +279,7 @@ def refine(
 
         start_outputs = verifier.outputs({})
         start_metrics = _metrics(start_outputs, teacher_verification, class_labels, classifier, verifier.score(start_outputs))
+        _check_start(start_outputs, teacher_verification, start_metrics, classes, str(model_path), reference)
         candidates: list[tuple[str, Path, Metrics, dict]] = [("start", model_path, start_metrics, {})]
         reports: list[StageReport] = []
         states: dict[int, np.ndarray] = {}
@@ -306,9 +319,9 @@ def refine(
         improved = best_name != "start" and final_metrics.fitness < start_metrics.fitness
         if not improved:
             best_name, final_xml, final_metrics, final_states = candidates[0]
-        heldout_metrics = _heldout_metrics(heldout, shape, config, model_path, final_xml, teacher_model, classifier)
+        heldout_metrics = _heldout_metrics(heldout_batch, model_path, final_xml, teacher_model, classifier)
         if output_path is not None:
-            _write_output(final_xml, output_path)
+            copy_ir(final_xml, output_path)
 
     moved = sum(int(np.count_nonzero(tensor_states != table[index].states)) for index, tensor_states in final_states.items())
     return RefineResult(
@@ -396,12 +409,12 @@ def _runnable_stages(config: RefineConfig, asked, teacher_model) -> tuple[str, .
 
 def _write_states(model, table, states: dict[int, np.ndarray], path: Path) -> Path:
     """Save ``model`` with ``states`` patched into its weight constants (restored afterwards)."""
-    from evoquant.ir.patch import ConstantPatcher, save_atomically
+    from evoquant.ir.patch import ConstantPatcher
 
     patcher = ConstantPatcher(model, table)
     patcher.apply(states)
     try:
-        return save_atomically(model, path)
+        return save_ir(model, path)
     finally:
         patcher.restore()
 
@@ -456,17 +469,6 @@ def _check_output(output: ModelLike | None, *inputs: ModelLike | None, suffix: s
         raise EvoquantError(f"the output must be a {suffix} path, got {output_path}")
     check_outputs({"the output": output_path}, [path for path in inputs if isinstance(path, (str, os.PathLike))])
     return output_path
-
-
-def _write_output(source_xml: Path, output_xml: Path) -> None:
-    """Copy an IR pair into place atomically (temporary names, then rename; .bin before .xml)."""
-    directory = output_xml.parent if str(output_xml.parent) else Path(".")
-    with tempfile.TemporaryDirectory(prefix=".evoquant-", dir=directory) as staging:
-        staged_xml = Path(staging) / "model.xml"
-        shutil.copyfile(source_xml, staged_xml)
-        shutil.copyfile(source_xml.with_suffix(".bin"), staged_xml.with_suffix(".bin"))
-        os.replace(staged_xml.with_suffix(".bin"), output_xml.with_suffix(".bin"))
-        os.replace(staged_xml, output_xml)
 
 
 def _check_reference(int8_model, teacher_model) -> None:
@@ -551,17 +553,18 @@ def _metrics(outputs, teacher, labels, classifier: bool, fitness: float | None =
     )
 
 
-def _heldout_metrics(heldout, shape, config, model_path: Path, final_xml: Path, teacher_model, classifier: bool):
-    """Metrics on real held-out data, for the report only: (before, after, reference)."""
+def _heldout_batch(heldout, shape, config, has_teacher: bool, classes: int | None):
+    """The held-out data, loaded and checked before any work (its problems must not surface after a search)."""
     if heldout is None:
-        return None, None, None
+        return None
     from evoquant.data import Batch
-    from evoquant.ir.runtime import compile_ir, infer, read_ir
 
     if isinstance(heldout, tuple):
         heldout = Batch(np.ascontiguousarray(heldout[0], dtype=np.float32), np.asarray(heldout[1], dtype=np.int64))
     if isinstance(heldout, Batch):
         batch = heldout
+        if batch.images.ndim != 4 or tuple(batch.images.shape[1:]) != tuple(shape):
+            raise EvoquantError(f"the held-out data has shape {tuple(batch.images.shape)} but the model takes (N, {', '.join(map(str, shape))})")
     else:
         from evoquant.data import load_source
 
@@ -569,8 +572,19 @@ def _heldout_metrics(heldout, shape, config, model_path: Path, final_xml: Path, 
         if not source.finite:
             raise EvoquantError("--heldout must be real labelled data: an .npz with labels or a folder per class")
         batch = source.sample(len(source), tuple(shape), seed=0, value_range=tuple(config.value_range))
-    if batch.labels is None and teacher_model is None:
+    if batch.labels is None and not has_teacher:
         raise EvoquantError("--heldout data has no labels and there is no reference to compare with")
+    if batch.labels is not None and classes is not None:
+        _check_labels(batch.labels, classes, "the held-out data")
+    return batch
+
+
+def _heldout_metrics(batch, model_path: Path, final_xml: Path, teacher_model, classifier: bool):
+    """Metrics on real held-out data, for the report only: (before, after, reference)."""
+    if batch is None:
+        return None, None, None
+    from evoquant.ir.runtime import compile_ir, infer, read_ir
+
     teacher = infer(compile_ir(teacher_model, f32=True), batch.images) if teacher_model is not None else None
     before = infer(compile_ir(read_ir(model_path)), batch.images)
     after = infer(compile_ir(read_ir(final_xml)), batch.images) if final_xml != model_path else before
@@ -579,6 +593,45 @@ def _heldout_metrics(heldout, shape, config, model_path: Path, final_xml: Path, 
         _metrics(after, teacher, batch.labels, classifier),
         _metrics(teacher, teacher, batch.labels, classifier) if teacher is not None else None,
     )
+
+
+def _check_labels(labels, classes: int, what: str) -> None:
+    """Labels must index the model's classes (a label past them makes accuracy and ce meaningless)."""
+    if labels is None or len(labels) == 0:
+        return
+    low, high = int(np.min(labels)), int(np.max(labels))
+    if low < 0 or high >= classes:
+        raise EvoquantError(f"{what} has labels {low}..{high} but the model has {classes} classes (0..{classes - 1})")
+
+
+#: The start model's top-1 agreement with its reference below which refine warns (a badly quantized model,
+#: or synthetic images far from the model's domain).
+LOW_START_AGREEMENT = 0.5
+#: Cohen's kappa of the start's and the reference's top-1 below which refine refuses: their predictions are
+#: no more related than two unrelated models' (the wrong .bin or the wrong reference).
+UNRELATED_KAPPA = 0.2
+
+
+def _check_start(outputs, teacher, metrics: Metrics, classes: int | None, model: str, reference) -> None:
+    """Refuse a start that cannot be what the user meant (non-finite outputs, no relation to the reference);
+    warn about one that is far from it."""
+    if not all(np.isfinite(output).all() for output in outputs):
+        raise EvoquantError(f"{model} gives NaN or infinite outputs on the verification images: its .bin is damaged or does not belong to its .xml")
+    if metrics.agreement is not None and classes:
+        # Chance agreement of two unrelated models with these class frequencies (Cohen's kappa's baseline).
+        predicted = np.bincount(np.argmax(outputs[0], axis=1), minlength=classes) / len(outputs[0])
+        expected = np.bincount(np.argmax(teacher[0], axis=1), minlength=classes) / len(teacher[0])
+        chance = float(np.dot(predicted, expected))
+        kappa = (metrics.agreement - chance) / (1.0 - chance) if chance < 1.0 else 1.0
+        if kappa < UNRELATED_KAPPA:
+            raise EvoquantError(f"{model} agrees with the reference {reference} on only {100 * metrics.agreement:.1f}% of the verification images, "
+                                f"about what two unrelated models would ({100 * chance:.1f}%): one of them is the wrong model or has a damaged .bin")
+        if metrics.agreement < LOW_START_AGREEMENT:
+            _warn(f"{model} agrees with its reference on only {100 * metrics.agreement:.1f}% of the verification images: a badly quantized model, "
+                  "or images far from what the model was trained on (try --data with real or GAN images)")
+    elif metrics.mse is not None and metrics.mse >= 1.0:
+        raise EvoquantError(f"{model}'s outputs differ from the reference {reference}'s by {metrics.mse:.2f} of their energy (an all-zero output "
+                            "scores 1.00): one of them is the wrong model or has a damaged .bin")
 
 
 @contextmanager
@@ -746,7 +799,7 @@ def quantize(
         _warn(f"the quantized model agrees with FP32 on only {100 * agreement:.1f}% of the calibration images; with --no-fast-bias-correction "
               f"{100 * agreement_full:.1f}% ({better})")
     quantized_tensors = len(find_quantized_weights(quantized))
-    _save_model_atomically(quantized, output_path)
+    save_ir(quantized, output_path)
     return QuantizeResult(
         model=str(model_path),
         output=str(output_path),
@@ -813,8 +866,11 @@ def synthesize(
     data_source = source if isinstance(source, DataSource) else load_source(str(source))
     batch = data_source.sample(n, tuple(shape), seed=seed, value_range=tuple(value_range))
     if output_path is not None:
+        from evoquant.paths import staged
+
         arrays = {"x": batch.images} if batch.labels is None else {"x": batch.images, "y": batch.labels}
-        _save_npz_atomically(arrays, output_path)
+        with staged(output_path) as temporary:
+            np.savez(temporary, **arrays)
     return batch
 
 
@@ -873,29 +929,3 @@ class _nncf_output:
 
         self.stack.close()
         nncf.set_log_level(self.level)
-
-
-def _save_model_atomically(ov_model, output_xml: Path) -> None:
-    """``ov.save_model`` into a staging folder beside the output, then rename (.bin before .xml)."""
-    import openvino as ov
-
-    directory = output_xml.parent if str(output_xml.parent) else Path(".")
-    with tempfile.TemporaryDirectory(prefix=".evoquant-", dir=directory) as staging:
-        staged_xml = Path(staging) / "model.xml"
-        ov.save_model(ov_model, staged_xml, compress_to_fp16=False)
-        os.replace(staged_xml.with_suffix(".bin"), output_xml.with_suffix(".bin"))
-        os.replace(staged_xml, output_xml)
-
-
-def _save_npz_atomically(arrays: dict, output: Path) -> None:
-    directory = output.parent if str(output.parent) else Path(".")
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{output.stem}.", suffix=".npz")
-    os.close(handle)
-    try:
-        np.savez(temporary, **arrays)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; a data file is ordinary shared data
-        os.replace(temporary, output)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-

@@ -84,6 +84,17 @@ class ReconstructConfig:
 
 
 STAGES = ("reconstruct", "evolve")
+BACKENDS = ("loky", "threading", "multiprocessing", "dask")
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, e.g. under a scheduler)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,11 @@ class RefineConfig:
             raise EvoquantError(f"the selection pool must be 0 or more images, got {self.selection_pool}")
         if self.jobs < 1:
             raise EvoquantError(f"--jobs must be at least 1, got {self.jobs}")
+        if self.backend not in BACKENDS:
+            raise EvoquantError(f"unknown backend {self.backend!r}; choose {', '.join(BACKENDS)}")
+        if self.backend != "dask" and self.jobs > usable_cores():
+            raise EvoquantError(f"--jobs {self.jobs}: this machine lets evoquant use {usable_cores()} CPU core(s), and more processes than "
+                                "cores only slow each other down; use at most that many (or --backend dask for a cluster)")
         if self.engine not in ("plain", "suffix"):
             raise EvoquantError(f"unknown engine {self.engine!r}; choose plain or suffix")
         unknown = [stage for stage in self.stages if stage not in STAGES]

@@ -106,7 +106,9 @@ def write_json(data: dict, path: str | Path) -> None:
             return [clean(v) for v in value]
         return value
 
-    Path(path).write_text(json.dumps(clean(data), indent=2) + "\n")
+    from evoquant.paths import write_text
+
+    write_text(path, json.dumps(clean(data), indent=2) + "\n")
 
 
 def plot_history(result, path: str | Path) -> None:
@@ -130,5 +132,10 @@ def plot_history(result, path: str | Path) -> None:
     axis.legend()
     axis.set_title(Path(result.model).name)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    from evoquant.paths import staged
+
+    try:
+        with staged(path) as temporary:
+            figure.savefig(temporary, dpi=120, format=Path(path).suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(figure)

@@ -514,3 +514,17 @@ def test_folder_rejects_unsupported_channel_count(tmp_path):
     _png(tmp_path / "a.png", 10)
     with pytest.raises(EvoquantError, match="channels"):
         load_source(str(tmp_path)).sample(1, (4, 4, 4), seed=0)
+
+
+def test_sixteen_bit_pngs_keep_their_full_range(tmp_path):
+    """A 16-bit grayscale PNG is read as 0..65535 scaled to [0, 1] (converting it to 8-bit mode clips it to 0/1)."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    for label in ("0", "1"):
+        (tmp_path / label).mkdir()
+        Image.fromarray(ramp).save(tmp_path / label / "ramp.png")
+    images = load_source(str(tmp_path)).sample(2, (1, 32, 32), seed=0).images
+    np.testing.assert_allclose(images[0, 0], ramp / 65535.0, atol=1e-6)
+    rgb = load_source(str(tmp_path)).sample(1, (3, 16, 16), seed=0).images
+    assert rgb.shape == (1, 3, 16, 16) and 0.45 < rgb.mean() < 0.55

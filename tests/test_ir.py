@@ -8,7 +8,8 @@ import openvino.opset13 as opset
 import pytest
 
 from evoquant.errors import EvoquantError
-from evoquant.ir.patch import ConstantPatcher, save_atomically
+from evoquant.ir.patch import ConstantPatcher
+from evoquant.paths import save_ir as save_atomically
 from evoquant.ir.runtime import compile_ir, infer, read_ir
 from evoquant.ir.weights import attach_reference, find_quantized_weights, require_quantized_weights
 from tests.conftest import ops_by_name

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from test_cli import run_cli
@@ -126,3 +127,108 @@ def test_bad_config_values_are_one_line_errors(tmp_path, text):
 def test_bad_budget_flags_are_refused_before_work(inputs, flags):
     code, _, stderr = run_cli("refine", str(inputs / "int8.xml"), "-r", str(inputs / "fp32.xml"), *flags, "-q")
     assert code == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+
+
+def _refuses(code: int, stderr: str, words: str) -> None:
+    """Exit 2, one line naming what is wrong, no traceback."""
+    assert code == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert words in stderr, stderr
+
+
+def _refine(inputs, *flags):
+    return run_cli("refine", str(inputs / "int8.xml"), *flags, "-o", str(inputs / "out.xml"), *REFINE)
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["-r", "{d}/fp32.xml", "--data", "{d}/data.npz", "--fitness", "tests.hooks.fitness_hooks:raises"], "raised KeyError"),
+        (["-r", "{d}/fp32.xml", "--data", "{d}/data.npz", "--fitness", "tests.hooks.fitness_hooks:exits"], "called sys.exit(0)"),
+        (["-r", "{d}/fp32.xml", "--objective", "ce", "--data", "fractal:8"], "are not the model's classes"),
+        (["-r", "{d}/fp32.xml", "--objective", "ce", "--data", "{d}/data.npz"], "needs labelled data"),
+        (["-r", "{d}/fp32.xml", "--data", "{d}/labelled.npz", "--objective", "ce"], "labels 0..19 but the model has 10 classes"),
+        (["-r", "{d}/fp32.xml", "--data", "{d}/data.npz", "--heldout", "{d}/labelled.npz"], "labels 0..19 but the model has 10 classes"),
+        (["-r", "{d}/fp32.xml", "--data", "{d}/data.npz", "--heldout", "{d}/random.npz"], "is not a valid .npz archive"),
+        (["-r", "{d}/int8.xml", "--data", "{d}/data.npz"], "is itself quantized"),
+        (["-r", "{d}/fp32.xml", "--data", "{d}/data.npz", "--jobs", "1000"], "--jobs 1000"),
+        (["-r", "{d}", "--data", "{d}/data.npz"], "is a directory"),
+        (["-r", "{d}/fp32.xml", "--data", "{d}/random.npz"], "is not a valid .npz archive"),
+    ],
+)
+def test_bad_runs_are_refused_in_one_line_before_any_search(inputs, flags, words):
+    rng = np.random.default_rng(0)
+    np.savez(inputs / "labelled.npz", x=rng.random((200, 3, 8, 8), dtype=np.float32), y=np.arange(200) % 20)
+    (inputs / "random.npz").write_bytes(rng.bytes(4096))
+    before, listing = _digest(inputs), sorted(path.name for path in inputs.iterdir())
+    started = time.perf_counter()
+    code, _, stderr = _refine(inputs, *[flag.format(d=inputs) for flag in flags])
+    _refuses(code, stderr, words)
+    assert time.perf_counter() - started < 30  # a fresh interpreter importing OpenVINO; the check itself is instant
+    assert _digest(inputs) == before and sorted(path.name for path in inputs.iterdir()) == listing
+
+
+@pytest.mark.parametrize("part", ["weights", "all"])
+def test_a_bin_of_garbage_is_refused(inputs, part):
+    """Random bytes in the integer weights (OpenVINO reads it; the model has nothing to do with the reference),
+    or in the whole .bin (OpenVINO cannot read it)."""
+    from xml.etree import ElementTree
+
+    data = bytearray((inputs / "int8.bin").read_bytes())
+    rng = np.random.default_rng(1)
+    if part == "all":
+        data[:] = rng.bytes(len(data))
+    for layer in ElementTree.parse(inputs / "int8.xml").getroot().iter("layer"):
+        element = layer.find("data")
+        if part == "weights" and layer.get("type") == "Const" and element.get("element_type") == "i8":
+            offset, size = int(element.get("offset")), int(element.get("size"))
+            data[offset : offset + size] = rng.bytes(size)
+    (inputs / "int8.bin").write_bytes(bytes(data))
+    code, _, stderr = _refine(inputs, "-r", str(inputs / "fp32.xml"), "--data", str(inputs / "data.npz"))
+    _refuses(code, stderr, ".bin")
+    assert not (inputs / "out.xml").exists()
+
+
+def test_synth_refuses_a_draw_larger_than_memory(tmp_path):
+    code, _, stderr = run_cli("synth", "-s", "noise", "-n", "10000000000", "--shape", "3,32,32", "-o", str(tmp_path / "x.npz"))
+    _refuses(code, stderr, "GiB")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_ir_pair_mixed_from_two_writes_is_detected(tiny_irs, tmp_path):
+    """Every IR evoquant writes records its .bin's digest; evoquant's reader refuses a pair that does not match."""
+    import openvino as ov
+
+    from evoquant import EvoquantError
+    from evoquant.ir.runtime import read_ir
+    from evoquant.paths import copy_ir, save_ir
+
+    copy_ir(tiny_irs.int8, tmp_path / "a.xml")
+    save_ir(ov.Core().read_model(tiny_irs.fp32), tmp_path / "b.xml")
+    read_ir(tmp_path / "a.xml")
+    shutil.copy(tmp_path / "b.bin", tmp_path / "a.bin")  # what a reader between the two renames of a write would see
+    with pytest.raises(EvoquantError, match="does not belong"):
+        read_ir(tmp_path / "a.xml")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.bin", "a.xml", "b.bin", "b.xml"]  # no staging left
+
+
+def test_concurrent_writers_never_leave_a_mixed_pair(tiny_irs, tmp_path):
+    import threading
+
+    import openvino as ov
+
+    from evoquant.ir.runtime import read_ir
+    from evoquant.paths import save_ir
+
+    models = [ov.Core().read_model(tiny_irs.int8), ov.Core().read_model(tiny_irs.fp32)]
+
+    def write(model):
+        for _ in range(10):
+            save_ir(model, tmp_path / "out.xml")
+
+    threads = [threading.Thread(target=write, args=(model,)) for model in models]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    read_ir(tmp_path / "out.xml")  # the record matches: the last commit wrote both files
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out.bin", "out.xml"]

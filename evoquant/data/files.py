@@ -253,6 +253,12 @@ class FolderSource(_FiniteSource):
 
         try:
             with Image.open(path) as im:
+                if im.mode == "I" or im.mode.startswith("I;16"):  # 16-bit grayscale: 0..65535, not clipped to 8 bits
+                    im = im.convert("I").convert("F")
+                    if im.size != (width, height):
+                        im = im.resize((width, height), Image.Resampling.BILINEAR)
+                    gray = np.clip(np.asarray(im, dtype=np.float32) / np.float32(65535.0), 0.0, 1.0)
+                    return np.repeat(gray[None], channels, axis=0)
                 im = im.convert("L" if channels == 1 else "RGB")
                 if im.size != (width, height):
                     im = im.resize((width, height), Image.Resampling.BILINEAR)

@@ -109,6 +109,7 @@ class DataSource:
         shape = _check_shape(shape)
         seed = _check_int("seed", seed, minimum=0)
         lo, hi = _check_range(value_range)
+        _check_memory(n, shape)
 
         images01, labels = self._sample01(n, shape, np.random.default_rng(seed))
 
@@ -134,6 +135,19 @@ class DataSource:
         deterministic.  Arguments are already validated by :meth:`sample`.
         """
         raise NotImplementedError
+
+
+def _check_memory(n: int, shape: tuple[int, int, int]) -> None:
+    """Refuse a draw whose images alone would take more than half the machine's memory (``synth -n 1e10``
+    must be an error, not an out-of-memory kill)."""
+    needed = 2 * n * int(np.prod(shape)) * 4  # the draw and its float32 copy
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): no check
+        return
+    if needed > memory // 2:
+        raise EvoquantError(f"{n} images of shape {'x'.join(map(str, shape))} need {needed / 2**30:.1f} GiB; this machine has "
+                            f"{memory / 2**30:.1f} GiB of memory: draw fewer")
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ class FitnessContext:
     def resolve_objective(self) -> tuple[Objective, str]:
         """The callable, and how to name it in error messages."""
         if callable(self.objective):
-            return self.objective, "hook"
+            return self.objective, f"hook {getattr(self.objective, '__qualname__', type(self.objective).__name__)!r}"
         if self.objective in OBJECTIVES:
             return OBJECTIVES[self.objective], f"objective {self.objective!r}"
         return load_hook(self.objective), f"hook {self.objective!r}"
@@ -117,9 +117,17 @@ class PlainEvaluator:
     def score(self, outputs: Sequence[np.ndarray]) -> float:
         """Apply the objective to outputs, checking the result is a finite number."""
         context = self.context
-        if context.weights is not None:
-            return checked(self.objective(list(outputs), context.teacher, context.labels, weights=context.weights), self.objective_name)
-        return checked(self.objective(list(outputs), context.teacher, context.labels), self.objective_name)
+        keywords = {} if context.weights is None else {"weights": context.weights}
+        if self.objective_name.startswith("objective "):  # a built-in: its errors are evoquant's bugs, not the user's
+            return checked(self.objective(list(outputs), context.teacher, context.labels, **keywords), self.objective_name)
+        try:
+            value = self.objective(list(outputs), context.teacher, context.labels, **keywords)
+        except SystemExit as exit_:  # a hook must not end the run (and with it, the result) by itself
+            raise EvoquantError(f"the fitness {self.objective_name} called sys.exit({exit_.code!r}); a hook must return a number") from None
+        except Exception as error:
+            message = " ".join(str(error).split()) or "no message"
+            raise EvoquantError(f"the fitness {self.objective_name} raised {type(error).__name__}: {message}") from None
+        return checked(value, self.objective_name)
 
     def __call__(self, payload: Payload) -> float:
         return self.score(self.outputs(payload))

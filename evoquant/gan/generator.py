@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -193,17 +192,9 @@ def load_generator(
 
 def write_json_atomically(data: dict, path: Path) -> None:
     """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    directory = path.parent
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2)
-            stream.write("\n")
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; metadata is ordinary shared data
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    from evoquant.paths import write_text
+
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def meta_for(info: GeneratorInfo, files: dict[str, str], **extra: Any) -> dict:

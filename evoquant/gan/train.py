@@ -49,6 +49,7 @@ import numpy as np
 from evoquant.errors import EvoquantError
 from evoquant.gan.generator import META_FILE, Generator, GeneratorInfo, load_generator, meta_for, write_json_atomically
 from evoquant.gan.models import create_discriminator, create_generator, import_torch
+from evoquant.paths import staged
 
 __all__ = ["TrainResult", "train_gan", "distill", "DEFAULT_STEPS", "DEFAULT_DISTILL_STEPS"]
 
@@ -403,15 +404,8 @@ def _save_checkpoint(torch: Any, state: _State, settings: dict, path: Path) -> N
         "discriminator_optimizer": state.discriminator_optimizer.state_dict(),
         "batch_generator": state.batch_generator.get_state(),
     }
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with staged(path) as temporary:
         torch.save(payload, temporary)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _load_checkpoint(torch: Any, settings: dict, path: Path) -> _State:
@@ -642,13 +636,5 @@ def save_sample_grid(generator: Generator, path: str | os.PathLike, *, columns: 
         pixels = pixels.transpose(1, 2, 0).repeat(zoom, axis=0).repeat(zoom, axis=1)
         top, left = gap + r * (tile_h + gap), gap + c * (tile_w + gap)
         canvas[top : top + tile_h, left : left + tile_w] = pixels
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(handle)
-    try:
+    with staged(path, suffix=".png") as temporary:
         Image.fromarray(canvas).save(temporary)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

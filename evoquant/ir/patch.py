@@ -1,4 +1,4 @@
-"""Write integer states back into an IR: patch weight Constants in place, save atomically.
+"""Write integer states back into an IR: patch weight Constants in place (saving: :mod:`evoquant.paths`).
 
 Only weight Constants change: the new Constant takes the old one's friendly name and element type, and
 replaces its output, so every other node, attribute and rt_info entry of the model is untouched and the
@@ -7,10 +7,7 @@ result still runs INT8 kernels in stock OpenVINO.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import openvino as ov
@@ -71,30 +68,3 @@ def _make_constant(weight: QuantizedWeight, states: np.ndarray) -> ov.Node:
     if element_type is not None:
         return opset.constant(data, dtype=element_type)
     return opset.constant(data)
-
-
-def save_atomically(model: ov.Model, output_xml: str | os.PathLike) -> Path:
-    """Save ``model`` as ``output_xml`` (+ .bin) so that a crash never leaves a half-written IR behind.
-
-    The IR is written under a temporary name in the target directory and renamed into place (.bin first,
-    then .xml, the file users open). Weights keep their element types: ``compress_to_fp16`` is off.
-    """
-    output_xml = Path(output_xml)
-    if output_xml.suffix.lower() != ".xml":
-        raise EvoquantError(f"the output must be an .xml path, got {output_xml}")
-    directory = output_xml.parent if str(output_xml.parent) else Path(".")
-    if not directory.is_dir():
-        raise EvoquantError(f"the output directory {directory} does not exist")
-    handle, temporary = tempfile.mkstemp(prefix=f".{output_xml.stem}.", suffix=".xml", dir=directory)
-    os.close(handle)
-    temporary_xml = Path(temporary)
-    temporary_bin = temporary_xml.with_suffix(".bin")
-    try:
-        ov.save_model(model, str(temporary_xml), compress_to_fp16=False)
-        os.replace(temporary_bin, output_xml.with_suffix(".bin"))
-        os.replace(temporary_xml, output_xml)
-    except BaseException:
-        for leftover in (temporary_xml, temporary_bin):
-            leftover.unlink(missing_ok=True)
-        raise
-    return output_xml

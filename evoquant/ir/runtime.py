@@ -43,6 +43,8 @@ def read_ir(xml_path: str | os.PathLike) -> ov.Model:
     missing, empty or truncated .bin.
     """
     xml_path = Path(xml_path)
+    if xml_path.is_dir():
+        raise EvoquantError(f"{xml_path} is a directory; give the model's .xml file")
     if not xml_path.is_file():
         raise EvoquantError(f"no such model file: {xml_path}")
     if xml_path.suffix.lower() != ".xml":
@@ -57,13 +59,19 @@ def read_ir(xml_path: str | os.PathLike) -> ov.Model:
     needs_weights = any(layer.get("type") == "Const" for layer in root.iter("layer"))
     if needs_weights and not bin_path.is_file():
         raise EvoquantError(f"the weights file {bin_path} is missing (an IR is an .xml and a .bin)")
+    from evoquant.paths import BIN_DIGEST_KEY, file_digest
+
+    record = root.find(f"rt_info/{BIN_DIGEST_KEY}")  # an IR evoquant wrote records its .bin's digest (see evoquant.paths)
+    if record is not None and bin_path.is_file() and file_digest(bin_path) != record.get("value"):
+        raise EvoquantError(f"the weights file {bin_path} does not belong to {xml_path.name} (another write replaced one of the pair, "
+                            "or a write is in progress)")
     try:
         return core().read_model(str(xml_path))
     except RuntimeError as error:
         message = str(error)
         if "weights" in message.lower() or "bin file" in message.lower():
             raise EvoquantError(f"the weights file {bin_path} is truncated or does not belong to {xml_path.name}") from None
-        raise EvoquantError(f"OpenVINO cannot read {xml_path}: {_last_line(message)}") from None
+        raise EvoquantError(f"OpenVINO cannot read {xml_path}: {_last_line(message)} (a damaged .bin, or a .bin from another model?)") from None
 
 
 def compile_ir(model: ov.Model, *, threads: int | None = None, f32: bool = False) -> ov.CompiledModel:
