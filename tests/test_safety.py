@@ -232,3 +232,8 @@ def test_concurrent_writers_never_leave_a_mixed_pair(tiny_irs, tmp_path):
         thread.join()
     read_ir(tmp_path / "out.xml")  # the record matches: the last commit wrote both files
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out.bin", "out.xml"]
+
+
+def test_a_run_without_output_says_nothing_was_written(inputs):
+    code, stdout, _ = run_cli("refine", str(inputs / "int8.xml"), "-r", str(inputs / "fp32.xml"), "--data", str(inputs / "data.npz"), "--stages", "reconstruct", *REFINE)
+    assert code == 0 and "nothing written (no -o given)" in stdout
