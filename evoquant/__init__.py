@@ -3,6 +3,7 @@
 Public API::
 
     evoquant.refine(model, reference=..., data=..., output=..., stages=..., input_shape=...) -> RefineResult
+    evoquant.resume(run_dir) / merge(run_dirs, output=...)                   -> RefineResult / MergeResult
     evoquant.inspect(model) / inspect_unmatched(model)                       -> weights / layers not refined
     evoquant.quantize(fp32, calibration=..., output=..., weight_bits=4|8, target_device=..., model_type=...)
                                                                              -> QuantizeResult
@@ -12,10 +13,10 @@ Public API::
     evoquant.EvoquantError                                                   (every user-facing error)
 """
 
-from evoquant.api import Metrics, QuantizeResult, RefineResult, StageReport, WeightInfo, inspect, inspect_unmatched, quantize, refine, synthesize
+from evoquant.api import MergeResult, Metrics, QuantizeResult, RefineResult, StageReport, WeightInfo, inspect, inspect_unmatched, merge, quantize, refine, resume, synthesize
 from evoquant.config import ReconstructConfig, RefineConfig, SearchConfig
 from evoquant.errors import EvoquantError, EvoquantWarning
 
-__all__ = ["refine", "inspect", "inspect_unmatched", "quantize", "synthesize", "QuantizeResult", "RefineConfig", "SearchConfig", "ReconstructConfig",
+__all__ = ["refine", "resume", "merge", "MergeResult", "inspect", "inspect_unmatched", "quantize", "synthesize", "QuantizeResult", "RefineConfig", "SearchConfig", "ReconstructConfig",
            "RefineResult", "StageReport", "Metrics", "WeightInfo", "EvoquantError", "EvoquantWarning"]
 __version__ = "0.1.0"

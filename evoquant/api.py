@@ -156,6 +156,8 @@ def refine(
     time_limit: float | None = None,
     callback: Callable[[GenerationStats], bool | None] | None = None,
     progress: bool | None = None,
+    run_dir: str | os.PathLike | None = None,
+    island: str | tuple[int, int] | None = None,
 ) -> RefineResult:
     """Refine the integer weight states of a quantized OpenVINO model toward its FP32 reference.
 
@@ -186,6 +188,12 @@ def refine(
         stages: ``"reconstruct,evolve"`` (default), ``"reconstruct"`` or ``"evolve"`` (or a sequence).
         input_shape: the model's input shape, batch first (``(1, 3, 224, 224)`` or ``"1,3,224,224"``).
         callback: called with each generation's :class:`GenerationStats`; return True to stop early.
+        run_dir: a run directory (:mod:`evoquant.rundir`): each stage's result and each generation's search
+            state are saved there, and a refine given the same directory again (or :func:`resume`)
+            continues where it stopped, ending with the same IR as an uninterrupted run.
+        island: ``"I/N"`` (or ``(I, N)``): run island I of N separate processes (a job array) that exchange
+            migrants through ``run_dir`` (needed), each in ``run_dir/islands/I``; :func:`merge` picks the
+            best of them. ``config.search.islands`` runs N islands from this one process instead.
 
     Returns:
         A :class:`RefineResult`; ``result.table()`` is the printed summary, ``result.to_dict()`` the report
@@ -263,6 +271,10 @@ def refine(
     if labels_are_classes and classes is not None:
         _check_labels(pool.labels, classes, data_label)
     heldout_batch = _heldout_batch(heldout, shape, config, teacher_model is not None, classes)
+    island_spec = _island_spec(island, run_dir)
+    run = None
+    if run_dir is not None:
+        run = _open_run_dir(run_dir, island_spec, model_path, reference, data, heldout, fitness, objective_name, config, run_stages, shape, input_shape, output_path)
 
     with tempfile.TemporaryDirectory(prefix="evoquant-") as workdir_name:
         workdir = Path(workdir_name)
@@ -290,13 +302,20 @@ def refine(
             from evoquant.reconstruct import reconstruct
 
             stage_started = time.perf_counter()
-            rebuilt = reconstruct(working, working_table, teacher_model, pool.images, config.reconstruct, progress=config.progress)
-            states = dict(rebuilt.states)
+            saved = run.load_states("reconstruct") if run is not None else None
+            if saved is not None:  # finished before this run was interrupted
+                states, details, seconds = saved
+            else:
+                rebuilt = reconstruct(working, working_table, teacher_model, pool.images, config.reconstruct, progress=config.progress)
+                states, details = dict(rebuilt.states), rebuilt.to_dict()
+                if rebuilt.skipped:
+                    _warn(f"reconstruct left {len(rebuilt.skipped)} layer(s) as they were: " + ", ".join(f"{layer.name} ({layer.skipped})" for layer in rebuilt.skipped[:5]))
+                seconds = time.perf_counter() - stage_started
+                if run is not None:
+                    run.save_states("reconstruct", states, details, seconds)
             candidate, metrics = verify(states, "reconstruct")
             candidates.append(("reconstruct", candidate, metrics, dict(states)))
-            reports.append(StageReport("reconstruct", time.perf_counter() - stage_started, metrics, rebuilt.to_dict()))
-            if rebuilt.skipped:
-                _warn(f"reconstruct left {len(rebuilt.skipped)} layer(s) as they were: " + ", ".join(f"{layer.name} ({layer.skipped})" for layer in rebuilt.skipped[:5]))
+            reports.append(StageReport("reconstruct", seconds, metrics, details))
 
         if "evolve" in run_stages:
             stage_started = time.perf_counter()
@@ -304,7 +323,8 @@ def refine(
             evolve_model = read_ir(evolve_xml)
             picked, weights = _importance_selection(pool, teacher_pool, evolve_model, sample_objective, config)
             start_table = find_quantized_weights(evolve_model)
-            search, engine_summary = _evolve_stage(evolve_xml, start_table, data, data_label, pool, picked, weights, teacher_pool, objective_spec, shape, config, workdir, callback)
+            search, engine_summary = _evolve_stage(evolve_xml, start_table, data, data_label, pool, picked, weights, teacher_pool, objective_spec, shape, config, workdir, callback,
+                                                   run=run, island=island_spec, shared=None if run_dir is None else Path(run_dir))
             evolved = dict(states)
             for tensor, (indices, deltas) in search.best.payload().items():
                 evolved[tensor] = apply_shifts(start_table[tensor].states, indices, deltas)
@@ -322,6 +342,8 @@ def refine(
         heldout_metrics = _heldout_metrics(heldout_batch, model_path, final_xml, teacher_model, classifier)
         if output_path is not None:
             copy_ir(final_xml, output_path)
+        if run is not None:
+            run.save_result(final_xml, {"chosen_stage": best_name, "verification": dataclasses.asdict(final_metrics), "start": dataclasses.asdict(start_metrics)})
 
     moved = sum(int(np.count_nonzero(tensor_states != table[index].states)) for index, tensor_states in final_states.items())
     return RefineResult(
@@ -355,9 +377,131 @@ def refine(
     )
 
 
-def _evolve_stage(evolve_xml: Path, table, data, data_label, pool, picked, weights, teacher_pool, objective_spec, shape, config: RefineConfig, workdir: Path, callback):
+def resume(run_dir: str | os.PathLike, *, output: ModelLike | None = None, jobs: int | None = None, progress: bool | None = None,
+           callback: Callable[[GenerationStats], bool | None] | None = None) -> RefineResult:
+    """Continue the refine recorded in ``run_dir`` (killed, pre-empted or finished) with the arguments it
+    was started with; ``output`` (default: the recorded one), ``jobs`` and ``progress`` may change. Ends
+    with the same IR, byte for byte, as the uninterrupted run."""
+    from evoquant.rundir import read_record
+
+    arguments = read_record(run_dir)["arguments"]
+    if arguments.get("fitness") == "python" or arguments.get("data") is None:
+        raise EvoquantError(f"{run_dir} was started from Python with a fitness function or data in memory: continue it with evoquant.refine(..., run_dir=...) "
+                            "and the same arguments")
+    config = RefineConfig.from_dict(arguments["config"], source=f"{run_dir}/run.json").replace(jobs=jobs, progress=progress)
+    return refine(arguments["model"], reference=arguments["reference"], data=arguments["data"], heldout=arguments["heldout"], fitness=arguments["fitness"],
+                  objective=arguments["objective"], stages=arguments["stages"], input_shape=arguments["input_shape"], config=config,
+                  output=output if output is not None else arguments["output"], callback=callback, run_dir=arguments["run_dir"], island=arguments["island"])
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What ``merge`` found: each job's refined model re-scored on the same verification images."""
+
+    output: str | None
+    chosen: str  # the run directory whose model was written, or "start" when none beats the start
+    rows: list[dict]  # per job (and the start): run_dir, finished, verification metrics
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        from evoquant.report import format_rows
+
+        rows = [[row["run_dir"], "yes" if row["finished"] else "no", "" if row["fitness"] is None else f"{row['fitness']:.6g}",
+                 "" if row.get("kl") is None else f"{row['kl']:.5f}", "" if row.get("agreement") is None else f"{100 * row['agreement']:.2f}%",
+                 "<- written" if row["run_dir"] == self.chosen else ""] for row in self.rows]
+        footer = f"\nwritten: {self.output}" if self.output else "\nnothing written (no -o given)"
+        return format_rows(["job", "finished", "fitness", "KL", "agreement", ""], rows) + footer
+
+
+#: What must be the same in every job merge compares: the model, its reference, the data and what decides
+#: the verification images and the fitness (the seeds of the searches may differ).
+MERGE_KEYS = ("model", "reference", "data", "objective", "input_shape")
+MERGE_SETTINGS = ("data_seed", "selection_size", "selection_pool", "verification_size", "value_range", "importance")
+
+
+def merge(run_dirs: Sequence[str | os.PathLike], *, output: ModelLike | None = None) -> MergeResult:
+    """Re-score the result of each run directory (or of each island under ``DIR/islands``) on the same
+    verification images, and write the best (never worse than the start) to ``output``."""
+    from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
+    from evoquant.ir.runtime import compile_ir, has_static_sample_shape, infer, output_signature, read_ir, with_sample_shape
+    from evoquant.rundir import read_record
+
+    jobs = _expand_run_dirs(run_dirs)
+    records = [read_record(job) for job in jobs]
+    first = records[0]
+    for job, record in zip(jobs[1:], records[1:]):
+        for key in MERGE_KEYS:
+            if record["fingerprint"].get(key) != first["fingerprint"].get(key):
+                raise EvoquantError(f"{job} refined with another {key} than {jobs[0]}: merge compares jobs of one model, data and objective")
+        for key in MERGE_SETTINGS:
+            if record["fingerprint"]["config"].get(key) != first["fingerprint"]["config"].get(key):
+                raise EvoquantError(f"{job} has another {key} setting than {jobs[0]}: their verification images differ")
+    arguments = first["arguments"]
+    output_path = _check_output(output, arguments["model"], arguments["reference"], *[Path(job) / "result.xml" for job in jobs])
+    config = RefineConfig.from_dict(arguments["config"], source=f"{jobs[0]}/run.json")
+    model_path = Path(arguments["model"])
+    shape = tuple(first["fingerprint"]["input_shape"])
+    original = read_ir(model_path)
+    teacher = None
+    if arguments["reference"] is not None:
+        teacher_model = read_ir(arguments["reference"])
+        teacher = compile_ir(teacher_model if has_static_sample_shape(teacher_model) else with_sample_shape(teacher_model, shape), f32=True)
+    pooled = config.importance > 0 or "reconstruct" in arguments["stages"]
+    _, _, verification, labels_are_classes = _fitness_batches(arguments["data"], config, shape, pooled=pooled)
+    teacher_outputs = infer(teacher, verification.images) if teacher is not None else None
+    objective = arguments["fitness"] or first["fingerprint"]["objective"]
+    verifier = PlainEvaluator(FitnessContext(str(model_path), verification.images, teacher_outputs, verification.labels, objective, None))
+    classifier = looks_like_classifier(output_signature(original))
+    class_labels = verification.labels if labels_are_classes else None
+
+    def score(xml: Path) -> Metrics:
+        model = read_ir(xml)
+        outputs = infer(compile_ir(model if has_static_sample_shape(model) else with_sample_shape(model, shape)), verification.images)
+        return _metrics(outputs, teacher_outputs, class_labels, classifier, verifier.score(outputs))
+
+    rows, best = [{"run_dir": "start", "finished": True, "xml": model_path, **dataclasses.asdict(score(model_path))}], None
+    for job, record in zip(jobs, records):
+        result = Path(job) / "result.xml"
+        if not result.is_file():
+            rows.append({"run_dir": str(job), "finished": False, "xml": None, **dataclasses.asdict(Metrics())})
+            continue
+        rows.append({"run_dir": str(job), "finished": True, "xml": result, **dataclasses.asdict(score(result))})
+    unfinished = [row["run_dir"] for row in rows if not row["finished"]]
+    if unfinished:
+        _warn(f"{len(unfinished)} job(s) have not finished and are left out: {', '.join(unfinished[:5])}")
+    best = min((row for row in rows if row["finished"]), key=lambda row: row["fitness"])  # ties: the start, then the first job
+    if output_path is not None:
+        copy_ir(best["xml"], output_path)
+    for row in rows:
+        row.pop("xml")
+    return MergeResult(None if output_path is None else str(output_path), best["run_dir"], rows)
+
+
+def _expand_run_dirs(run_dirs) -> list[Path]:
+    """Run directories as given, a shared one standing for its islands (``DIR/islands/I``)."""
+    from evoquant.rundir import RUN_FILE
+
+    jobs: list[Path] = []
+    for run_dir in run_dirs:
+        path = Path(run_dir)
+        islands = sorted((path / "islands").glob(f"*/{RUN_FILE}"), key=lambda file: int(file.parent.name) if file.parent.name.isdigit() else 0)
+        if not (path / RUN_FILE).is_file() and islands:
+            jobs.extend(file.parent for file in islands)
+        else:
+            jobs.append(path)
+    if not jobs:
+        raise EvoquantError("merge needs at least one run directory")
+    return jobs
+
+
+def _evolve_stage(evolve_xml: Path, table, data, data_label, pool, picked, weights, teacher_pool, objective_spec, shape, config: RefineConfig, workdir: Path, callback,
+                  *, run=None, island: tuple[int, int] | None = None, shared: Path | None = None):
     """The evolution strategy from ``evolve_xml`` (the start, or the reconstruction; ``table`` its weights):
-    returns the search result and the suffix engine's summary (None on the plain path)."""
+    one population, ``config.search.islands`` islands, or island I of a job array (``island``); continued
+    from ``run``'s saved state when there is one. Returns the search result and the suffix engine's summary
+    (None on the plain path)."""
     from evoquant.data import Batch
     from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator, evaluate_in_worker, save_context
     from evoquant.fitness.parallel import ParallelMap, threads_per_job
@@ -384,6 +528,9 @@ def _evolve_stage(evolve_xml: Path, table, data, data_label, pool, picked, weigh
     local.score(local.outputs({}))  # a broken hook or objective fails here, before any search
 
     space = SearchSpace.from_weights(table, max_shift=config.search.max_shift)
+    summary = local.summary() if config.engine == "suffix" else None
+    if config.search.islands > 1 and island is None:
+        return _evolve_islands(local, context, space, config, run, callback), summary
     context_path = save_context(context, workdir / "context.pkl") if config.jobs > 1 else None
     evaluate = local if context_path is None else partial(evaluate_in_worker, context_path)
     with ParallelMap(config.jobs, config.backend) as parallel_map, _ProgressBar(config, callback) as bar:
@@ -391,8 +538,103 @@ def _evolve_stage(evolve_xml: Path, table, data, data_label, pool, picked, weigh
             map_function = _engine_map(local, parallel_map, context_path, config.max_cache_mb)
         else:
             map_function = parallel_map
-        search = evolve(space, evaluate, config.search, map_function=map_function, callback=bar.update)
-    return search, (local.summary() if config.engine == "suffix" else None)
+        if island is not None:
+            search = _evolve_one_island(space, evaluate, map_function, config, run, island, shared, bar.update)
+        else:
+            search = evolve(space, evaluate, config.search, map_function=map_function, callback=bar.update,
+                            state=None if run is None else run.load_search(), checkpoint=None if run is None else run.save_search)
+    return search, (local.summary() if config.engine == "suffix" else summary)
+
+
+def _evolve_islands(local, context, space, config: RefineConfig, run, callback):
+    """``config.search.islands`` islands from this process: epochs run here (one job) or one island per
+    task on the workers (loky, or dask: the tasks carry the model and images, no shared file system)."""
+    import uuid
+
+    from evoquant.fitness.parallel import IslandTask, ParallelMap, island_epoch, register_island_evaluator
+    from evoquant.search.islands import islands_result, run_islands
+
+    started = time.perf_counter()
+    token = uuid.uuid4().hex
+    if config.jobs == 1:
+        map_function = (lambda function, payloads: local.evaluate_many(list(payloads))) if config.engine == "suffix" else map
+        register_island_evaluator(token, local, space, map_function)
+        sendable = None
+    else:
+        sendable = dataclasses.replace(context.carrying_model(), threads=context.threads)
+    layers = local.layers if config.engine == "suffix" else None
+    with ParallelMap(config.jobs, config.backend) as parallel_map, _ProgressBar(config, callback) as bar:
+        def run_epoch(items, generations):
+            tasks = [IslandTask(token, sendable, config.search, island, state, generations, layers, config.max_cache_mb) for island, state in items]
+            return parallel_map(island_epoch, tasks)
+
+        states = run_islands(config.search, run_epoch, states=None if run is None else run.load_islands(),
+                             checkpoint=None if run is None else run.save_islands, callback=bar.update)
+    result = islands_result(states)[0]
+    result.elapsed = time.perf_counter() - started  # wall time: islands run side by side, or one after another
+    return result
+
+
+def _evolve_one_island(space, evaluate, map_function, config: RefineConfig, run, island: tuple[int, int], shared: Path, callback):
+    """Island I of a job array: epochs of ``migration_interval`` generations, after each one its best
+    genomes published to the shared run directory and the previous island's taken in when present."""
+    from evoquant.search.islands import FileMigration, emigrants, island_config, receive
+    from evoquant.search.strategy import Search
+
+    search_config = island_config(config.search, island[0])
+    migration = FileMigration(shared, *island)
+    search = Search(space, evaluate, search_config, map_function=map_function, state=run.load_search())
+    while search.stop_reason is None:
+        search.run(generations=config.search.migration_interval, callback=callback, checkpoint=run.save_search)
+        state = search.state()
+        migration.publish(emigrants(state, config.search.migrants), state.generation)
+        state = receive(state, migration.collect(), search_config)
+        run.save_search(state)
+        search = Search(space, evaluate, search_config, map_function=map_function, state=state)
+    return search.result()
+
+
+def _island_spec(island, run_dir) -> tuple[int, int] | None:
+    """``"I/N"`` or ``(I, N)`` → (I, N), checked; an island of a job array needs a shared run directory."""
+    if island is None:
+        return None
+    try:
+        index, count = (int(part) for part in (island.split("/") if isinstance(island, str) else island))
+    except (ValueError, TypeError):
+        raise EvoquantError(f"--island must be I/N (this job's island and the number of islands, e.g. 0/4), got {island!r}") from None
+    if not 0 <= index < count or count < 2:
+        raise EvoquantError(f"--island {index}/{count}: I must be in 0..N-1 and N at least 2")
+    if run_dir is None:
+        raise EvoquantError("--island I/N exchanges migrants through a shared run directory: give --run-dir SHARED")
+    return index, count
+
+
+def _open_run_dir(run_dir, island, model_path: Path, reference, data, heldout, fitness, objective_name: str, config: RefineConfig, stages, shape, input_shape, output_path):
+    """Open (or create) the run directory, recording what the run is and checking a saved one matches."""
+    from evoquant.rundir import RESUMABLE_CHANGES, RunDir, data_fingerprint, ir_fingerprint
+
+    def spec(value):
+        if not isinstance(value, (str, os.PathLike)):
+            return None  # arrays and data sources: resumable from Python only, with the same arguments
+        text = str(value)
+        prefix = "gan:" if text.startswith("gan:") else ""
+        path = Path(text[len(prefix):])
+        return prefix + str(path.resolve()) if path.exists() else text
+
+    settings = {key: value for key, value in config.to_dict().items() if key not in RESUMABLE_CHANGES and key != "data"}  # data: by content, below
+    fingerprint = {
+        "model": ir_fingerprint(model_path), "reference": ir_fingerprint(reference), "data": data_fingerprint(data if data is not None else config.data),
+        "config": settings, "objective": objective_name, "stages": list(stages), "input_shape": list(shape),
+        "island": None if island is None else f"{island[0]}/{island[1]}",
+    }
+    arguments = {
+        "model": spec(model_path), "reference": spec(reference), "data": spec(data if data is not None else config.data), "heldout": spec(heldout),
+        "fitness": fitness if isinstance(fitness, str) or fitness is None else "python", "objective": config.objective, "stages": list(stages),
+        "input_shape": input_shape if isinstance(input_shape, str) or input_shape is None else [int(d) for d in input_shape], "output": spec(output_path) if output_path is not None else None, "config": config.to_dict(),
+        "island": fingerprint["island"], "run_dir": str(Path(run_dir).resolve()),
+    }
+    path = Path(run_dir) if island is None else Path(run_dir) / "islands" / str(island[0])
+    return RunDir.open(path, arguments, fingerprint)
 
 
 def _runnable_stages(config: RefineConfig, asked, teacher_model) -> tuple[str, ...]:

@@ -16,6 +16,11 @@ examples:
   evoquant refine int8.xml --fitness mypackage.scores:task_loss --data images/ -o refined.xml
   evoquant refine w4a8.xml -r fp32.xml --input-shape 1,3,32,32 -o refined.xml    # a dynamic-shape IR
   evoquant refine int8.xml -r fp32.xml --stages reconstruct -o refined.xml       # layer-wise only (seconds)
+  evoquant refine int8.xml -r fp32.xml --run-dir run1 -o refined.xml             # resumable: after a kill ...
+  evoquant refine --resume run1                                                  # ... continue it
+  evoquant refine int8.xml -r fp32.xml --islands 4 --jobs 2 -o refined.xml       # 4 cooperating populations
+  evoquant refine int8.xml -r fp32.xml --island $I/4 --run-dir shared -o r$I.xml # one job of a job array,
+  evoquant merge shared -o best.xml                                              # then the best of them
 
 stages: reconstruct (layer by layer, the integer states that best reproduce each FP32 layer's output on the
 calibration images; needs --reference), then evolve (the evolution strategy on the end-to-end objective,
@@ -51,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=REFINE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    refine.add_argument("model", help="INT8 OpenVINO IR (.xml) to refine; never modified")
+    refine.add_argument("model", nargs="?", help="INT8 OpenVINO IR (.xml) to refine; never modified (not with --resume)")
     refine.add_argument("--reference", "-r", metavar="FP32.xml", help="the FP32 IR the INT8 model was quantized from (the teacher)")
     refine.add_argument("--output", "-o", metavar="OUT.xml", help="where to write the refined IR (.xml + .bin)")
     refine.add_argument("--data", "-d", metavar="SPEC", help=f"calibration and fitness images (default: the preset's, {default.data})")
@@ -82,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--report", metavar="FILE.json", help="write a JSON report")
     refine.add_argument("--plot", metavar="FILE.png", help="plot the fitness history")
     refine.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    cluster = refine.add_argument_group("resumable and cluster runs (docs/cluster.md)")
+    cluster.add_argument("--run-dir", metavar="DIR", help="save each stage's result and each generation's search state in DIR; the same command again continues a killed run")
+    cluster.add_argument("--resume", metavar="DIR", help="continue the run recorded in DIR (no other input needed; -o, --jobs, -q may be given)")
+    cluster.add_argument("--islands", type=int, metavar="N", help=f"N populations evolving side by side, one per worker, exchanging migrants in a ring (default {default.search.islands}); budgets are per island")
+    cluster.add_argument("--migration-interval", type=int, metavar="K", help=f"generations between migrations (default {default.search.migration_interval})")
+    cluster.add_argument("--migrants", type=int, metavar="M", help=f"best genomes each island sends on (default {default.search.migrants})")
+    cluster.add_argument("--island", metavar="I/N", help="this process is island I of N separate jobs (a job array) exchanging migrants through --run-dir SHARED; then 'evoquant merge SHARED'")
     refine.set_defaults(run=run_refine)
 
     inspect = commands.add_parser(
@@ -124,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--force", action="store_true", help="rebuild even if cached")
     zoo.add_argument("--source", choices=["gan", "fractal"], default="gan", help="synthetic calibration images, as in the demo (default: %(default)s)")
     zoo.set_defaults(run=run_zoo)
+
+    merge = commands.add_parser(
+        "merge",
+        help="re-verify the results of several refine jobs and write the best",
+        description="Re-score the refined model of each run directory (a job of an array, or an island of 'refine --island I/N') on the same verification images and write the best one, never worse than the start.",
+        epilog="examples:\n  evoquant merge shared -o best.xml                # every island under shared/islands\n  evoquant merge run-seed1 run-seed2 -o best.xml --report merge.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    merge.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (refine --run-dir), or a shared one holding islands/")
+    merge.add_argument("--output", "-o", metavar="OUT.xml", help="where to write the best model")
+    merge.add_argument("--report", metavar="FILE.json", help="write the table as JSON")
+    merge.set_defaults(run=run_merge)
 
     _add_gan_parsers(commands)
     _add_synth_parser(commands)
@@ -177,20 +201,43 @@ def refine_config_from_args(args):
             "mutation_fraction": args.mutation_fraction,
             "mu": args.mu,
             "lambda_": args.lambda_,
+            "islands": args.islands,
+            "migration_interval": args.migration_interval,
+            "migrants": args.migrants,
         },
     )
 
 
 def run_refine(args) -> int:
-    from evoquant.api import refine
+    from evoquant.api import refine, resume
+    from evoquant.errors import EvoquantError
     from evoquant.fitness.parallel import cluster_backend
-    from evoquant.report import plot_history, write_json
 
+    if args.resume is not None:
+        given = [flag for flag, value in (("MODEL", args.model), ("--reference", args.reference), ("--data", args.data), ("--run-dir", args.run_dir),
+                                           ("--config", args.config), ("--island", args.island)) if value is not None]
+        if given:
+            raise EvoquantError(f"--resume takes everything from the run directory; drop {', '.join(given)}")
+        from evoquant.rundir import read_record
+
+        arguments = read_record(args.resume)["arguments"]
+        _check_writable({"-o": args.output, "--report": args.report, "--plot": args.plot}, arguments["model"], arguments["reference"], arguments["data"], arguments["heldout"])
+        with cluster_backend(args.backend or "loky", args.scheduler):
+            result = resume(args.resume, output=args.output, jobs=args.jobs, progress=False if args.quiet else None)
+        return _print_refined(result, args)
+    if args.model is None:
+        raise EvoquantError("give the quantized model to refine (or --resume RUN_DIR)")
     config = refine_config_from_args(args)
     _check_writable({"-o": args.output, "--report": args.report, "--plot": args.plot}, args.model, args.reference, args.data, args.heldout, args.config)
     with cluster_backend(config.backend, args.scheduler):
         result = refine(args.model, reference=args.reference, data=args.data, output=args.output, fitness=args.fitness, objective=args.objective,
-                        heldout=args.heldout, config=config, stages=args.stages, input_shape=args.input_shape)
+                        heldout=args.heldout, config=config, stages=args.stages, input_shape=args.input_shape, run_dir=args.run_dir, island=args.island)
+    return _print_refined(result, args)
+
+
+def _print_refined(result, args) -> int:
+    from evoquant.report import plot_history, write_json
+
     print(result.table())
     if args.report:
         write_json(result.to_dict(), args.report)
@@ -214,6 +261,19 @@ def _check_writable(outputs: dict, *inputs) -> None:
         if path and Path(path).exists():
             paths.append(path)
     check_outputs(outputs, paths)
+
+
+def run_merge(args) -> int:
+    from evoquant.api import merge
+    from evoquant.report import write_json
+
+    _check_writable({"-o": args.output, "--report": args.report})
+    result = merge(args.run_dirs, output=args.output)
+    print(result.table())
+    if args.report:
+        write_json(result.to_dict(), args.report)
+        print(f"report: {args.report}")
+    return 0
 
 
 def run_inspect(args) -> int:

@@ -40,6 +40,9 @@ class SearchConfig:
     crossover_probability: float = 0.0  # tensor-wise crossover; off by default (benchmarks/ablation.py)
     offspring_groups: int = 0  # >0: offspring share this many (parent, tensor) pairs (when crossover is off and mutation_tensors 1)
     seed: int = 0
+    islands: int = 1  # populations evolving side by side (each on its own worker), exchanging migrants
+    migration_interval: int = 5  # generations between migrations
+    migrants: int = 1  # best genomes each island sends to the next in the ring
 
     def __post_init__(self):
         if self.mu < 1 or self.lambda_ < 1:
@@ -60,6 +63,10 @@ class SearchConfig:
             raise EvoquantError(f"patience must be at least 1 generation (null: no early stop), got {self.patience}")
         if self.offspring_groups < 0:
             raise EvoquantError(f"offspring_groups must be 0 or more, got {self.offspring_groups}")
+        if self.islands < 1 or self.migration_interval < 1:
+            raise EvoquantError(f"islands and the migration interval must be at least 1, got {self.islands} and {self.migration_interval}")
+        if not 0 <= self.migrants <= self.mu:
+            raise EvoquantError(f"migrants must be between 0 and mu ({self.mu}), got {self.migrants}")
 
 
 @dataclass(frozen=True)
@@ -170,13 +177,29 @@ class RefineConfig:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise EvoquantError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        return cls.from_dict(raw, source=path)
+
+    def to_dict(self) -> dict:
+        """Plain data (the inverse of :meth:`from_dict`): what a run directory records."""
+        data = dataclasses.asdict(self)
+        data["search"]["lambda"] = data["search"].pop("lambda_")
+        data["stages"], data["value_range"] = list(self.stages), list(self.value_range)
+        return data
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str | Path = "config") -> "RefineConfig":
+        """A config from a mapping as a YAML file holds it, every key and type checked (``source`` names it
+        in errors)."""
+        path = source
         if not isinstance(raw, dict):
             raise EvoquantError(f"{path} must hold a mapping of settings")
+        raw = dict(raw)
         search_raw = raw.pop("search", {}) or {}
         reconstruct_raw = raw.pop("reconstruct", {}) or {}
         for section, name in ((search_raw, "search"), (reconstruct_raw, "reconstruct")):
             if not isinstance(section, dict):
                 raise EvoquantError(f"{path}: {name} must be a mapping of settings, got {type(section).__name__}")
+        search_raw, reconstruct_raw = dict(search_raw), dict(reconstruct_raw)
         _check_keys(path, raw, cls, skip={"search", "reconstruct"})
         _check_keys(path, search_raw, SearchConfig)
         _check_keys(path, reconstruct_raw, ReconstructConfig)

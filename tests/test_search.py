@@ -172,3 +172,70 @@ def test_shifted_matches_its_one_index_at_a_time_definition(max_shift):
         assert after[0].dtype == np.int64 and after[1].dtype == np.int8
     with pytest.raises(ValueError):
         genome.shifted(space, 0, np.array([1, 1]), np.array([1, 1]))
+
+
+@pytest.mark.parametrize("stop_after", [1, 7, 19])
+def test_a_search_continued_from_its_saved_state_ends_as_the_uninterrupted_one(tmp_path, stop_after):
+    from evoquant.search.strategy import Search, SearchState
+
+    space = make_space(residuals=True)
+    rng = np.random.default_rng(9)
+    target = {i: np.clip(t.states + rng.choice([-1, 0, 1], size=t.size), t.low, t.high) for i, t in enumerate(space.tensors)}
+    config = SearchConfig(generations=20, mu=3, lambda_=6, mutation_fraction=0.01, tie_probability=0.3, crossover_probability=0.3, patience=5, seed=4)
+    whole = evolve(space, quadratic_fitness(target, space), config)
+
+    first = Search(space, quadratic_fitness(target, space), config)
+    first.run(generations=stop_after)
+    first.state().save(tmp_path / "state.npz")
+    resumed = evolve(space, quadratic_fitness(target, space), config, state=SearchState.load(tmp_path / "state.npz"))
+    assert resumed.best.key() == whole.best.key()
+    assert [(h.best, h.mean, h.evaluations, h.mutation_fraction) for h in resumed.history] == [(h.best, h.mean, h.evaluations, h.mutation_fraction) for h in whole.history]
+    assert (resumed.evaluations, resumed.stop_reason) == (whole.evaluations, whole.stop_reason)
+
+
+def test_migrants_replace_the_worst_parents_only_when_better():
+    from evoquant.search.islands import emigrants, receive, ring_migration
+    from evoquant.search.strategy import Search
+
+    space = make_space()
+    fitness = lambda payload: float(-sum(len(i) for i, _ in payload.values()))  # noqa: E731  more shifts: better
+    config = SearchConfig(generations=5, mu=3, lambda_=4, patience=None, seed=1, migrants=2)
+    search = Search(space, fitness, config)
+    search.run(generations=2)
+    state = search.state()
+    donor = Search(space, fitness, SearchConfig(generations=5, mu=3, lambda_=4, patience=None, seed=2, mutation_fraction=0.2))
+    donor.run(generations=3)
+    migrants = emigrants(donor.state(), 2)
+    after = receive(state, migrants, config)
+    fitnesses = [fitness for _, fitness in after.population]
+    assert fitnesses == sorted(fitnesses) and len(fitnesses) == 3
+    assert fitnesses[0] == min(migrants[0][1], state.population[0][1]) and fitnesses[-1] <= state.population[-1][1]
+    assert receive(after, migrants, config).population == after.population  # a genome already there is not taken twice
+    ring = ring_migration([state, donor.state()], config)
+    assert ring[0].population[0][1] == min(donor.state().population[0][1], state.population[0][1])
+
+
+def test_islands_reproduce_whatever_runs_their_epochs():
+    """Epochs run one island at a time or all together, in any order: the same result."""
+    from evoquant.search.islands import island_config, islands_result, run_islands
+    from evoquant.search.strategy import Search
+
+    space = make_space()
+    rng = np.random.default_rng(9)
+    target = {i: np.clip(t.states + rng.choice([-1, 0, 1], size=t.size), t.low, t.high) for i, t in enumerate(space.tensors)}
+    config = SearchConfig(generations=12, mu=3, lambda_=4, patience=None, seed=3, islands=3, migration_interval=4, migrants=1)
+
+    def epoch(items, generations, reverse=False):
+        done = {}
+        for island, state in (reversed(items) if reverse else items):
+            search = Search(space, quadratic_fitness(target, space), island_config(config, island), state=state)
+            search.run(generations=generations)
+            done[island] = search.state()
+        return [done[island] for island, _ in items]
+
+    first, _ = islands_result(run_islands(config, epoch))
+    second, island = islands_result(run_islands(config, lambda items, g: epoch(items, g, reverse=True)))
+    assert first.best.key() == second.best.key() and first.evaluations == second.evaluations <= 3 * (1 + 12 * 4)
+    assert len(first.history) == 12 and first.best_fitness < first.start_fitness
+    one = run_islands(SearchConfig(**{**config.__dict__, "islands": 1}), epoch)  # one island is the plain search
+    assert one[0].population[0][1] == evolve(space, quadratic_fitness(target, space), config).best_fitness

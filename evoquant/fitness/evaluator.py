@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import openvino as ov
 
 from evoquant.errors import EvoquantError
 from evoquant.fitness.objectives import OBJECTIVES, Objective, checked, load_hook
@@ -65,6 +66,23 @@ class FitnessContext:
     threads: int | None = None
     draw: ImageDraw | None = None
     weights: np.ndarray | None = None
+    model_data: tuple[bytes, bytes] | None = None  # the IR's .xml and .bin themselves, for workers without the file system
+
+    def read_model(self):
+        """The model to score candidates of: from ``model_data`` when the context carries it, else the file."""
+        if self.model_data is None:
+            return read_ir(self.model_xml)
+        from evoquant.ir.runtime import core
+
+        xml, weights = self.model_data
+        return core().read_model(xml.decode("utf-8"), ov.Tensor(np.frombuffer(weights, dtype=np.uint8).copy()))
+
+    def carrying_model(self) -> "FitnessContext":
+        """A copy that carries the IR's bytes (and its images, even with a draw), so it can be sent anywhere."""
+        import dataclasses
+
+        path = Path(self.model_xml)
+        return dataclasses.replace(self, model_data=(path.read_bytes(), path.with_suffix(".bin").read_bytes()), images=self.ensure_images(), draw=None)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -99,7 +117,7 @@ class PlainEvaluator:
     def __init__(self, context: FitnessContext):
         self.context = context
         context.ensure_images()
-        self.model = read_ir(context.model_xml)
+        self.model = context.read_model()
         self.table = find_quantized_weights(self.model)
         self.patcher = ConstantPatcher(self.model, self.table)
         self.objective, self.objective_name = context.resolve_objective()

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 
+from evoquant.config import SearchConfig
 from evoquant.errors import EvoquantError
-from evoquant.fitness.evaluator import evaluate_chunk
+from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator, evaluate_chunk
+from evoquant.search.genome import SearchSpace
+from evoquant.search.strategy import SearchState
 from evoquant.ir.runtime import cpu_count
 
 
@@ -91,3 +95,58 @@ def cluster_backend(backend: str, scheduler: str | None = None):
         yield client
     finally:
         client.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# islands: one island's epoch as a task for any worker
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IslandTask:
+    """One island's epoch. ``context`` carries the model's bytes and the fitness images (workers need no
+    shared file system); None when the epoch runs in the process that registered the run's evaluator."""
+
+    token: str  # the run: a worker keeps one evaluator per run
+    context: FitnessContext | None
+    config: SearchConfig
+    island: int
+    state: SearchState | None
+    generations: int
+    engine_layers: object | None = None  # the suffix engine's layer decisions (None: the plain path)
+    max_cache_mb: float = 512.0
+
+
+# token -> (evaluator, search space, map function); one run at a time per process
+_ISLAND_WORKERS: dict[str, tuple] = {}
+
+
+def register_island_evaluator(token: str, evaluator, space: SearchSpace, map_function: Callable = map) -> None:
+    """Let epochs of run ``token`` in this process use an evaluator built already (the main process's)."""
+    _ISLAND_WORKERS.clear()
+    _ISLAND_WORKERS[token] = (evaluator, space, map_function)
+
+
+def island_epoch(task: IslandTask) -> SearchState:
+    """Top-level (picklable) entry point: run ``task.generations`` generations of one island, from its state
+    (or from the start), and return its new state."""
+    from evoquant.search.islands import island_config
+    from evoquant.search.strategy import Search
+
+    worker = _ISLAND_WORKERS.get(task.token)
+    if worker is None:
+        if task.context is None:
+            raise RuntimeError("an island epoch reached a process without its run's evaluator")
+        if task.engine_layers is not None:
+            from evoquant.fitness.engine import SuffixEngine
+
+            evaluator = SuffixEngine(task.context, max_cache_mb=task.max_cache_mb, layers=task.engine_layers)
+            map_function = lambda function, payloads: evaluator.evaluate_many(list(payloads))  # noqa: E731
+        else:
+            evaluator, map_function = PlainEvaluator(task.context), map
+        worker = (evaluator, SearchSpace.from_weights(evaluator.table, max_shift=task.config.max_shift), map_function)
+        register_island_evaluator(task.token, *worker)
+    evaluator, space, map_function = worker
+    search = Search(space, evaluator, island_config(task.config, task.island), map_function=map_function, state=task.state)
+    search.run(generations=task.generations)
+    return search.state()

@@ -9,6 +9,7 @@ worker processes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -18,7 +19,7 @@ import numpy as np
 from deap import base, creator, tools
 
 from evoquant.config import SearchConfig
-from evoquant.search.genome import Genome, Payload, SearchSpace
+from evoquant.search.genome import Genome, Payload, SearchSpace, payload_key
 from evoquant.search.operators import crossover_tensorwise, mutate_random, mutate_tie, pick_tensors, tie_pools
 
 if not hasattr(creator, "EvoquantFitness"):
@@ -131,6 +132,184 @@ def make_toolbox(space: SearchSpace, config: SearchConfig, rng: np.random.Genera
     return toolbox
 
 
+@dataclass
+class SearchState:
+    """Everything needed to continue a search exactly where it stopped: plain data (numpy arrays, numbers),
+    picklable for island workers and saved by :meth:`save` as one .npz (written atomically, no pickle)."""
+
+    generation: int
+    evaluations: int
+    start_fitness: float
+    population: list[tuple[Payload, float]]  # parents, best first
+    seen: dict[bytes, float]  # fitness of every genome evaluated, by genome digest
+    rng: dict  # numpy bit generator state
+    fraction: float  # the adapted mutation fraction
+    best: float  # termination's best and stale count (patience)
+    stale: int
+    elapsed: float  # search seconds so far
+    history: list[GenerationStats] = field(default_factory=list)
+    stop_reason: str | None = None
+
+    def save(self, path) -> None:
+        import json
+
+        from evoquant.paths import staged
+
+        meta = {key: getattr(self, key) for key in ("generation", "evaluations", "start_fitness", "rng", "fraction", "best", "stale", "elapsed", "stop_reason")}
+        meta["history"] = [dataclasses.asdict(stats) for stats in self.history]
+        meta["fitness"] = [fitness for _, fitness in self.population]
+        arrays = {"meta": np.array(json.dumps(meta)), "seen_keys": np.frombuffer(b"".join(self.seen), np.uint8).reshape(len(self.seen), -1) if self.seen else np.zeros((0, 16), np.uint8),
+                  "seen_values": np.array(list(self.seen.values()), dtype=np.float64)}
+        for number, (payload, _) in enumerate(self.population):
+            for tensor, (indices, deltas) in payload.items():
+                arrays[f"p{number}_t{tensor}_indices"], arrays[f"p{number}_t{tensor}_deltas"] = indices, deltas
+        with staged(path, suffix=".npz") as temporary:
+            np.savez(temporary, **arrays)
+
+    @classmethod
+    def load(cls, path) -> "SearchState":
+        import json
+
+        with np.load(path, allow_pickle=False) as archive:
+            meta = json.loads(str(archive["meta"]))
+            population: list[tuple[Payload, float]] = [({}, fitness) for fitness in meta.pop("fitness")]
+            for key in archive.files:
+                if key.startswith("p") and key.endswith("_indices"):
+                    number, tensor = (int(part[1:]) for part in key[: -len("_indices")].split("_"))
+                    population[number][0][tensor] = (archive[key], archive[key.replace("_indices", "_deltas")])
+            seen = dict(zip((bytes(row) for row in archive["seen_keys"]), archive["seen_values"].tolist()))
+        history = [GenerationStats(**stats) for stats in meta.pop("history")]
+        return cls(population=[(dict(sorted(payload.items())), fitness) for payload, fitness in population], seen=seen, history=history, **meta)
+
+
+def genome_digest(payload: Payload) -> bytes:
+    """A 16-byte identity of a genome (what the search remembers of every genome it evaluated)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor, indices, deltas in payload_key(payload):
+        digest.update(tensor.to_bytes(4, "little"))
+        digest.update(len(indices).to_bytes(8, "little"))
+        digest.update(indices)
+        digest.update(deltas)
+    return digest.digest()
+
+
+class Search:
+    """The strategy as an object whose whole state can be saved and restored (:meth:`state`, ``state=``):
+    what resumable runs and islands (:mod:`evoquant.search.islands`) are built on.
+
+    Each generation makes ``lambda_`` offspring from the current ``mu`` parents (crossover with probability
+    ``crossover_probability``, then always a mutation), evaluates only genomes not seen before, and keeps the
+    best ``mu`` of parents and offspring (elitism: the best never gets worse).
+    """
+
+    def __init__(self, space: SearchSpace, evaluate: Callable[[Payload], float], config: SearchConfig, *,
+                 map_function: Callable[[Callable, Iterable], Iterable[float]] = map, state: SearchState | None = None, seed: int | None = None):
+        self.config = config
+        self.rng = np.random.default_rng(config.seed if seed is None else seed)
+        self.step = StepSize(config)
+        self.toolbox = make_toolbox(space, config, self.rng, evaluate, map_function, self.step)
+        self.space = space
+        self.termination = Termination(config)
+        if state is None:
+            self.seen: dict[bytes, float] = {}
+            self.evaluations = 0
+            self.generation = 0
+            self.history: list[GenerationStats] = []
+            start = creator.EvoquantIndividual()
+            self._assess([start])
+            self.population = [start]
+            self.start_fitness = start.fitness.values[0]
+            self.termination.update(self.start_fitness)
+            self.stop_reason = self.termination.reason(self.generation, self.evaluations)
+        else:
+            self.seen, self.evaluations, self.generation = dict(state.seen), state.evaluations, state.generation
+            self.history, self.start_fitness, self.stop_reason = list(state.history), state.start_fitness, state.stop_reason
+            self.population = [self._individual(payload, fitness) for payload, fitness in state.population]
+            self.rng.bit_generator.state = state.rng
+            self.step.fraction = state.fraction
+            self.termination.best, self.termination.stale = state.best, state.stale
+            self.termination.started -= state.elapsed
+
+    @staticmethod
+    def _individual(payload: Payload, fitness: float):
+        individual = creator.EvoquantIndividual(payload)
+        individual.fitness.values = (float(fitness),)
+        return individual
+
+    def _assess(self, individuals: list) -> None:
+        fresh = [ind for ind in individuals if not ind.fitness.valid and genome_digest(ind.shifts) not in self.seen]
+        unique = list({genome_digest(ind.shifts): ind for ind in fresh}.items())
+        values = list(self.toolbox.map(self.toolbox.evaluate, [ind.payload() for _, ind in unique]))
+        self.evaluations += len(unique)
+        for (digest, _), value in zip(unique, values):
+            self.seen[digest] = float(value)
+        for ind in individuals:
+            if not ind.fitness.valid:
+                ind.fitness.values = (self.seen[genome_digest(ind.shifts)],)
+
+    def next_generation(self) -> GenerationStats:
+        """Make, evaluate and select one generation."""
+        config = self.config
+        self.generation += 1
+        offspring = _generation(self.toolbox, self.population, self.rng, config, self.space)
+        self._assess(offspring)
+        parent_best = self.population[0].fitness.values[0]
+        self.step.update(float(np.mean([ind.fitness.values[0] < parent_best for ind in offspring])))
+        self.population = self.toolbox.select(self.population + offspring, config.mu)
+        best = self.population[0]
+        self.termination.update(best.fitness.values[0])
+        stats = GenerationStats(
+            generation=self.generation,
+            evaluations=self.evaluations,
+            best=best.fitness.values[0],
+            mean=float(np.mean([ind.fitness.values[0] for ind in offspring])),
+            best_shifts=best.n_shifts,
+            mutation_fraction=self.step.fraction,
+            elapsed=self.termination.elapsed(),
+            progress=self.termination.progress(self.generation, self.evaluations),
+        )
+        self.history.append(stats)
+        self.stop_reason = self.termination.reason(self.generation, self.evaluations)
+        return stats
+
+    def run(self, *, callback: Callable[[GenerationStats], bool | None] | None = None, checkpoint: Callable[["SearchState"], None] | None = None,
+            generations: int | None = None) -> str | None:
+        """Run until a budget stops the search (or for at most ``generations`` more); after each generation
+        ``checkpoint`` gets the state and ``callback`` the stats (True stops). Returns the stop reason
+        (None: ``generations`` ran out first)."""
+        for _ in range(generations if generations is not None else 2**62):
+            if self.stop_reason is not None:
+                break
+            stats = self.next_generation()
+            if callback is not None and callback(stats):
+                self.stop_reason = "callback"
+            if checkpoint is not None:
+                checkpoint(self.state())
+        return self.stop_reason
+
+    def state(self) -> SearchState:
+        return SearchState(
+            generation=self.generation, evaluations=self.evaluations, start_fitness=self.start_fitness,
+            population=[(ind.payload(), ind.fitness.values[0]) for ind in self.population], seen=dict(self.seen),
+            rng=self.rng.bit_generator.state, fraction=self.step.fraction, best=self.termination.best, stale=self.termination.stale,
+            elapsed=self.termination.elapsed(), history=list(self.history), stop_reason=self.stop_reason,
+        )
+
+    def result(self) -> SearchResult:
+        best = self.population[0]
+        return SearchResult(
+            best=Genome(best.shifts),
+            best_fitness=best.fitness.values[0],
+            start_fitness=self.start_fitness,
+            evaluations=self.evaluations,
+            stop_reason=self.stop_reason or "generations",
+            history=list(self.history),
+            elapsed=self.termination.elapsed(),
+        )
+
+
 def evolve(
     space: SearchSpace,
     evaluate: Callable[[Payload], float],
@@ -138,76 +317,18 @@ def evolve(
     *,
     map_function: Callable[[Callable, Iterable], Iterable[float]] = map,
     callback: Callable[[GenerationStats], bool | None] | None = None,
+    state: SearchState | None = None,
+    checkpoint: Callable[[SearchState], None] | None = None,
 ) -> SearchResult:
-    """Run the strategy from the starting model (the empty genome) and return the best genome found.
-
-    Each generation makes ``lambda_`` offspring from the current ``mu`` parents (crossover with probability
-    ``crossover_probability``, then always a mutation), evaluates only offspring not seen before, and keeps
-    the best ``mu`` of parents and offspring (elitism: the best never gets worse). ``callback`` receives each
-    generation's stats and may return True to stop. With a fixed ``config.seed`` and a deterministic
-    ``evaluate`` the result is identical from run to run, whatever ``map_function`` runs it.
+    """Run the strategy from the starting model (the empty genome), or from a saved ``state``, and return
+    the best genome found. ``callback`` receives each generation's stats and may return True to stop;
+    ``checkpoint`` receives the state after each generation. With a fixed ``config.seed`` and a
+    deterministic ``evaluate`` the result is identical from run to run, whatever ``map_function`` runs it,
+    and a run continued from a checkpoint ends as the uninterrupted run does.
     """
-    rng = np.random.default_rng(config.seed)
-    step = StepSize(config)
-    toolbox = make_toolbox(space, config, rng, evaluate, map_function, step)
-    termination = Termination(config)
-    seen: dict[tuple, float] = {}
-    evaluations = 0
-
-    def assess(individuals: list) -> None:
-        nonlocal evaluations
-        fresh = [ind for ind in individuals if not ind.fitness.valid and ind.key() not in seen]
-        unique = list({ind.key(): ind for ind in fresh}.values())
-        values = list(toolbox.map(toolbox.evaluate, [ind.payload() for ind in unique]))
-        evaluations += len(unique)
-        for ind, value in zip(unique, values):
-            seen[ind.key()] = float(value)
-        for ind in individuals:
-            if not ind.fitness.valid:
-                ind.fitness.values = (seen[ind.key()],)
-
-    start = creator.EvoquantIndividual()
-    assess([start])
-    population = [start]
-    start_fitness = start.fitness.values[0]
-    termination.update(start_fitness)
-    history: list[GenerationStats] = []
-    generation = 0
-    stop_reason = termination.reason(generation, evaluations)
-    while stop_reason is None:
-        generation += 1
-        offspring = _generation(toolbox, population, rng, config, space)
-        assess(offspring)
-        parent_best = population[0].fitness.values[0]
-        step.update(float(np.mean([ind.fitness.values[0] < parent_best for ind in offspring])))
-        population = toolbox.select(population + offspring, config.mu)
-        best = population[0]
-        termination.update(best.fitness.values[0])
-        stats = GenerationStats(
-            generation=generation,
-            evaluations=evaluations,
-            best=best.fitness.values[0],
-            mean=float(np.mean([ind.fitness.values[0] for ind in offspring])),
-            best_shifts=best.n_shifts,
-            mutation_fraction=step.fraction,
-            elapsed=termination.elapsed(),
-            progress=termination.progress(generation, evaluations),
-        )
-        history.append(stats)
-        if callback is not None and callback(stats):
-            stop_reason = "callback"
-            break
-        stop_reason = termination.reason(generation, evaluations)
-    best = population[0]
-    return SearchResult(
-        best=Genome(best.shifts),
-        best_fitness=best.fitness.values[0],
-        start_fitness=start_fitness,
-        evaluations=evaluations,
-        stop_reason=stop_reason,
-        history=history,
-        elapsed=termination.elapsed(),
-    )
+    search = Search(space, evaluate, config, map_function=map_function, state=state)
+    search.run(callback=callback, checkpoint=checkpoint)
+    return search.result()
 
 
 def _generation(toolbox: base.Toolbox, population: list, rng: np.random.Generator, config: SearchConfig, space: SearchSpace) -> list:
