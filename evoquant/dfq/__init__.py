@@ -1,0 +1,137 @@
+"""Data-free synthetic data (DFQ: data-free quantization) from the FP32 model itself: ZeroQ, GDFQ, Qimera, ClusterQ.
+
+    >>> import evoquant
+    >>> evoquant.datafree("fp32.pt2", method="clusterq", output="gen/")      # then --data gan:gen/
+    >>> evoquant.datafree("fp32.pt2", method="zeroq", output="zeroq.npz", n=2560)
+
+See :mod:`evoquant.dfq.synthesis` for what each method does and :mod:`evoquant.dfq.teacher` for
+how the model's BatchNorm statistics are read.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evoquant.dfq.synthesis import DEFAULT_ZEROQ_IMAGES, GENERATOR_METHODS, METHODS, MethodOptions
+from evoquant.dfq.teacher import Teacher, export_program, load_teacher
+from evoquant.errors import EvoquantError
+
+__all__ = ["datafree", "DataFreeResult", "MethodOptions", "METHODS", "Teacher", "load_teacher", "export_program"]
+
+
+@dataclass(frozen=True)
+class DataFreeResult:
+    """What ``datafree`` wrote: a generator directory (``--data gan:OUTPUT``) or an .npz (ZeroQ)."""
+
+    method: str
+    output: str
+    kind: str  # "generator" or "npz"
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    steps: int
+    seconds: float
+    images: int | None = None  # ZeroQ: images written
+    samples: str | None = None  # generators: the sample grid
+
+    @property
+    def data_spec(self) -> str:
+        """How to use the result as ``--data`` / ``--calibration``."""
+        return f"gan:{self.output}" if self.kind == "generator" else self.output
+
+
+def datafree(
+    teacher: Any,
+    *,
+    method: str,
+    output: str | os.PathLike,
+    input_shape: tuple[int, ...] | str | None = None,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    n: int | None = None,
+    steps: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    checkpoint_every: int = 250,
+    options: MethodOptions | None = None,
+    progress: bool = True,
+) -> DataFreeResult:
+    """Synthesize calibration and fitness data from an FP32 classifier with BatchNorm layers, no real image.
+
+    Args:
+        teacher: a ``torch.export`` program file (``.pt2``, saved with ``torch.export.save``), an
+            ``ExportedProgram``, or an ``nn.Module`` (exported here; give ``input_shape``).
+        method: ``zeroq`` (an .npz of optimised images with the model's labels), or ``gdfq``, ``qimera``,
+            ``clusterq`` (a generator directory, used as ``gan:OUTPUT``).
+        output: the .npz (ZeroQ) or the generator directory to write.
+        input_shape: the model's input (C, H, W) or (1, C, H, W) (default: the program's).
+        value_range: the model's input range; images are written in [0, 1] as every evoquant source.
+        n: ZeroQ's number of images (default 2,560: refine's default selection and verification).
+        steps: ZeroQ's Adam steps per batch (default 500), or the generator's training steps (1,500).
+        resume: continue from the checkpoint (generators) or the finished batches (ZeroQ) in ``output``.
+        options: the generator methods' settings (:class:`MethodOptions`, the papers' values by default).
+
+    Raises:
+        EvoquantError: a teacher that is not a torch.export program, has no BatchNorm layers, does not take
+            ``input_shape`` or is not a classifier; bad settings; an output in the way.
+    """
+    from evoquant.dfq.synthesis import teacher_digest, train_generator, zeroq_images
+
+    if method not in METHODS:
+        raise EvoquantError(f"unknown data-free method {method!r}; choose {', '.join(METHODS)}")
+    shape = _image_shape(input_shape)
+    output = Path(output)
+    started = time.perf_counter()
+    if method == "zeroq":
+        if output.suffix.lower() != ".npz":
+            raise EvoquantError(f"zeroq writes images: the output must be an .npz path, got {output}")
+        if output.exists() and not (resume or overwrite):
+            raise EvoquantError(f"{output} exists; use --overwrite to replace it (or --resume to finish an interrupted run)")
+        from evoquant.paths import check_outputs, staged
+
+        check_outputs({"-o": output}, [teacher] if isinstance(teacher, (str, os.PathLike)) else [])
+        partial = output.with_name(f".{output.name}.partial.npz")
+        if overwrite and not resume:
+            partial.unlink(missing_ok=True)
+    elif output.suffix.lower() == ".npz":
+        raise EvoquantError(f"{method} trains a generator: the output is a directory (then --data gan:{output.with_suffix('')}), not an .npz")
+    model = load_teacher(teacher, shape, value_range)
+    if method == "zeroq":
+        n = DEFAULT_ZEROQ_IMAGES if n is None else n
+        images, labels = zeroq_images(model, n, steps=steps, batch_size=batch_size, seed=seed, progress=progress, partial=partial)
+        with staged(output) as temporary:
+            np.savez(temporary, x=images, y=labels)
+        partial.unlink(missing_ok=True)
+        from evoquant.dfq.synthesis import DEFAULT_STEPS
+
+        return DataFreeResult(method, str(output), "npz", model.num_classes, model.input_shape, DEFAULT_STEPS["zeroq"] if steps is None else steps,
+                              time.perf_counter() - started, images=len(images))
+    if n is not None:
+        raise EvoquantError(f"-n is ZeroQ's number of images; {method} trains a generator (draw any number from gan:{output})")
+    identity = teacher_digest(teacher) if isinstance(teacher, (str, os.PathLike)) else "module"
+    trained = train_generator(model, method, out_dir=output, steps=steps, batch_size=batch_size, seed=seed, resume=resume, overwrite=overwrite,
+                              progress=progress, checkpoint_every=checkpoint_every, options=options or MethodOptions(), teacher_id=identity)
+    return DataFreeResult(method, str(output), "generator", model.num_classes, model.input_shape, trained.steps, time.perf_counter() - started,
+                          samples=trained.samples)
+
+
+def _image_shape(input_shape) -> tuple[int, int, int] | None:
+    """(C, H, W) from (C, H, W), (1, C, H, W), or a string of either."""
+    if input_shape is None:
+        return None
+    if isinstance(input_shape, str):
+        from evoquant.ir.runtime import parse_input_shape
+
+        input_shape = parse_input_shape(input_shape)
+    dims = [int(d) for d in input_shape]
+    if len(dims) == 4:
+        dims = dims[1:]
+    if len(dims) != 3 or min(dims) < 1:
+        raise EvoquantError(f"the input shape must be C,H,W or 1,C,H,W, got {input_shape}")
+    return tuple(dims)

@@ -1,0 +1,323 @@
+"""Data-free synthesis from the FP32 model alone: ZeroQ images, and GDFQ / Qimera / ClusterQ generators.
+
+- **ZeroQ** (Cai et al. 2020): a batch of pixels optimised from noise so that every BatchNorm layer's
+  input batch statistics match its running statistics (Adam, lr 0.5, 500 steps per batch). The pixels are
+  parametrised as ``sigmoid(v)`` so that they stay inside the model's input range (an IR's inputs are
+  bounded images; ZeroQ's own models take standardised, unbounded inputs). Labels: the model's own.
+- **GDFQ** (Xu et al. 2020): a class-conditional generator (label embedding × z → Linear → BN → upsample →
+  conv-BN-LeakyReLU blocks → conv → tanh) trained with the FP model's cross-entropy on the label plus
+  0.1 × the BatchNorm-statistics loss. The tanh output is mapped onto the model's input range (GDFQ ends
+  in a BatchNorm without affine because its models take standardised inputs).
+- **Qimera** (Choi et al. 2021): GDFQ plus boundary-supporting samples: with probability 0.4 a sample's
+  embedding superposes k = 2 class embeddings with softmax(randn) coefficients and its target is the
+  matching soft label. ``embedding="random"`` is the released setting; ``"classifier"`` initialises the
+  embeddings from the FP model's last layer and adds the disentanglement mapping (a linear layer from the
+  embedding to the latent space) as the paper describes.
+- **ClusterQ** (Gao et al. 2022): GDFQ plus, in the deeper half of the BatchNorm layers, per-class
+  centroids of the feature statistics, EMA-updated (decay 0.2) from the generated samples the FP model
+  classifies correctly; after a warm-up each class's batch statistics are pulled toward its centroid
+  (weight 0.9, the global BNS loss 0.1) with a diversity term that perturbs the target statistics.
+
+Generators are written as a generator directory in the format of ``evoquant gan train`` (IR + TorchScript
++ ``generator.json`` + ``samples.png``), so ``--data gan:DIR`` works everywhere; ZeroQ writes an .npz.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evoquant.errors import EvoquantError
+from evoquant.gan.models import import_torch
+
+METHODS = ("zeroq", "gdfq", "qimera", "clusterq")
+GENERATOR_METHODS = ("gdfq", "qimera", "clusterq")
+
+#: Defaults sized for 2 CPU cores (a zoo model's data in minutes); the papers' values where they fit.
+DEFAULT_STEPS = {"zeroq": 500, "gdfq": 1500, "qimera": 1500, "clusterq": 1500}
+DEFAULT_ZEROQ_IMAGES = 2560  # refine's default selection (512) + verification (2048)
+BNS_WEIGHT = 0.1
+GENERATOR_LEARNING_RATE = 1e-3
+GENERATOR_BETAS = (0.5, 0.999)
+ZEROQ_LEARNING_RATE = 0.5
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Settings of the generator methods (the papers' values by default)."""
+
+    latent_size: int = 64
+    width: int = 64  # channels of the generator's last block (the first has twice as many)
+    bns_weight: float = BNS_WEIGHT
+    superpose_probability: float = 0.4  # Qimera
+    superpose_classes: int = 2  # Qimera's k
+    embedding: str = "random"  # Qimera: random (released code) | classifier (the paper: the FP model's last layer + mapping)
+    centroid_decay: float = 0.2  # ClusterQ
+    centroid_weight: float = 0.9
+    centroid_warmup: int = 200  # steps before the centroid term is on (centroids fill meanwhile)
+    diversity: float = 0.5
+
+    def __post_init__(self):
+        if self.embedding not in ("random", "classifier"):
+            raise EvoquantError(f"the embedding must be random or classifier, got {self.embedding!r}")
+        if self.latent_size < 1 or self.width < 1:
+            raise EvoquantError("the latent size and the width must be at least 1")
+        if not 0 <= self.superpose_probability <= 1 or not 0 <= self.centroid_decay < 1 or not 0 <= self.centroid_weight <= 1:
+            raise EvoquantError("probabilities, the centroid decay and the centroid weight must be in [0, 1]")
+
+
+def generator_class():
+    """The GDFQ conditional generator as a torch module class (built lazily: torch is optional)."""
+    torch = import_torch()
+    nn = torch.nn
+
+    class ConditionalGenerator(nn.Module):
+        def __init__(self, latent_size: int, num_classes: int, image_shape: tuple[int, int, int], width: int, embedding_size: int | None = None, mapping: bool = False):
+            super().__init__()
+            channels, height, width_px = image_shape
+            embedding_size = embedding_size or latent_size
+            self.image_shape = tuple(image_shape)
+            self.embedding = nn.Embedding(num_classes, embedding_size)
+            self.mapping = nn.Linear(embedding_size, latent_size) if (mapping or embedding_size != latent_size) else nn.Identity()
+            self.start = (max(1, height // 4), max(1, width_px // 4))
+            self.project = nn.Linear(latent_size, 2 * width * self.start[0] * self.start[1])
+            self.blocks = nn.Sequential(
+                nn.BatchNorm2d(2 * width),
+                nn.Upsample(scale_factor=2),
+                nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+                nn.BatchNorm2d(2 * width),
+                nn.LeakyReLU(0.2),
+                nn.Upsample(scale_factor=2),
+                nn.Conv2d(2 * width, width, 3, padding=1),
+                nn.BatchNorm2d(width),
+                nn.LeakyReLU(0.2),
+                nn.Conv2d(width, channels, 3, padding=1),
+                nn.Tanh(),
+            )
+            self.width = width
+
+        def from_embedding(self, z, embedding):
+            h = self.project(self.mapping(embedding) * z).view(z.shape[0], 2 * self.width, *self.start)
+            image = self.blocks(h)
+            if tuple(image.shape[2:]) != self.image_shape[1:]:
+                image = nn.functional.interpolate(image, size=self.image_shape[1:], mode="bilinear", align_corners=False)
+            return image
+
+        def forward(self, z, label):
+            return self.from_embedding(z, self.embedding(label))
+
+    return ConditionalGenerator
+
+
+# --------------------------------------------------------------------------------------------------
+# generators
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _GeneratorState:
+    generator: Any
+    optimizer: Any
+    rng: Any  # torch.Generator
+    step: int
+    centroids: Any = None
+
+
+def train_generator(teacher, method: str, *, out_dir: str | os.PathLike, steps: int | None = None, batch_size: int = 64, seed: int = 0,
+                    resume: bool = False, overwrite: bool = False, progress: bool = True, checkpoint_every: int = 250,
+                    options: MethodOptions = MethodOptions(), teacher_id: str = "module"):
+    """Train a GDFQ, Qimera or ClusterQ generator for ``teacher`` and write it as a generator directory.
+    Returns a :class:`evoquant.gan.train.TrainResult`."""
+    from evoquant.dfq.losses import ClassCentroids, bns_loss, soft_cross_entropy, superpose
+    from evoquant.gan.train import CHECKPOINT_FILE, SAMPLES_FILE, TrainResult, _export, _prepare_out_dir
+
+    if method not in GENERATOR_METHODS:
+        raise EvoquantError(f"unknown generator method {method!r}; choose {', '.join(GENERATOR_METHODS)}")
+    steps = DEFAULT_STEPS[method] if steps is None else steps
+    _check_positive(steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every)
+    if seed < 0:
+        raise EvoquantError(f"the seed must be 0 or more, got {seed}")
+    torch = import_torch()
+    settings = {
+        "kind": f"datafree-{method}", "method": method, "latent_size": options.latent_size, "num_classes": teacher.num_classes,
+        "image_shape": list(teacher.input_shape), "value_range": list(teacher.value_range), "batch_size": batch_size, "seed": seed,
+        "teacher": teacher_id, "options": {key: getattr(options, key) for key in options.__dataclass_fields__},
+    }
+    out = _prepare_out_dir(out_dir, resume=resume, overwrite=overwrite)
+    checkpoint = out / CHECKPOINT_FILE
+    state = _load_generator_checkpoint(torch, checkpoint, settings, teacher, options) if resume and checkpoint.exists() else _new_generator_state(torch, settings, teacher, options)
+    resumed_from = state.step
+    classes = teacher.num_classes
+    cross_entropy = torch.nn.CrossEntropyLoss()
+    started = time.perf_counter()
+    bar = _bar(progress, steps, state.step, f"datafree {method}")
+    try:
+        state.generator.train()
+        while state.step < steps:
+            z = torch.randn(batch_size, options.latent_size, generator=state.rng)
+            if method == "qimera":
+                drawn = superpose(batch_size, classes, probability=options.superpose_probability, k=options.superpose_classes, generator=state.rng)
+                embedding = (state.generator.embedding(drawn.classes) * drawn.coefficients[..., None]).sum(dim=1)
+                fake = state.generator.from_embedding(z, embedding)
+                labels, targets = drawn.classes[:, 0], drawn.targets
+            else:
+                labels = torch.randint(classes, (batch_size,), generator=state.rng)
+                fake, targets = state.generator(z, labels), None
+            logits, stats = teacher((fake + 1) / 2)
+            task = soft_cross_entropy(logits, targets) if targets is not None else cross_entropy(logits, labels)
+            statistics = bns_loss(stats)
+            if method == "clusterq":
+                correct = logits.argmax(dim=1) == labels
+                state.centroids.update(stats, labels, correct)
+                if state.step >= options.centroid_warmup:
+                    clustered = state.centroids.loss(stats, labels, diversity=options.diversity, generator=state.rng)
+                    statistics = (1 - options.centroid_weight) * statistics + options.centroid_weight * clustered
+            loss = task + options.bns_weight * statistics
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            state.optimizer.step()
+            state.step += 1
+            if bar is not None:
+                bar.update(1)
+                if state.step % 20 == 0:
+                    bar.set_postfix_str(f"CE {float(task):.3f}, BNS {float(statistics):.4f}")
+            if state.step % checkpoint_every == 0 or state.step == steps:
+                _save_generator_checkpoint(torch, state, settings, checkpoint)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - started
+    generator = _export(torch, state.generator, settings, out, {"steps": state.step, "settings": settings, "data_free": method})
+    return TrainResult(str(out), generator, state.step, resumed_from, seconds, str(out / SAMPLES_FILE))
+
+
+def _new_generator_state(torch: Any, settings: dict, teacher, options: MethodOptions) -> _GeneratorState:
+    from evoquant.dfq.losses import ClassCentroids
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings["seed"])
+        embedding_size, mapping = None, False
+        weight = teacher.classifier_weight() if settings["method"] == "qimera" and options.embedding == "classifier" else None
+        if settings["method"] == "qimera" and options.embedding == "classifier":
+            if weight is None:
+                raise EvoquantError(f"{teacher.source} does not end in a linear layer: Qimera's classifier embedding needs one (use --embedding random)")
+            embedding_size, mapping = int(weight.shape[1]), True
+        generator = generator_class()(settings["latent_size"], settings["num_classes"], tuple(settings["image_shape"]), options.width, embedding_size, mapping)
+        if weight is not None:
+            with torch.no_grad():
+                generator.embedding.weight.copy_(weight)
+    optimizer = torch.optim.Adam(generator.parameters(), lr=GENERATOR_LEARNING_RATE, betas=GENERATOR_BETAS)
+    centroids = ClassCentroids.deeper_half(settings["num_classes"], teacher.layers, options.centroid_decay) if settings["method"] == "clusterq" else None
+    return _GeneratorState(generator, optimizer, torch.Generator().manual_seed(settings["seed"] + 1), 0, centroids)
+
+
+def _save_generator_checkpoint(torch: Any, state: _GeneratorState, settings: dict, path: Path) -> None:
+    from evoquant.paths import staged
+
+    payload = {"version": 1, "settings": settings, "step": state.step, "generator": state.generator.state_dict(), "optimizer": state.optimizer.state_dict(),
+               "rng": state.rng.get_state(), "centroids": None if state.centroids is None else state.centroids.state_dict()}
+    with staged(path) as temporary:
+        torch.save(payload, temporary)
+
+
+def _load_generator_checkpoint(torch: Any, path: Path, settings: dict, teacher, options: MethodOptions) -> _GeneratorState:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated or foreign file: torch raises several kinds
+        raise EvoquantError(f"cannot read the checkpoint {path}: {' '.join(str(error).split())[:200]}") from None
+    if not isinstance(payload, dict) or payload.get("version") != 1 or "optimizer" not in payload:
+        raise EvoquantError(f"{path} is not an evoquant data-free checkpoint")
+    saved = payload["settings"]
+    changed = [key for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)]
+    if changed:
+        raise EvoquantError(f"the checkpoint in {path.parent} was made with other settings or another teacher ({', '.join(changed)}); "
+                            "use the same ones, or --overwrite to start over")
+    state = _new_generator_state(torch, settings, teacher, options)
+    state.generator.load_state_dict(payload["generator"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.rng.set_state(payload["rng"])
+    state.step = int(payload["step"])
+    if state.centroids is not None:
+        state.centroids.load_state_dict(payload["centroids"])
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# ZeroQ
+# --------------------------------------------------------------------------------------------------
+
+
+def zeroq_images(teacher, n: int, *, steps: int | None = None, batch_size: int = 64, seed: int = 0, progress: bool = True,
+                 partial: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` images in [0, 1] optimised for ``teacher``'s BatchNorm statistics, and the teacher's labels.
+
+    Batch b is seeded by (seed, b), so a run continued from ``partial`` (the finished batches, saved after
+    each one) makes the same images as an uninterrupted one."""
+    from evoquant.dfq.losses import bns_loss
+    from evoquant.paths import staged
+
+    steps = DEFAULT_STEPS["zeroq"] if steps is None else steps
+    _check_positive(n=n, steps=steps, batch_size=batch_size)
+    torch = import_torch()
+    done_images, done_labels = [], []
+    if partial is not None and partial.is_file():
+        with np.load(partial, allow_pickle=False) as archive:
+            if int(archive["steps"]) == steps and int(archive["batch_size"]) == batch_size and int(archive["seed"]) == seed and list(archive["shape"]) == list(teacher.input_shape):
+                done_images, done_labels = [archive["x"]], [archive["y"]]
+    have = sum(len(x) for x in done_images)
+    batches = -(-n // batch_size)
+    bar = _bar(progress, batches * steps, (have // batch_size) * steps, "datafree zeroq")
+    try:
+        for batch in range(have // batch_size, batches):
+            size = min(batch_size, n - batch * batch_size)
+            rng = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, batch]).generate_state(1)[0] % 2**31))
+            pixels = torch.randn(size, *teacher.input_shape, generator=rng).requires_grad_(True)
+            optimizer = torch.optim.Adam([pixels], lr=ZEROQ_LEARNING_RATE)
+            for _ in range(steps):
+                _, stats = teacher(torch.sigmoid(pixels))
+                loss = bns_loss(stats, std=True)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if bar is not None:
+                    bar.update(1)
+            with torch.no_grad():
+                images = torch.sigmoid(pixels)
+                logits, _ = teacher(images)
+            done_images.append(images.numpy().astype(np.float32))
+            done_labels.append(logits.argmax(dim=1).numpy().astype(np.int64))
+            if bar is not None:
+                bar.set_postfix_str(f"BNS {float(loss):.4f}")
+            if partial is not None:
+                with staged(partial) as temporary:
+                    np.savez(temporary, x=np.concatenate(done_images), y=np.concatenate(done_labels), steps=steps, batch_size=batch_size, seed=seed,
+                             shape=np.array(teacher.input_shape))
+    finally:
+        if bar is not None:
+            bar.close()
+    return np.concatenate(done_images)[:n], np.concatenate(done_labels)[:n]
+
+
+def _bar(progress: bool, total: int, initial: int, description: str):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=description, unit="step")
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EvoquantError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+
+
+def teacher_digest(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256(Path(path).read_bytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,169 @@
+"""Data-free synthesis: the instrumented teacher, the methods' losses (ClusterQ's two public-code defects,
+Qimera's superposition), ZeroQ and the generator methods end to end on a tiny model, through the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import evoquant  # noqa: E402
+from evoquant import EvoquantError  # noqa: E402
+from evoquant.dfq import MethodOptions, load_teacher  # noqa: E402
+from evoquant.dfq.losses import ClassCentroids, bns_loss, superpose  # noqa: E402
+from test_cli import run_cli  # noqa: E402
+
+SHAPE = (1, 8, 8)
+
+
+def tiny_classifier(seed: int = 0, norm: bool = True):
+    torch.manual_seed(seed)
+    layers = [torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4) if norm else torch.nn.Identity(), torch.nn.ReLU(),
+              torch.nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.nn.BatchNorm2d(6) if norm else torch.nn.Identity(), torch.nn.ReLU(),
+              torch.nn.Flatten(), torch.nn.Linear(6 * 4 * 4, 5)]
+    model = torch.nn.Sequential(*layers)
+    if norm:  # running statistics as training leaves them: those of a data set (dark images with bright specks)
+        images = torch.rand(256, *SHAPE, generator=torch.Generator().manual_seed(5)) ** 3
+        for module in model:
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = None
+        model.train()
+        with torch.no_grad():
+            model(images)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory):
+    from evoquant.dfq import export_program
+
+    path = tmp_path_factory.mktemp("dfq") / "fp32.pt2"
+    torch.export.save(export_program(tiny_classifier(), SHAPE), str(path))
+    return path
+
+
+def test_the_teacher_reads_every_batchnorm_and_passes_gradients(program):
+    teacher = load_teacher(program)
+    assert (teacher.input_shape, teacher.layers, teacher.num_classes) == (SHAPE, 2, 5)
+    images = torch.rand(16, *SHAPE, requires_grad=True)
+    logits, stats = teacher(images)
+    expected = tiny_classifier()(images)
+    torch.testing.assert_close(logits, expected)
+    assert [tuple(layer.mean.shape) for layer in stats] == [(4,), (6,)]
+    torch.testing.assert_close(stats[0].running_mean, tiny_classifier()[1].running_mean)
+    bns_loss(stats).backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    module_teacher = load_teacher(tiny_classifier(), SHAPE)  # an nn.Module from Python takes the same path
+    torch.testing.assert_close(module_teacher(images)[0], expected)
+    assert teacher.classifier_weight().shape == (5, 96)
+
+
+def test_teachers_it_cannot_use_are_one_line_errors(tmp_path, program):
+    from evoquant.dfq import export_program
+
+    plain = tmp_path / "nobn.pt2"
+    torch.export.save(export_program(tiny_classifier(norm=False), SHAPE), str(plain))
+    with pytest.raises(EvoquantError, match="no BatchNorm"):
+        load_teacher(plain)
+    scripted = tmp_path / "model.pt"
+    torch.save(tiny_classifier().state_dict(), str(scripted))
+    with pytest.raises(EvoquantError, match="torch.export"):
+        load_teacher(scripted)
+    with pytest.raises(EvoquantError, match="does not take inputs of shape"):
+        load_teacher(program, (3, 8, 8))
+    code, _, stderr = run_cli("datafree", "--teacher", str(plain), "--method", "gdfq", "-o", str(tmp_path / "gen"))
+    assert code == 2 and stderr.count("\n") == 1 and "no BatchNorm" in stderr
+    code, _, stderr = run_cli("datafree", "--teacher", str(program), "--method", "gdfq", "-o", str(tmp_path / "gen.npz"))
+    assert code == 2 and stderr.count("\n") == 1 and "not an .npz" in stderr
+
+
+def test_clusterq_centroids_are_per_class_and_never_the_global_statistics():
+    """Fails on the public code's first defect: centroids filled from the layer's running statistics."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(12, 3, 4, 4, generator=generator)
+    labels = torch.tensor([0, 1, 2] * 4)
+    features[labels == 1] += 3.0  # class 1 sits far from the others
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    layer = type("Stats", (), {"features": features, "running_mean": running_mean, "running_var": running_var})
+    centroids = ClassCentroids(num_classes=4, layers=[0], decay=0.2)
+    correct = torch.tensor([True] * 11 + [False])
+    centroids.update([layer], labels, correct)
+    assert not centroids.filled[0][3]  # a class never seen correctly has no centroid (not the global one)
+    class_one = features[(labels == 1) & correct].mean(dim=(0, 2, 3))
+    torch.testing.assert_close(centroids.mean[0][1], class_one)
+    assert not torch.allclose(centroids.mean[0][1], running_mean, atol=0.5)
+    assert not torch.allclose(centroids.mean[0][0], centroids.mean[0][1])
+    centroids.update([layer], labels, correct)  # EMA: decay * old + (1 - decay) * new, with new == old here
+    torch.testing.assert_close(centroids.mean[0][1], class_one)
+    shifted = type("Stats", (), {"features": features + 1.0, "running_mean": running_mean, "running_var": running_var})
+    centroids.update([shifted], labels, correct)
+    torch.testing.assert_close(centroids.mean[0][1], class_one + 0.8)
+    # the clustered loss is not the plain BNS loss in disguise
+    assert abs(float(centroids.loss([layer], labels)) - float(bns_loss([type("S", (), {"mean": features.mean((0, 2, 3)), "var": features.var((0, 2, 3), unbiased=False), "running_mean": running_mean, "running_var": running_var})]))) > 1e-3
+
+
+def test_clusterq_diversity_moves_the_target_only():
+    """Fails on the public code's second defect: a diversity term whose gradient is zero (shifting the batch
+    statistics and the target together)."""
+    features = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1] * 4)
+    centroids = ClassCentroids(num_classes=2, layers=[0])
+    centroids.update([type("S", (), {"features": features})], labels, torch.ones(8, dtype=torch.bool))
+    gradients = []
+    for diversity in (0.0, 1.0):
+        leaf = features.clone().requires_grad_(True)
+        centroids.loss([type("S", (), {"features": leaf})], labels, diversity=diversity, generator=torch.Generator().manual_seed(2)).backward()
+        gradients.append(leaf.grad)
+    assert gradients[0].abs().max() < 1e-6  # on the centroid: nothing to pull
+    assert gradients[1].abs().max() > 1e-3  # the perturbed target pulls the batch: a real gradient
+
+
+def test_qimera_superposed_samples_carry_soft_labels_of_the_classes_drawn():
+    drawn = superpose(200, 10, probability=0.4, k=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(drawn.targets.sum(dim=1), torch.ones(200))
+    assert 0.25 < drawn.mixed.float().mean() < 0.55
+    for i in range(200):
+        support = set(torch.nonzero(drawn.targets[i]).flatten().tolist())
+        if drawn.mixed[i]:
+            assert support == set(drawn.classes[i].tolist()) and len(support) == 2
+            assert drawn.targets[i].max() < 1.0
+        else:
+            assert support == {int(drawn.classes[i, 0])} and drawn.targets[i].max() == 1.0
+
+
+def test_zeroq_matches_the_statistics_and_resumes_to_the_same_images(program, tmp_path):
+    teacher = load_teacher(program)
+    from evoquant.dfq.synthesis import zeroq_images
+
+    start = torch.sigmoid(torch.randn(16, *SHAPE, generator=torch.Generator().manual_seed(3)))
+    before = float(bns_loss(teacher(start)[1], std=True))
+    images, labels = zeroq_images(teacher, 16, steps=40, batch_size=8, progress=False)
+    after = float(bns_loss(teacher(torch.from_numpy(images))[1], std=True))
+    assert after < 0.1 * before and images.min() >= 0 and images.max() <= 1 and labels.max() < 5
+    result = evoquant.datafree(program, method="zeroq", output=tmp_path / "z.npz", n=16, steps=40, batch_size=8, progress=False)
+    with np.load(tmp_path / "z.npz") as archive:
+        np.testing.assert_array_equal(archive["x"], images)
+        np.testing.assert_array_equal(archive["y"], labels)
+    assert result.data_spec.endswith("z.npz") and not list(tmp_path.glob(".*partial*"))
+    # interrupted after the first batch: the partial file holds it, a resumed run finishes identically
+    zeroq_images(teacher, 8, steps=40, batch_size=8, progress=False, partial=tmp_path / ".r.npz.partial.npz")
+    evoquant.datafree(program, method="zeroq", output=tmp_path / "r.npz", n=16, steps=40, batch_size=8, progress=False, resume=True)
+    with np.load(tmp_path / "r.npz") as archive:
+        np.testing.assert_array_equal(archive["x"], images)
+
+
+@pytest.mark.parametrize("method, options", [("gdfq", {}), ("qimera", {}), ("qimera", {"embedding": "classifier"}), ("clusterq", {"centroid_warmup": 2})])
+def test_generator_methods_write_a_generator_any_command_can_use(program, tmp_path, method, options):
+    from evoquant.data import load_source
+
+    settings = MethodOptions(latent_size=8, width=4, **options)
+    result = evoquant.datafree(program, method=method, output=tmp_path / "gen", steps=4, batch_size=8, options=settings, progress=False)
+    assert result.kind == "generator" and (tmp_path / "gen" / "samples.png").is_file()
+    batch = load_source(result.data_spec).sample(10, SHAPE, seed=0)
+    assert batch.images.shape == (10, *SHAPE) and batch.labels.max() < 5 and 0 <= batch.images.min() and batch.images.max() <= 1
+    # a run stopped at step 2 and resumed to 4 ends with the same generator
+    evoquant.datafree(program, method=method, output=tmp_path / "part", steps=2, batch_size=8, options=settings, progress=False, checkpoint_every=1)
+    evoquant.datafree(program, method=method, output=tmp_path / "part", steps=4, batch_size=8, options=settings, progress=False, resume=True)
+    resumed = load_source(f"gan:{tmp_path / 'part'}").sample(10, SHAPE, seed=0)
+    np.testing.assert_allclose(resumed.images, batch.images, atol=1e-5)
