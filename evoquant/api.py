@@ -216,7 +216,7 @@ def refine(
     original = read_ir(model_path)
     table = require_quantized_weights(original, str(model_path))
     shape_override = parse_input_shape(input_shape)
-    shape = sample_shape_of(original, shape_override, data_shape=_data_sample_shape(data if data is not None else config.data))
+    shape = sample_shape_of(original, shape_override, data_shape=_data_sample_shape(data if data is not None else config.data, config.layout))
     output_path = _check_output(output, model_path, reference, data)
     unmatched = find_unmatched_layers(original, table)
     if unmatched:
@@ -418,7 +418,7 @@ class MergeResult:
 #: What must be the same in every job merge compares: the model, its reference, the data and what decides
 #: the verification images and the fitness (the seeds of the searches may differ).
 MERGE_KEYS = ("model", "reference", "data", "objective", "input_shape")
-MERGE_SETTINGS = ("data_seed", "selection_size", "selection_pool", "verification_size", "value_range", "importance")
+MERGE_SETTINGS = ("data_seed", "selection_size", "selection_pool", "verification_size", "value_range", "mean_values", "scale_values", "layout", "importance")
 
 
 def merge(run_dirs: Sequence[str | os.PathLike], *, output: ModelLike | None = None) -> MergeResult:
@@ -515,7 +515,7 @@ def _evolve_stage(evolve_xml: Path, table, data, data_label, pool, picked, weigh
         from evoquant.fitness.evaluator import ImageDraw
 
         total = len(pool) + config.verification_size
-        draw = ImageDraw(data_label, total, 0, len(pool), tuple(shape), config.data_seed, tuple(config.value_range), tuple(int(i) for i in picked))
+        draw = ImageDraw(data_label, total, 0, len(pool), tuple(shape), config.data_seed, config.input_spec, tuple(int(i) for i in picked))
     context = FitnessContext(str(evolve_xml), selection.images, teacher_selection, selection.labels, objective_spec, threads, draw, weights)
     if config.engine == "suffix":
         from evoquant.fitness.engine import SETUP_STEPS_PER_LAYER, SuffixEngine
@@ -676,8 +676,9 @@ def _write_states(model, table, states: dict[int, np.ndarray], path: Path) -> Pa
         patcher.restore()
 
 
-def _data_sample_shape(data) -> tuple[int, ...] | None:
-    """The per-sample image shape the data fixes, if it does (arrays, .npz files, generators)."""
+def _data_sample_shape(data, layout: str = "NCHW") -> tuple[int, ...] | None:
+    """The per-sample input shape the data fixes, if it does (arrays as they are; .npz files and
+    generators make (C, H, W) images, put into ``layout``)."""
     from evoquant.data import Batch
 
     if isinstance(data, np.ndarray) and data.ndim >= 2:
@@ -692,7 +693,10 @@ def _data_sample_shape(data) -> tuple[int, ...] | None:
         except EvoquantError:
             return None  # reported where the data is loaded for real
         shape = getattr(source, "image_shape", None)
-        return None if shape is None else tuple(shape)[-3:]
+        if shape is None:
+            return None
+        channels, height, width = tuple(shape)[-3:]
+        return (height, width, channels) if layout == "NHWC" else (channels, height, width)
     return None
 
 
@@ -736,7 +740,7 @@ def _check_reference(int8_model, teacher_model) -> None:
         raise EvoquantError(f"the reference's outputs {theirs} do not match the INT8 model's {ours}")
 
 
-def _as_batch(data, shape: tuple[int, ...], n: int, *, seed: int, value_range) -> tuple[str, "Batch", bool]:
+def _as_batch(data, shape: tuple[int, ...], n: int, *, seed: int, inputs) -> tuple[str, "Batch", bool]:
     """A Batch of ``n`` images shaped for the model from any accepted data argument, its label for reports,
     and whether its labels are the model's classes (a GAN's or a class folder's are; a fractal's are not)."""
     from evoquant.data import Batch, DataSource, load_source
@@ -752,7 +756,7 @@ def _as_batch(data, shape: tuple[int, ...], n: int, *, seed: int, value_range) -
     source = data if isinstance(data, DataSource) else load_source(str(data))
     if len(shape) != 3:
         raise EvoquantError(f"data sources make images (C, H, W); the model takes {shape}: pass an array instead")
-    return source.spec, source.sample(n, tuple(shape), seed=seed, value_range=tuple(value_range)), bool(getattr(source, "labels_are_classes", False))
+    return source.spec, inputs.draw(source, n, shape, seed=seed), bool(getattr(source, "labels_are_classes", False))
 
 
 def _fitness_batches(data, config: RefineConfig, shape, *, pooled: bool):
@@ -768,14 +772,14 @@ def _fitness_batches(data, config: RefineConfig, shape, *, pooled: bool):
     if finite:  # a larger pool only as far as the images go; the selection and verification must fit
         needed = config.selection_size + config.verification_size
         if len(data) < needed:
-            _as_batch(data, shape, min(len(data), 1), seed=config.data_seed, value_range=config.value_range)  # shape errors first
+            _as_batch(data, shape, min(len(data), 1), seed=config.data_seed, inputs=config.input_spec)  # shape errors first
             raise EvoquantError(
                 f"the data holds {len(data)} images; refine needs {needed} ({config.selection_size} to select, {config.verification_size} to verify): "
                 "give more images or lower --selection-size / --verification-size"
             )
         pool_size = max(config.selection_size, min(pool_size, len(data) - config.verification_size))
     total = pool_size + config.verification_size
-    label, batch, labels_are_classes = _as_batch(data, shape, total, seed=config.data_seed, value_range=config.value_range)
+    label, batch, labels_are_classes = _as_batch(data, shape, total, seed=config.data_seed, inputs=config.input_spec)
 
     labels = batch.labels
     pool = Batch(np.ascontiguousarray(batch.images[:pool_size]), None if labels is None else labels[:pool_size])
@@ -828,7 +832,7 @@ def _heldout_batch(heldout, shape, config, has_teacher: bool, classes: int | Non
         source = load_source(str(heldout))
         if not source.finite:
             raise EvoquantError("--heldout must be real labelled data: an .npz with labels or a folder per class")
-        batch = source.sample(len(source), tuple(shape), seed=0, value_range=tuple(config.value_range))
+        batch = config.input_spec.draw(source, len(source), shape, seed=0)
     if batch.labels is None and not has_teacher:
         raise EvoquantError("--heldout data has no labels and there is no reference to compare with")
     if batch.labels is not None and classes is not None:
@@ -986,6 +990,9 @@ def quantize(
     input_shape: Sequence[int] | str | None = None,
     seed: int = CALIBRATION_SEED,
     value_range: tuple[float, float] = (0.0, 1.0),
+    mean_values: Sequence[float] | str | None = None,
+    scale_values: Sequence[float] | str | None = None,
+    layout: str | None = None,
     progress: bool = False,
 ) -> QuantizeResult:
     """Quantize an FP32 OpenVINO IR with ``nncf.quantize`` (W8A8 or W4A8), calibrated on any data source.
@@ -1010,6 +1017,9 @@ def quantize(
             says which is better.
         input_shape: the model's input shape, batch first, for a dynamic-shape model (unless the data fixes it).
         seed, value_range: the draw from the source and the model's input range.
+        mean_values, scale_values, layout: per-channel normalisation after the range map and the input
+            layout, as ``ovc`` spells them (:mod:`evoquant.data.preprocess`); none for a model whose IR
+            embeds its preprocessing.
         progress: show NNCF's own log and progress bars.
 
     Returns:
@@ -1028,7 +1038,8 @@ def quantize(
     model_path = Path(model)
     fp32_model = read_ir(model_path)
     shape_override = parse_input_shape(input_shape)
-    shape = sample_shape_of(fp32_model, shape_override, data_shape=_data_sample_shape(calibration))
+    inputs = input_spec(value_range, mean_values, scale_values, layout)
+    shape = sample_shape_of(fp32_model, shape_override, data_shape=_data_sample_shape(calibration, inputs.layout))
     output_path = _check_output(output, model_path)
     if output_path is None:
         raise EvoquantError("quantize needs an output path (-o int8.xml)")
@@ -1040,7 +1051,7 @@ def quantize(
     settings = QuantizeSettings(weight_bits=weight_bits, target_device=target_device, model_type=model_type, preset=preset,
                                 fast_bias_correction=bool(fast_bias_correction), ignored_scope=tuple(scope_entries))
 
-    label, batch, _ = _as_batch(calibration, shape, subset_size, seed=seed, value_range=value_range)
+    label, batch, _ = _as_batch(calibration, shape, subset_size, seed=seed, inputs=inputs)
     images = batch.images[:subset_size]
     items = _calibration_items(images, static_batch(fp32_model))
 
@@ -1086,6 +1097,9 @@ def synthesize(
     value_range: tuple[float, float] = (0.0, 1.0),
     output: str | os.PathLike | None = None,
     input_shape: Sequence[int] | str | None = None,
+    mean_values: Sequence[float] | str | None = None,
+    scale_values: Sequence[float] | str | None = None,
+    layout: str | None = None,
 ) -> "Batch":
     """Draw ``n`` images (and labels, when the source has them) shaped and scaled for a model.
 
@@ -1096,6 +1110,8 @@ def synthesize(
         shape: ``(C, H, W)``; or ``like``: an OpenVINO IR whose input gives the shape (exactly one of them).
         seed, value_range: the draw (deterministic in ``seed``) and the range pixel values are mapped to.
         input_shape: with ``like``, the model's input shape (batch first) when its input is dynamic.
+        mean_values, scale_values, layout: normalisation and layout of the written arrays, as for
+            :func:`quantize` (the .npz then holds the model's input, not [0, 1] images).
         output: when given, an ``.npz`` written atomically with ``x`` (float32 NCHW) and, if labelled, ``y``
             (int64). evoquant's own ``--data`` reads ``.npz`` images in [0, 1]: keep the default range for
             files meant for evoquant.
@@ -1121,7 +1137,10 @@ def synthesize(
             raise EvoquantError(f"{like} takes inputs of shape {shape}; data sources make images (C, H, W)")
     output_path = _check_output(output, like, source if isinstance(source, str) else None, suffix=".npz")
     data_source = source if isinstance(source, DataSource) else load_source(str(source))
-    batch = data_source.sample(n, tuple(shape), seed=seed, value_range=tuple(value_range))
+    inputs = input_spec(value_range, mean_values, scale_values, layout)
+    shape = tuple(shape)
+    model_shape = shape if like is not None or inputs.layout == "NCHW" else (shape[1], shape[2], shape[0])  # --shape is C,H,W
+    batch = inputs.draw(data_source, n, model_shape, seed=seed)
     if output_path is not None:
         from evoquant.paths import staged
 
@@ -1129,6 +1148,14 @@ def synthesize(
         with staged(output_path) as temporary:
             np.savez(temporary, **arrays)
     return batch
+
+
+def input_spec(value_range=(0.0, 1.0), mean_values=None, scale_values=None, layout=None):
+    """An :class:`~evoquant.data.preprocess.InputSpec` from the API's arguments (strings as ``ovc`` spells
+    them, or sequences)."""
+    from evoquant.data.preprocess import InputSpec, parse_layout, parse_values
+
+    return InputSpec(tuple(value_range), parse_values(mean_values, "--mean-values"), parse_values(scale_values, "--scale-values"), parse_layout(layout) or "NCHW")
 
 
 def _calibration_items(images: np.ndarray, fixed_batch: int | None) -> list[np.ndarray]:

@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--selection-pool", type=int, metavar="N", help=f"draw the selection from a pool of N images by importance (default {default.selection_pool}; N <= the selection size: a plain batch)")
     refine.add_argument("--importance", type=float, metavar="SHARE", help=f"share of the draw proportional to the start model's per-image loss, 0-1 (default {default.importance:g}; 0: the first images, unweighted)")
     refine.add_argument("--input-range", metavar="LOW,HIGH", help="the model's input value range (default 0,1)")
+    _add_preprocessing_flags(refine)
     refine.add_argument("--report", metavar="FILE.json", help="write a JSON report")
     refine.add_argument("--plot", metavar="FILE.png", help="plot the fitness history")
     refine.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -179,6 +180,18 @@ def _input_range(text: str | None):
     return (low, high)
 
 
+def _values(text, option):
+    from evoquant.data.preprocess import parse_values
+
+    return parse_values(text, option)
+
+
+def _layout(text):
+    from evoquant.data.preprocess import parse_layout
+
+    return parse_layout(text)
+
+
 def refine_config_from_args(args):
     """Translate flags into a RefineConfig: preset or file first, then every flag that was given."""
     from evoquant.config import RefineConfig
@@ -194,6 +207,9 @@ def refine_config_from_args(args):
         selection_pool=args.selection_pool,
         importance=args.importance,
         value_range=_input_range(args.input_range),
+        mean_values=_values(args.mean_values, "--mean-values"),
+        scale_values=_values(args.scale_values, "--scale-values"),
+        layout=_layout(args.layout),
         progress=False if args.quiet else None,
         stages=args.stages,
         search={
@@ -455,6 +471,8 @@ def _add_datafree_parser(commands) -> None:
     datafree.add_argument("--output", "-o", metavar="OUT", required=True, help="the .npz (zeroq) or generator directory to write")
     datafree.add_argument("--input-shape", "-shape", dest="input_shape", metavar="SHAPE", help="the model's input, C,H,W or 1,C,H,W (default: the program's)")
     datafree.add_argument("--input-range", metavar="LOW,HIGH", help="the model's input value range (default 0,1)")
+    datafree.add_argument("--mean-values", metavar="[M1,M2,M3]", help="per-channel values subtracted after --input-range (as ovc's)")
+    datafree.add_argument("--scale-values", metavar="[S1,S2,S3]", help="per-channel values divided by after the mean")
     datafree.add_argument("-n", type=int, help=f"zeroq: images to make (default {DEFAULT_ZEROQ_IMAGES})")
     datafree.add_argument("--steps", type=int, help=f"zeroq: Adam steps per batch (default {DEFAULT_STEPS['zeroq']}); generators: training steps (default {DEFAULT_STEPS['gdfq']})")
     datafree.add_argument("--batch-size", type=int, default=64, help="images per batch or step (default: %(default)s)")
@@ -473,6 +491,7 @@ def run_datafree(args) -> int:
 
     _set_threads(args.threads)
     result = datafree(args.teacher, method=args.method, output=args.output, input_shape=args.input_shape, value_range=_input_range(args.input_range) or (0.0, 1.0),
+                      mean_values=args.mean_values, scale_values=args.scale_values,
                       n=args.n, steps=args.steps, batch_size=args.batch_size, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
                       checkpoint_every=args.checkpoint_every, options=MethodOptions(embedding=args.embedding), progress=not args.quiet)
     shape = "x".join(map(str, result.image_shape))
@@ -498,6 +517,7 @@ def _add_synth_parser(commands) -> None:
     synth.add_argument("--output", "-o", metavar="DATA.npz", required=True, help="where to write the images")
     synth.add_argument("--seed", type=int, default=0, help="seed of the draw (default: %(default)s)")
     synth.add_argument("--input-range", metavar="LOW,HIGH", help="the model's input value range (default 0,1)")
+    _add_preprocessing_flags(synth)
     synth.add_argument("--input-shape", "-shape", dest="input_shape", metavar="SHAPE", help="with --like: the model's input shape, batch first, when it is dynamic")
     synth.set_defaults(run=run_synth)
 
@@ -523,8 +543,16 @@ def _add_quantize_parser(commands) -> None:
     quantize.add_argument("--input-shape", "-shape", dest="input_shape", metavar="SHAPE", help="the model's input shape, batch first (1,3,224,224 or [1,3,224,224]), for a dynamic-shape model")
     quantize.add_argument("--seed", type=int, default=7, help="seed of the calibration draw (default: %(default)s)")
     quantize.add_argument("--input-range", metavar="LOW,HIGH", help="the model's input value range (default 0,1)")
+    _add_preprocessing_flags(quantize)
     quantize.add_argument("--verbose", "-v", action="store_true", help="show NNCF's own output")
     quantize.set_defaults(run=run_quantize)
+
+
+def _add_preprocessing_flags(parser) -> None:
+    """ovc's and benchmark_app's spelling of a model's input normalisation and layout."""
+    parser.add_argument("--mean-values", metavar="[M1,M2,M3]", help="per-channel values subtracted after --input-range, as ovc's (e.g. --input-range 0,255 --mean-values [123.675,116.28,103.53]); none if the IR embeds its preprocessing")
+    parser.add_argument("--scale-values", metavar="[S1,S2,S3]", help="per-channel values divided by after the mean (e.g. [58.395,57.12,57.375])")
+    parser.add_argument("--layout", metavar="LAYOUT", help="the model's input layout, NCHW (default) or NHWC (also [NHWC], input[NHWC])")
 
 
 def _usage(parser) -> int:
@@ -640,9 +668,11 @@ def run_synth(args) -> int:
 
     shape = _shape(args.shape) if args.shape else None
     value_range = _input_range(args.input_range) or (0.0, 1.0)
-    batch = synthesize(args.source, n=args.n, shape=shape, like=args.like, seed=args.seed, value_range=value_range, output=args.output, input_shape=args.input_shape)
+    batch = synthesize(args.source, n=args.n, shape=shape, like=args.like, seed=args.seed, value_range=value_range, output=args.output, input_shape=args.input_shape,
+                       mean_values=args.mean_values, scale_values=args.scale_values, layout=args.layout)
     labels = "no labels" if batch.labels is None else f"labels of {len(set(batch.labels.tolist()))} classes"
-    print(f"{args.output}: {len(batch)} images {'x'.join(map(str, batch.images.shape[1:]))} in [{value_range[0]:g}, {value_range[1]:g}], {labels}")
+    values = f"in [{value_range[0]:g}, {value_range[1]:g}]" if args.mean_values is None and args.scale_values is None else "normalised (mean/scale values)"
+    print(f"{args.output}: {len(batch)} images {'x'.join(map(str, batch.images.shape[1:]))} {values}, {labels}")
     return 0
 
 
@@ -653,7 +683,8 @@ def run_quantize(args) -> int:
     result = quantize(args.model, calibration=args.calibration, output=args.output, subset_size=args.subset_size, preset=args.preset,
                       weight_bits=args.weight_bits, target_device=args.target_device, model_type=args.model_type,
                       ignored_scope=args.ignored_scope, fast_bias_correction=not args.full_bias_correction, input_shape=args.input_shape,
-                      seed=args.seed, value_range=value_range, progress=args.verbose)
+                      seed=args.seed, value_range=value_range, mean_values=args.mean_values, scale_values=args.scale_values, layout=args.layout,
+                      progress=args.verbose)
     agreement = "" if result.agreement is None else f", top-1 agreement with FP32 {100 * result.agreement:.1f}%"
     print(f"{result.output}: W{result.weight_bits}A8, {result.quantized_tensors} quantized weight tensors, calibrated on {result.subset_size} images "
           f"from {result.calibration} ({result.preset}, target {result.target_device}{agreement}, {result.seconds:.1f} s)")

@@ -118,6 +118,9 @@ class RefineConfig:
     selection_pool: int = 4096  # images the selection is drawn from by importance (<= selection_size: off)
     importance: float = 0.7  # share of the draw proportional to the start model's per-image loss (0: uniform)
     value_range: tuple[float, float] = (0.0, 1.0)  # the model's expected input range
+    mean_values: tuple[float, ...] | None = None  # per channel, subtracted after the range map (ovc's --mean_values)
+    scale_values: tuple[float, ...] | None = None  # per channel, divided by after the mean (ovc's --scale_values)
+    layout: str = "NCHW"  # the model's input layout: NCHW or NHWC
     data_seed: int = 1234
     jobs: int = 1
     backend: str = "loky"  # joblib backend: loky | threading | dask (needs a dask client)
@@ -144,9 +147,14 @@ class RefineConfig:
         unknown = [stage for stage in self.stages if stage not in STAGES]
         if unknown or not self.stages or len(set(self.stages)) != len(self.stages):
             raise EvoquantError(f"stages must be a non-empty list of {', '.join(STAGES)} without repeats, got {','.join(self.stages)}")
-        low, high = self.value_range
-        if not low < high:
-            raise EvoquantError(f"the input range must be LOW,HIGH with LOW < HIGH, got {self.value_range}")
+        self.input_spec  # checks the range, values and layout
+
+    @property
+    def input_spec(self):
+        """How the images become the model's input (:class:`evoquant.data.preprocess.InputSpec`)."""
+        from evoquant.data.preprocess import InputSpec
+
+        return InputSpec(tuple(self.value_range), self.mean_values, self.scale_values, self.layout)
 
     def replace(self, **changes) -> "RefineConfig":
         """A copy with top-level fields and/or ``search=`` fields changed; ``None`` values are ignored."""
@@ -184,6 +192,8 @@ class RefineConfig:
         data = dataclasses.asdict(self)
         data["search"]["lambda"] = data["search"].pop("lambda_")
         data["stages"], data["value_range"] = list(self.stages), list(self.value_range)
+        for key in ("mean_values", "scale_values"):
+            data[key] = None if data[key] is None else list(data[key])
         return data
 
     @classmethod
@@ -215,6 +225,11 @@ class RefineConfig:
             if len(value_range) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value_range):
                 raise EvoquantError(f"{path}: value_range must be two numbers [LOW, HIGH], got {value_range!r}")
             raw["value_range"] = tuple(value_range)
+        for key in ("mean_values", "scale_values"):
+            if raw.get(key) is not None:
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw[key]):
+                    raise EvoquantError(f"{path}: {key} must be a list of numbers, one per channel, got {raw[key]!r}")
+                raw[key] = tuple(float(v) for v in raw[key])
         return cls(search=SearchConfig(**search_raw), reconstruct=ReconstructConfig(**reconstruct_raw), **raw)
 
 

@@ -144,3 +144,12 @@ def test_island_flags_are_checked(inputs):
     with pytest.raises(EvoquantError, match="run directory"):
         evoquant.merge([inputs], output=inputs / "best.xml")
     assert sorted(os.listdir(inputs)) == listing
+
+
+def test_the_dask_jobqueue_example_runs_on_a_local_cluster(inputs):
+    pytest.importorskip("dask.distributed")
+    example = Path(__file__).resolve().parent.parent / "docs" / "examples" / "dask_jobqueue_islands.py"
+    process = subprocess.run([sys.executable, str(example), str(inputs / "int8.xml"), str(inputs / "fp32.xml"), "--islands", "2", "--generations", "2",
+                              "-o", str(inputs / "out.xml")], capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert (inputs / "out.xml").is_file() and "verification" in process.stdout

@@ -167,7 +167,9 @@ def test_workers_draw_their_own_fitness_images_from_the_spec(tiny_irs):
 
     from evoquant.fitness.evaluator import FitnessContext, ImageDraw, PlainEvaluator
 
-    draw = ImageDraw("fractal", 48, 0, 32, (3, 8, 8), 1234, (0.0, 1.0))
+    from evoquant.data.preprocess import InputSpec
+
+    draw = ImageDraw("fractal", 48, 0, 32, (3, 8, 8), 1234, InputSpec((0.0, 1.0)))
     images = draw.materialize()
     context = FitnessContext(str(tiny_irs.int8), images, None, None, "mse", 1, draw)
     shipped = pickle.loads(pickle.dumps(context))

@@ -145,3 +145,48 @@ def test_unquantized_layer_is_reported_with_its_reason(tmp_path):
     ov.save_model(quantized, tmp_path / "partial.xml", compress_to_fp16=False)
     code, stdout, _ = run_cli("inspect", str(tmp_path / "partial.xml"))
     assert code == 0 and "not refined: 1" in stdout and "fc" in stdout
+
+
+def _nhwc_normalised_model() -> ov.Model:
+    """A model that takes NHWC inputs normalised ImageNet-style: (x - mean) / scale is *not* in the IR."""
+    rng = np.random.default_rng(3)
+    x = opset.parameter([-1, 8, 8, 3], np.float32, name="input")
+    nchw = opset.transpose(x, opset.constant(np.array([0, 3, 1, 2], dtype=np.int64)))
+    conv = opset.convolution(nchw, opset.constant(rng.normal(size=(4, 3, 3, 3)).astype(np.float32)), [1, 1], [1, 1], [1, 1], [1, 1])
+    flat = opset.reshape(opset.relu(conv), opset.constant(np.array([-1, 256], dtype=np.int64)), False)
+    logits = opset.matmul(flat, opset.constant(rng.normal(size=(10, 256)).astype(np.float32) * 0.2), False, True)
+    return ov.Model([logits], [x], "nhwc")
+
+
+NORMALISE = ["--input-range", "0,255", "--mean-values", "[123.675,116.28,103.53]", "--scale-values", "[58.395,57.12,57.375]", "--layout", "input[NHWC]"]
+
+
+def test_mean_scale_and_layout_reach_the_model_as_ovc_spells_them(tmp_path):
+    from evoquant.config import RefineConfig
+    from evoquant.data.preprocess import InputSpec
+
+    spec = InputSpec((0.0, 255.0), (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), "NHWC")
+    images01 = np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32)
+    out = spec.apply(images01 * 255)
+    np.testing.assert_allclose(out[:, :, :, 1], (images01[:, 1] * 255 - 116.28) / 57.12, rtol=1e-5)
+    assert out.shape == (4, 8, 8, 3) and spec.source_shape((8, 8, 3)) == (3, 8, 8)
+    # the same settings from YAML
+    (tmp_path / "c.yaml").write_text("mean_values: [123.675, 116.28, 103.53]\nscale_values: [58.395, 57.12, 57.375]\nlayout: NHWC\nvalue_range: [0, 255]\n")
+    assert RefineConfig.from_yaml(tmp_path / "c.yaml").input_spec == spec
+    from evoquant.api import _fitness_batches
+
+    config = RefineConfig.from_yaml(tmp_path / "c.yaml").replace(selection_size=16, verification_size=16, selection_pool=0)
+    _, pool, verification, _ = _fitness_batches("noise", config, (8, 8, 3), pooled=False)
+    assert pool.images.shape == (16, 8, 8, 3) and -2.2 < pool.images.min() < -1.5 and 2.0 < pool.images.max() < 2.7
+
+
+def test_quantize_and_refine_an_nhwc_normalised_model_through_the_cli(tmp_path):
+    ov.save_model(_nhwc_normalised_model(), tmp_path / "fp32.xml")
+    code, _, stderr = run_cli("quantize", str(tmp_path / "fp32.xml"), "-c", "fractal", "--subset-size", "32", "--input-shape", "1,8,8,3", *NORMALISE, "-o", str(tmp_path / "int8.xml"))
+    assert code == 0, stderr
+    code, stdout, stderr = run_cli("refine", str(tmp_path / "int8.xml"), "-r", str(tmp_path / "fp32.xml"), "--input-shape", "1,8,8,3", *NORMALISE, "--stages", "reconstruct",
+                                   "--selection-size", "64", "--verification-size", "64", "--selection-pool", "128", "-q", "-o", str(tmp_path / "refined.xml"))
+    assert code == 0 and "agrees with its reference on only" not in stderr, stderr
+    for flags, words in ((["--layout", "NCWH"], "--layout must be"), (["--mean-values", "1,2"], "--mean-values has 2 values"), (["--scale-values", "[0,1,1]"], "positive")):
+        code, _, stderr = run_cli("refine", str(tmp_path / "int8.xml"), "-r", str(tmp_path / "fp32.xml"), "--input-shape", "1,8,8,3", "--layout", "NHWC", *flags, "-q")
+        assert code == 2 and words in stderr and stderr.count("\n") == 1, stderr

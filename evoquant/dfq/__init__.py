@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from evoquant.dfq.synthesis import DEFAULT_ZEROQ_IMAGES, GENERATOR_METHODS, METHODS, MethodOptions
+from evoquant.dfq.synthesis import DEFAULT_ZEROQ_IMAGES, METHODS, MethodOptions
 from evoquant.dfq.teacher import Teacher, export_program, load_teacher
 from evoquant.errors import EvoquantError
 
@@ -52,6 +52,8 @@ def datafree(
     output: str | os.PathLike,
     input_shape: tuple[int, ...] | str | None = None,
     value_range: tuple[float, float] = (0.0, 1.0),
+    mean_values: tuple[float, ...] | str | None = None,
+    scale_values: tuple[float, ...] | str | None = None,
     n: int | None = None,
     steps: int | None = None,
     batch_size: int = 64,
@@ -71,7 +73,9 @@ def datafree(
             ``clusterq`` (a generator directory, used as ``gan:OUTPUT``).
         output: the .npz (ZeroQ) or the generator directory to write.
         input_shape: the model's input (C, H, W) or (1, C, H, W) (default: the program's).
-        value_range: the model's input range; images are written in [0, 1] as every evoquant source.
+        value_range, mean_values, scale_values: how images in [0, 1] become the model's input (the range
+            map, then (x - mean) / scale per channel, as ``ovc`` spells them); images are written in [0, 1]
+            as every evoquant source, so give the same settings to quantize and refine.
         n: ZeroQ's number of images (default 2,560: refine's default selection and verification).
         steps: ZeroQ's Adam steps per batch (default 500), or the generator's training steps (1,500).
         resume: continue from the checkpoint (generators) or the finished batches (ZeroQ) in ``output``.
@@ -101,7 +105,9 @@ def datafree(
             partial.unlink(missing_ok=True)
     elif output.suffix.lower() == ".npz":
         raise EvoquantError(f"{method} trains a generator: the output is a directory (then --data gan:{output.with_suffix('')}), not an .npz")
-    model = load_teacher(teacher, shape, value_range)
+    from evoquant.data.preprocess import parse_values
+
+    model = load_teacher(teacher, shape, value_range, parse_values(mean_values, "--mean-values"), parse_values(scale_values, "--scale-values"))
     if method == "zeroq":
         n = DEFAULT_ZEROQ_IMAGES if n is None else n
         images, labels = zeroq_images(model, n, steps=steps, batch_size=batch_size, seed=seed, progress=progress, partial=partial)

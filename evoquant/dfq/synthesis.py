@@ -134,7 +134,7 @@ def train_generator(teacher, method: str, *, out_dir: str | os.PathLike, steps: 
                     options: MethodOptions = MethodOptions(), teacher_id: str = "module"):
     """Train a GDFQ, Qimera or ClusterQ generator for ``teacher`` and write it as a generator directory.
     Returns a :class:`evoquant.gan.train.TrainResult`."""
-    from evoquant.dfq.losses import ClassCentroids, bns_loss, soft_cross_entropy, superpose
+    from evoquant.dfq.losses import bns_loss, soft_cross_entropy, superpose
     from evoquant.gan.train import CHECKPOINT_FILE, SAMPLES_FILE, TrainResult, _export, _prepare_out_dir
 
     if method not in GENERATOR_METHODS:

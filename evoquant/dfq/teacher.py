@@ -51,12 +51,19 @@ class Teacher:
     graph order.
     """
 
-    def __init__(self, module: Any, input_shape: tuple[int, int, int], value_range: tuple[float, float] = (0.0, 1.0), source: str = "the teacher"):
+    def __init__(self, module: Any, input_shape: tuple[int, int, int], value_range: tuple[float, float] = (0.0, 1.0), source: str = "the teacher",
+                 mean_values: tuple[float, ...] | None = None, scale_values: tuple[float, ...] | None = None):
         torch = import_torch()
         self.torch = torch
         self.source = source
         self.input_shape = tuple(int(d) for d in input_shape)
         self.value_range = (float(value_range[0]), float(value_range[1]))
+        channels = self.input_shape[0]
+        for values, name in ((mean_values, "--mean-values"), (scale_values, "--scale-values")):
+            if values is not None and len(values) not in (1, channels):
+                raise EvoquantError(f"{name} has {len(values)} values; {source} takes {channels} channels")
+        self.mean = None if mean_values is None else torch.tensor(mean_values, dtype=torch.float32).reshape(1, -1, 1, 1)
+        self.scale = None if scale_values is None else torch.tensor(scale_values, dtype=torch.float32).reshape(1, -1, 1, 1)
         self.graph_module = module
         for parameter in module.parameters():
             parameter.requires_grad_(False)
@@ -82,8 +89,14 @@ class Teacher:
         return len(self.norm_nodes)
 
     def to_model_range(self, images01: Any) -> Any:
+        """Images in [0, 1] as the model takes them: the range map, then (x - mean) / scale per channel."""
         low, high = self.value_range
-        return images01 * (high - low) + low
+        x = images01 * (high - low) + low
+        if self.mean is not None:
+            x = x - self.mean
+        if self.scale is not None:
+            x = x / self.scale
+        return x
 
     def __call__(self, images01: Any) -> tuple[Any, list[BNStatistics]]:
         torch = self.torch
@@ -130,7 +143,8 @@ def _attribute(module: Any, dotted: str) -> Any:
     return module
 
 
-def load_teacher(model: Any, input_shape: tuple[int, int, int] | None = None, value_range: tuple[float, float] = (0.0, 1.0)) -> Teacher:
+def load_teacher(model: Any, input_shape: tuple[int, int, int] | None = None, value_range: tuple[float, float] = (0.0, 1.0),
+                 mean_values: tuple[float, ...] | None = None, scale_values: tuple[float, ...] | None = None) -> Teacher:
     """A :class:`Teacher` from a ``torch.export`` program file (``.pt2``), an ``ExportedProgram`` or an
     ``nn.Module`` (exported here with a dynamic batch dimension; ``input_shape`` (C, H, W) needed)."""
     torch = import_torch()
@@ -156,7 +170,7 @@ def load_teacher(model: Any, input_shape: tuple[int, int, int] | None = None, va
     if not hasattr(program, "module"):
         raise EvoquantError(f"{source} is not a torch.export program")
     shape = tuple(input_shape) if input_shape is not None else _program_input_shape(program, source)
-    return Teacher(program.module(), shape, value_range, source)
+    return Teacher(program.module(), shape, value_range, source, mean_values, scale_values)
 
 
 def export_program(module: Any, input_shape: tuple[int, int, int]) -> Any:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+from evoquant.data.preprocess import InputSpec
 from evoquant.errors import EvoquantError
 from evoquant.fitness.objectives import OBJECTIVES, Objective, checked, load_hook
 from evoquant.ir.patch import ConstantPatcher
@@ -36,15 +37,15 @@ class ImageDraw:
     total: int
     start: int
     stop: int
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # the model's per-sample input shape
     seed: int
-    value_range: tuple[float, float]
+    inputs: "InputSpec"  # how images become the model's input (range, mean/scale, layout)
     picked: tuple[int, ...] | None = None
 
     def materialize(self) -> np.ndarray:
         from evoquant.data import load_source
 
-        batch = load_source(self.spec).sample(self.total, self.shape, seed=self.seed, value_range=self.value_range)
+        batch = self.inputs.draw(load_source(self.spec), self.total, self.shape, seed=self.seed)
         images = batch.images[self.start : self.stop]
         return np.ascontiguousarray(images if self.picked is None else images[list(self.picked)])
 
