@@ -190,3 +190,26 @@ def test_quantize_and_refine_an_nhwc_normalised_model_through_the_cli(tmp_path):
     for flags, words in ((["--layout", "NCWH"], "--layout must be"), (["--mean-values", "1,2"], "--mean-values has 2 values"), (["--scale-values", "[0,1,1]"], "positive")):
         code, _, stderr = run_cli("refine", str(tmp_path / "int8.xml"), "-r", str(tmp_path / "fp32.xml"), "--input-shape", "1,8,8,3", "--layout", "NHWC", *flags, "-q")
         assert code == 2 and words in stderr and stderr.count("\n") == 1, stderr
+
+
+def test_a_model_with_two_outputs_is_refined_on_both(tmp_path):
+    """Logits and a feature map: the objective (auto: mse) covers every output, and both survive the write."""
+    import nncf
+
+    rng = np.random.default_rng(4)
+    x = opset.parameter([-1, *INPUT_SHAPE], np.float32, name="input")
+    conv = opset.relu(opset.convolution(x, opset.constant(rng.normal(size=(4, 3, 3, 3)).astype(np.float32)), [1, 1], [1, 1], [1, 1], [1, 1]))
+    flat = opset.reshape(conv, opset.constant(np.array([-1, 256], dtype=np.int64)), False)
+    logits = opset.matmul(flat, opset.constant(rng.normal(size=(10, 256)).astype(np.float32) * 0.2), False, True)
+    model = ov.Model([logits, conv], [x], "two_outputs")
+    ov.save_model(model, tmp_path / "fp32.xml", compress_to_fp16=False)
+    nncf.set_log_level(logging.ERROR)
+    ov.save_model(nncf.quantize(model, nncf.Dataset(calibration_batches()), subset_size=32), tmp_path / "int8.xml", compress_to_fp16=False)
+    code, stdout, stderr = run_cli("refine", str(tmp_path / "int8.xml"), "-r", str(tmp_path / "fp32.xml"), "--selection-size", "64", "--verification-size", "64",
+                                   "--selection-pool", "128", "--generations", "3", "-q", "-o", str(tmp_path / "refined.xml"), "--report", str(tmp_path / "r.json"))
+    assert code == 0, stderr
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["objective"] == "mse" and report["verification_after"]["fitness"] <= report["verification_before"]["fitness"]
+    assert len(read_ir(tmp_path / "refined.xml").outputs) == 2

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +134,7 @@ def train_generator(teacher, method: str, *, out_dir: str | os.PathLike, steps: 
     """Train a GDFQ, Qimera or ClusterQ generator for ``teacher`` and write it as a generator directory.
     Returns a :class:`evoquant.gan.train.TrainResult`."""
     from evoquant.dfq.losses import bns_loss, soft_cross_entropy, superpose
-    from evoquant.gan.train import CHECKPOINT_FILE, SAMPLES_FILE, TrainResult, _export, _prepare_out_dir
+    from evoquant.gan.train import TrainingLoop, _prepare_out_dir, run_training
 
     if method not in GENERATOR_METHODS:
         raise EvoquantError(f"unknown generator method {method!r}; choose {', '.join(GENERATOR_METHODS)}")
@@ -150,51 +149,44 @@ def train_generator(teacher, method: str, *, out_dir: str | os.PathLike, steps: 
         "teacher": teacher_id, "options": {key: getattr(options, key) for key in options.__dataclass_fields__},
     }
     out = _prepare_out_dir(out_dir, resume=resume, overwrite=overwrite)
-    checkpoint = out / CHECKPOINT_FILE
-    state = _load_generator_checkpoint(torch, checkpoint, settings, teacher, options) if resume and checkpoint.exists() else _new_generator_state(torch, settings, teacher, options)
-    resumed_from = state.step
     classes = teacher.num_classes
     cross_entropy = torch.nn.CrossEntropyLoss()
-    started = time.perf_counter()
-    bar = _bar(progress, steps, state.step, f"datafree {method}")
-    try:
-        state.generator.train()
-        while state.step < steps:
-            z = torch.randn(batch_size, options.latent_size, generator=state.rng)
-            if method == "qimera":
-                drawn = superpose(batch_size, classes, probability=options.superpose_probability, k=options.superpose_classes, generator=state.rng)
-                embedding = (state.generator.embedding(drawn.classes) * drawn.coefficients[..., None]).sum(dim=1)
-                fake = state.generator.from_embedding(z, embedding)
-                labels, targets = drawn.classes[:, 0], drawn.targets
-            else:
-                labels = torch.randint(classes, (batch_size,), generator=state.rng)
-                fake, targets = state.generator(z, labels), None
-            logits, stats = teacher((fake + 1) / 2)
-            task = soft_cross_entropy(logits, targets) if targets is not None else cross_entropy(logits, labels)
-            statistics = bns_loss(stats)
-            if method == "clusterq":
-                correct = logits.argmax(dim=1) == labels
-                state.centroids.update(stats, labels, correct)
-                if state.step >= options.centroid_warmup:
-                    clustered = state.centroids.loss(stats, labels, diversity=options.diversity, generator=state.rng)
-                    statistics = (1 - options.centroid_weight) * statistics + options.centroid_weight * clustered
-            loss = task + options.bns_weight * statistics
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            state.optimizer.step()
-            state.step += 1
-            if bar is not None:
-                bar.update(1)
-                if state.step % 20 == 0:
-                    bar.set_postfix_str(f"CE {float(task):.3f}, BNS {float(statistics):.4f}")
-            if state.step % checkpoint_every == 0 or state.step == steps:
-                _save_generator_checkpoint(torch, state, settings, checkpoint)
-    finally:
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - started
-    generator = _export(torch, state.generator, settings, out, {"steps": state.step, "settings": settings, "data_free": method})
-    return TrainResult(str(out), generator, state.step, resumed_from, seconds, str(out / SAMPLES_FILE))
+
+    def step(state: _GeneratorState) -> str:
+        z = torch.randn(batch_size, options.latent_size, generator=state.rng)
+        if method == "qimera":
+            drawn = superpose(batch_size, classes, probability=options.superpose_probability, k=options.superpose_classes, generator=state.rng)
+            embedding = (state.generator.embedding(drawn.classes) * drawn.coefficients[..., None]).sum(dim=1)
+            fake = state.generator.from_embedding(z, embedding)
+            labels, targets = drawn.classes[:, 0], drawn.targets
+        else:
+            labels = torch.randint(classes, (batch_size,), generator=state.rng)
+            fake, targets = state.generator(z, labels), None
+        logits, stats = teacher((fake + 1) / 2)
+        task = soft_cross_entropy(logits, targets) if targets is not None else cross_entropy(logits, labels)
+        statistics = bns_loss(stats)
+        if method == "clusterq":
+            correct = logits.argmax(dim=1) == labels
+            state.centroids.update(stats, labels, correct)
+            if state.step >= options.centroid_warmup:
+                clustered = state.centroids.loss(stats, labels, diversity=options.diversity, generator=state.rng)
+                statistics = (1 - options.centroid_weight) * statistics + options.centroid_weight * clustered
+        loss = task + options.bns_weight * statistics
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        return f"CE {float(task):.3f}, BNS {float(statistics):.4f}"
+
+    loop = TrainingLoop(
+        new_state=lambda: _new_generator_state(torch, settings, teacher, options),
+        load_state=lambda path: _load_generator_checkpoint(torch, path, settings, teacher, options),
+        save_state=lambda state, path: _save_generator_checkpoint(torch, state, settings, path),
+        step=step,
+        training_modules=lambda state: [state.generator],
+        exported=lambda state: state.generator,
+    )
+    return run_training(loop, settings, out, steps=steps, resume=resume, progress=progress, checkpoint_every=checkpoint_every,
+                        extra_meta={"data_free": method}, description=f"datafree {method}")
 
 
 def _new_generator_state(torch: Any, settings: dict, teacher, options: MethodOptions) -> _GeneratorState:

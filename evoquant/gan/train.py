@@ -488,12 +488,26 @@ def _translate(torch: Any, images: Any, shift: int, generator: Any) -> Any:
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
 
 
-def _run(settings: dict, out: Path, step_function: Callable, *, steps: int, resume: bool, progress: bool, checkpoint_every: int,
-         extra_meta: dict, description: str) -> TrainResult:
-    """Train (or continue) until ``steps``, checkpointing, then export the EMA generator."""
+@dataclass
+class TrainingLoop:
+    """What a generator training needs besides the loop itself: its state (made, loaded, saved), one step
+    (returning the progress bar's text), the modules in training mode, and the module to export."""
+
+    new_state: Callable[[], Any]
+    load_state: Callable[[Path], Any]
+    save_state: Callable[[Any, Path], None]
+    step: Callable[[Any], str]
+    training_modules: Callable[[Any], list]
+    exported: Callable[[Any], Any]
+
+
+def run_training(loop: TrainingLoop, settings: dict, out: Path, *, steps: int, resume: bool, progress: bool, checkpoint_every: int,
+                 extra_meta: dict, description: str) -> TrainResult:
+    """Train (or continue from ``out/checkpoint.pt``) until ``steps``, checkpointing, then export; used by
+    ``gan train``/``distill`` and by data-free synthesis. The state has a ``step`` counter."""
     torch = import_torch()
     checkpoint = out / CHECKPOINT_FILE
-    state = _load_checkpoint(torch, settings, checkpoint) if resume and checkpoint.exists() else _new_state(torch, settings)
+    state = loop.load_state(checkpoint) if resume and checkpoint.exists() else loop.new_state()
     resumed_from = state.step
     started = time.perf_counter()
     bar = None
@@ -502,24 +516,46 @@ def _run(settings: dict, out: Path, step_function: Callable, *, steps: int, resu
 
         bar = tqdm(total=steps, initial=min(state.step, steps), desc=description, unit="step")
     try:
-        state.generator.train()
-        state.discriminator.train()
+        for module in loop.training_modules(state):
+            module.train()
         while state.step < steps:
-            loss_d, loss_g = step_function(state, state.batch_generator)
-            _update_ema(torch, state)
+            postfix = loop.step(state)
             state.step += 1
             if bar is not None:
                 bar.update(1)
                 if state.step % 20 == 0:
-                    bar.set_postfix_str(f"loss D {loss_d:.3f}, G {loss_g:.3f}")
+                    bar.set_postfix_str(postfix)
             if state.step % checkpoint_every == 0 or state.step == steps:
-                _save_checkpoint(torch, state, settings, checkpoint)
+                loop.save_state(state, checkpoint)
     finally:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - started
-    generator = _export(torch, state.ema, settings, out, {**extra_meta, "steps": state.step, "settings": settings})
+    generator = _export(torch, loop.exported(state), settings, out, {**extra_meta, "steps": state.step, "settings": settings})
     return TrainResult(str(out), generator, state.step, resumed_from, seconds, str(out / SAMPLES_FILE))
+
+
+def _run(settings: dict, out: Path, step_function: Callable, *, steps: int, resume: bool, progress: bool, checkpoint_every: int,
+         extra_meta: dict, description: str) -> TrainResult:
+    """The GAN's training: ``step_function`` updates discriminator and generator, then the EMA generator
+    follows; the EMA generator is exported."""
+    torch = import_torch()
+
+    def step(state: _State) -> str:
+        loss_d, loss_g = step_function(state, state.batch_generator)
+        _update_ema(torch, state)
+        return f"loss D {loss_d:.3f}, G {loss_g:.3f}"
+
+    loop = TrainingLoop(
+        new_state=lambda: _new_state(torch, settings),
+        load_state=lambda path: _load_checkpoint(torch, settings, path),
+        save_state=lambda state, path: _save_checkpoint(torch, state, settings, path),
+        step=step,
+        training_modules=lambda state: [state.generator, state.discriminator],
+        exported=lambda state: state.ema,
+    )
+    return run_training(loop, settings, out, steps=steps, resume=resume, progress=progress, checkpoint_every=checkpoint_every,
+                        extra_meta=extra_meta, description=description)
 
 
 def _update_ema(torch: Any, state: _State) -> None:
