@@ -425,7 +425,7 @@ def merge(run_dirs: Sequence[str | os.PathLike], *, output: ModelLike | None = N
     """Re-score the result of each run directory (or of each island under ``DIR/islands``) on the same
     verification images, and write the best (never worse than the start) to ``output``."""
     from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
-    from evoquant.ir.runtime import compile_ir, has_static_sample_shape, infer, output_signature, read_ir, with_sample_shape
+    from evoquant.ir.runtime import compile_ir, infer, output_signature, read_ir
     from evoquant.rundir import read_record
 
     jobs = _expand_run_dirs(run_dirs)
@@ -443,26 +443,22 @@ def merge(run_dirs: Sequence[str | os.PathLike], *, output: ModelLike | None = N
     config = RefineConfig.from_dict(arguments["config"], source=f"{jobs[0]}/run.json")
     model_path = Path(arguments["model"])
     shape = tuple(first["fingerprint"]["input_shape"])
-    original = read_ir(model_path)
-    teacher = None
-    if arguments["reference"] is not None:
-        teacher_model = read_ir(arguments["reference"])
-        teacher = compile_ir(teacher_model if has_static_sample_shape(teacher_model) else with_sample_shape(teacher_model, shape), f32=True)
+    teacher = None if arguments["reference"] is None else compile_ir(read_ir(arguments["reference"]), f32=True)
     pooled = config.importance > 0 or "reconstruct" in arguments["stages"]
     _, _, verification, labels_are_classes = _fitness_batches(arguments["data"], config, shape, pooled=pooled)
     teacher_outputs = infer(teacher, verification.images) if teacher is not None else None
     objective = arguments["fitness"] or first["fingerprint"]["objective"]
     verifier = PlainEvaluator(FitnessContext(str(model_path), verification.images, teacher_outputs, verification.labels, objective, None))
-    classifier = looks_like_classifier(output_signature(original))
+    classifier = looks_like_classifier(output_signature(read_ir(model_path)))
     class_labels = verification.labels if labels_are_classes else None
 
     def score(xml: Path) -> Metrics:
-        model = read_ir(xml)
-        outputs = infer(compile_ir(model if has_static_sample_shape(model) else with_sample_shape(model, shape)), verification.images)
+        """As refine's verification scores a candidate: the IR as written, compiled by plain OpenVINO."""
+        outputs = infer(compile_ir(read_ir(xml)), verification.images)
         return _metrics(outputs, teacher_outputs, class_labels, classifier, verifier.score(outputs))
 
-    rows, best = [{"run_dir": "start", "finished": True, "xml": model_path, **dataclasses.asdict(score(model_path))}], None
-    for job, record in zip(jobs, records):
+    rows = [{"run_dir": "start", "finished": True, "xml": model_path, **dataclasses.asdict(score(model_path))}]
+    for job in jobs:
         result = Path(job) / "result.xml"
         if not result.is_file():
             rows.append({"run_dir": str(job), "finished": False, "xml": None, **dataclasses.asdict(Metrics())})
@@ -528,10 +524,9 @@ def _evolve_stage(evolve_xml: Path, table, data, data_label, pool, picked, weigh
     local.score(local.outputs({}))  # a broken hook or objective fails here, before any search
 
     space = SearchSpace.from_weights(table, max_shift=config.search.max_shift)
-    summary = local.summary() if config.engine == "suffix" else None
     if config.search.islands > 1 and island is None:
         search, islands = _evolve_islands(local, context, space, config, run, callback)
-        return search, {"engine": summary, "islands": islands}
+        return search, {"engine": local.summary() if config.engine == "suffix" else None, "islands": islands}
     context_path = save_context(context, workdir / "context.pkl") if config.jobs > 1 else None
     evaluate = local if context_path is None else partial(evaluate_in_worker, context_path)
     with ParallelMap(config.jobs, config.backend) as parallel_map, _ProgressBar(config, callback) as bar:
@@ -631,10 +626,10 @@ def _open_run_dir(run_dir, island, model_path: Path, reference, data, heldout, f
     def spec(value):
         if not isinstance(value, (str, os.PathLike)):
             return None  # arrays and data sources: resumable from Python only, with the same arguments
-        text = str(value)
-        prefix = "gan:" if text.startswith("gan:") else ""
-        path = Path(text[len(prefix):])
-        return prefix + str(path.resolve()) if path.exists() else text
+        from evoquant.data import spec_path
+
+        prefix, location = spec_path(value)
+        return prefix + str(Path(location).resolve()) if Path(location).exists() else str(value)
 
     settings = {key: value for key, value in config.to_dict().items() if key not in RESUMABLE_CHANGES and key != "data"}  # data: by content, below
     fingerprint = {

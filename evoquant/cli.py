@@ -271,12 +271,12 @@ def _check_writable(outputs: dict, *inputs) -> None:
     """Fail before a long run, not after it, when an output cannot be written or would replace an input."""
     from pathlib import Path
 
+    from evoquant.data import spec_path
     from evoquant.paths import check_outputs
 
     paths = []
     for spec in inputs:  # model, reference, data specs (gan:DIR names a directory), config files
-        text = str(spec) if spec else ""
-        path = text[len("gan:") :] if text.startswith("gan:") else text
+        _, path = spec_path(spec) if spec else ("", "")
         if path and Path(path).exists():
             paths.append(path)
     check_outputs(outputs, paths)

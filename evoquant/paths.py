@@ -164,11 +164,6 @@ def copy_ir(source_xml: PathLike, output_xml: PathLike) -> Path:
     return write_ir(output_xml, copy)
 
 
-def recorded_bin_digest(model) -> str | None:
-    """The .bin digest an evoquant-written IR records (None for any other IR)."""
-    return model.get_rt_info(BIN_DIGEST_KEY).astype(str) if model.has_rt_info(BIN_DIGEST_KEY) else None
-
-
 _MARK = re.compile(r'<%s value="[0-9a-f]*"\s*/>' % BIN_DIGEST_KEY)
 
 

@@ -40,7 +40,7 @@ RESUMABLE_CHANGES = ("jobs", "backend", "progress")
 def data_fingerprint(data) -> str:
     """What identifies fitness data: a file's digest, a folder's listing (names and sizes), a generator
     directory's weights, an array's bytes, or a built-in source's spec."""
-    from evoquant.data import Batch, DataSource
+    from evoquant.data import Batch, DataSource, spec_path
 
     if data is None:
         return "none"
@@ -51,8 +51,8 @@ def data_fingerprint(data) -> str:
         return "batch:" + hashlib.sha256(np.ascontiguousarray(data.images).tobytes() + labels).hexdigest()
     if isinstance(data, DataSource):
         data = data.spec
-    spec = str(data)
-    path = Path(spec[len("gan:") :] if spec.startswith("gan:") else spec)
+    prefix, location = spec_path(data)
+    path = Path(location)
     if path.is_file():
         return f"file:{file_digest(path)}"
     if path.is_dir():
@@ -62,10 +62,10 @@ def data_fingerprint(data) -> str:
             for name in sorted(files):
                 file = Path(root) / name
                 digest.update(f"{file.relative_to(path)}:{file.stat().st_size}\n".encode())
-                if spec.startswith("gan:") and file.suffix in (".bin", ".json"):
+                if prefix and file.suffix in (".bin", ".json"):
                     digest.update(file_digest(file).encode())
         return f"folder:{digest.hexdigest()}"
-    return f"spec:{spec}"
+    return f"spec:{data}"
 
 
 def ir_fingerprint(xml) -> str | None:

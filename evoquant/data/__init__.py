@@ -10,7 +10,7 @@ Usage::
 See :mod:`evoquant.data.registry` for the spec grammar and the :class:`DataSource` contract.
 """
 
-from evoquant.data.registry import Batch, DataSource, list_sources, load_source, register_source
+from evoquant.data.registry import Batch, DataSource, list_sources, load_source, register_source, spec_path
 
 # Importing the built-in modules registers their sources (@register_source runs at import time).
 from evoquant.data import fractal as _fractal  # noqa: E402,F401
@@ -18,4 +18,4 @@ from evoquant.data import noise as _noise  # noqa: E402,F401
 from evoquant.data import files as _files  # noqa: E402,F401
 from evoquant.data import gan as _gan  # noqa: E402,F401
 
-__all__ = ["Batch", "DataSource", "load_source", "register_source", "list_sources"]
+__all__ = ["Batch", "DataSource", "load_source", "register_source", "list_sources", "spec_path"]

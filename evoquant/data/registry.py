@@ -245,6 +245,13 @@ def load_source(spec: str) -> DataSource:
     return cls(spec, arg.strip() if sep else None)
 
 
+def spec_path(spec: str) -> tuple[str, str]:
+    """The file or folder a data spec stands for, and the prefix before it: ``("gan:", DIR)`` for a
+    generator, ``("", spec)`` for anything else (which is a path only if it exists)."""
+    spec = str(spec)
+    return ("gan:", spec[len("gan:") :]) if spec.startswith("gan:") else ("", spec)
+
+
 # --------------------------------------------------------------------------------------------
 # Argument validation shared by all sources.
 # --------------------------------------------------------------------------------------------

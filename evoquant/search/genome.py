@@ -129,3 +129,23 @@ def apply_shifts(states: np.ndarray, indices: np.ndarray, deltas: np.ndarray) ->
     shifted = np.array(states, dtype=np.int32, copy=True)
     shifted.reshape(-1)[indices] += deltas.astype(np.int32)
     return shifted
+
+
+def members_to_arrays(members: list[tuple[Payload, float]]) -> dict[str, np.ndarray]:
+    """Genomes with their fitness as named arrays for an .npz (no pickle): ``fitness`` and, per member n
+    and tensor t, ``g{n}_t{t}_indices`` / ``g{n}_t{t}_deltas``. :func:`members_from_arrays` reverses it."""
+    arrays = {"fitness": np.array([fitness for _, fitness in members], dtype=np.float64)}
+    for number, (payload, _) in enumerate(members):
+        for tensor, (indices, deltas) in payload.items():
+            arrays[f"g{number}_t{tensor}_indices"], arrays[f"g{number}_t{tensor}_deltas"] = indices, deltas
+    return arrays
+
+
+def members_from_arrays(archive) -> list[tuple[Payload, float]]:
+    """The genomes and fitnesses :func:`members_to_arrays` stored in ``archive`` (an open .npz)."""
+    members: list[tuple[Payload, float]] = [({}, float(fitness)) for fitness in archive["fitness"]]
+    for key in archive.files:
+        if key.startswith("g") and key.endswith("_indices"):
+            number, tensor = (int(part[1:]) for part in key[: -len("_indices")].split("_"))
+            members[number][0][tensor] = (archive[key], archive[key.replace("_indices", "_deltas")])
+    return [(dict(sorted(payload.items())), fitness) for payload, fitness in members]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from evoquant.config import SearchConfig
-from evoquant.search.genome import Payload
+from evoquant.search.genome import Payload, members_from_arrays, members_to_arrays
 from evoquant.search.strategy import GenerationStats, SearchResult, SearchState, genome_digest
 
 Migrants = list[tuple[Payload, float]]
@@ -155,23 +155,14 @@ class FileMigration:
     def publish(self, migrants: Migrants, generation: int) -> None:
         from evoquant.paths import staged
 
-        arrays = {"generation": np.array(generation), "fitness": np.array([fitness for _, fitness in migrants], dtype=np.float64)}
-        for number, (payload, _) in enumerate(migrants):
-            for tensor, (indices, deltas) in payload.items():
-                arrays[f"m{number}_t{tensor}_indices"], arrays[f"m{number}_t{tensor}_deltas"] = indices, deltas
         with staged(self.own) as temporary:
-            np.savez(temporary, **arrays)
+            np.savez(temporary, generation=np.array(generation), **members_to_arrays(migrants))
 
     def collect(self) -> Migrants:
         if not self.peer.is_file():
             return []
         try:
             with np.load(self.peer, allow_pickle=False) as archive:
-                migrants: Migrants = [({}, float(fitness)) for fitness in archive["fitness"]]
-                for key in archive.files:
-                    if key.startswith("m") and key.endswith("_indices"):
-                        number, tensor = (int(part[1:]) for part in key[: -len("_indices")].split("_"))
-                        migrants[number][0][tensor] = (archive[key], archive[key.replace("_indices", "_deltas")])
+                return members_from_arrays(archive)
         except (OSError, ValueError, KeyError):  # a peer's file being replaced on a file system without atomic rename
             return []
-        return [(dict(sorted(payload.items())), fitness) for payload, fitness in migrants]

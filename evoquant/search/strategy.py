@@ -19,7 +19,7 @@ import numpy as np
 from deap import base, creator, tools
 
 from evoquant.config import SearchConfig
-from evoquant.search.genome import Genome, Payload, SearchSpace, payload_key
+from evoquant.search.genome import Genome, Payload, SearchSpace, members_from_arrays, members_to_arrays, payload_key
 from evoquant.search.operators import crossover_tensorwise, mutate_random, mutate_tie, pick_tensors, tie_pools
 
 if not hasattr(creator, "EvoquantFitness"):
@@ -157,12 +157,8 @@ class SearchState:
 
         meta = {key: getattr(self, key) for key in ("generation", "evaluations", "start_fitness", "rng", "fraction", "best", "stale", "elapsed", "stop_reason")}
         meta["history"] = [dataclasses.asdict(stats) for stats in self.history]
-        meta["fitness"] = [fitness for _, fitness in self.population]
         arrays = {"meta": np.array(json.dumps(meta)), "seen_keys": np.frombuffer(b"".join(self.seen), np.uint8).reshape(len(self.seen), -1) if self.seen else np.zeros((0, 16), np.uint8),
-                  "seen_values": np.array(list(self.seen.values()), dtype=np.float64)}
-        for number, (payload, _) in enumerate(self.population):
-            for tensor, (indices, deltas) in payload.items():
-                arrays[f"p{number}_t{tensor}_indices"], arrays[f"p{number}_t{tensor}_deltas"] = indices, deltas
+                  "seen_values": np.array(list(self.seen.values()), dtype=np.float64), **members_to_arrays(self.population)}
         with staged(path, suffix=".npz") as temporary:
             np.savez(temporary, **arrays)
 
@@ -172,14 +168,10 @@ class SearchState:
 
         with np.load(path, allow_pickle=False) as archive:
             meta = json.loads(str(archive["meta"]))
-            population: list[tuple[Payload, float]] = [({}, fitness) for fitness in meta.pop("fitness")]
-            for key in archive.files:
-                if key.startswith("p") and key.endswith("_indices"):
-                    number, tensor = (int(part[1:]) for part in key[: -len("_indices")].split("_"))
-                    population[number][0][tensor] = (archive[key], archive[key.replace("_indices", "_deltas")])
+            population = members_from_arrays(archive)
             seen = dict(zip((bytes(row) for row in archive["seen_keys"]), archive["seen_values"].tolist()))
         history = [GenerationStats(**stats) for stats in meta.pop("history")]
-        return cls(population=[(dict(sorted(payload.items())), fitness) for payload, fitness in population], seen=seen, history=history, **meta)
+        return cls(population=population, seen=seen, history=history, **meta)
 
 
 def genome_digest(payload: Payload) -> bytes:
@@ -239,15 +231,15 @@ class Search:
         return individual
 
     def _assess(self, individuals: list) -> None:
-        fresh = [ind for ind in individuals if not ind.fitness.valid and genome_digest(ind.shifts) not in self.seen]
-        unique = list({genome_digest(ind.shifts): ind for ind in fresh}.items())
-        values = list(self.toolbox.map(self.toolbox.evaluate, [ind.payload() for _, ind in unique]))
+        pending = {id(ind): genome_digest(ind.shifts) for ind in individuals if not ind.fitness.valid}
+        unique = {digest: ind for ind in individuals if (digest := pending.get(id(ind))) is not None and digest not in self.seen}
+        values = list(self.toolbox.map(self.toolbox.evaluate, [ind.payload() for ind in unique.values()]))
         self.evaluations += len(unique)
-        for (digest, _), value in zip(unique, values):
+        for digest, value in zip(unique, values):
             self.seen[digest] = float(value)
         for ind in individuals:
-            if not ind.fitness.valid:
-                ind.fitness.values = (self.seen[genome_digest(ind.shifts)],)
+            if id(ind) in pending:
+                ind.fitness.values = (self.seen[pending[id(ind)]],)
 
     def next_generation(self) -> GenerationStats:
         """Make, evaluate and select one generation."""
