@@ -50,6 +50,9 @@ def main() -> int:
     parser.add_argument("--bits", default="8", help="weight bits, comma-separated (8: W8A8, 4: W4A8)")
     parser.add_argument("--seeds", default="0", help="refine seeds (with --refine)")
     parser.add_argument("--no-baselines", action="store_true", help="only the --datafree sources")
+    parser.add_argument("--start", metavar="SOURCE", help="quantize every model once, calibrated on this source, and refine that one "
+                        "start with each source's data (the refine comparison at a fixed start); default: each source quantizes its own")
+    parser.add_argument("--sources", help="keep only these of real, gan, distilled_gan, fractal, gaussian_noise (comma-separated)")
     args = parser.parse_args()
 
     import numpy as np
@@ -76,6 +79,9 @@ def main() -> int:
     sources["gaussian_noise"] = "noise:gaussian"
     if args.no_baselines:
         sources = {}
+    if args.sources:
+        keep = {name.strip() for name in args.sources.split(",")}
+        sources = {name: spec for name, spec in sources.items() if name in keep}
     methods = [method.strip() for method in args.datafree.split(",") if method.strip()]
 
     with tempfile.TemporaryDirectory(prefix="evoquant-calibration-") as workdir:
@@ -92,14 +98,18 @@ def main() -> int:
             for bits in (int(b) for b in args.bits.split(",")):
                 for source_name, spec in model_sources.items():
                     started = time.perf_counter()
-                    int8_xml = Path(workdir) / f"{name}_{source_name}_w{bits}.xml"
-                    quantize(built.fp32_xml, calibration=spec, output=int8_xml, subset_size=args.images, weight_bits=bits)
+                    calibrated_on = args.start or source_name
+                    int8_xml = Path(workdir) / f"{name}_{calibrated_on}_w{bits}.xml"
+                    if not int8_xml.exists():
+                        calibration = model_sources[calibrated_on] if calibrated_on in model_sources else calibrated_on
+                        quantize(built.fp32_xml, calibration=calibration, output=int8_xml, subset_size=args.images, weight_bits=bits)
                     row = {
                         "benchmark": "calibration",
                         "model": name,
                         "source": source_name,
                         "weight_bits": bits,
                         "spec": spec if isinstance(spec, str) else "training split",
+                        "calibrated_on": calibrated_on,
                         "images": args.images,
                         "fp32_accuracy": fp32_accuracy,
                     }

@@ -3,16 +3,20 @@
 For each zoo model: NNCF quantizes the FP32 IR (calibrated on 300 synthetic images; W4A8 through
 ``evoquant.quantize(weight_bits=4)``), then refine runs with ``--stages evolve`` (the search alone, the
 previous default), ``reconstruct`` (layer-wise alone) and ``reconstruct,evolve`` (the default), on the same
-synthetic source only. Held-out: 1,000 real MNIST digits never used for calibration or selection.
+synthetic source only. ``--baselines gptq,adaround`` adds the classic layer-wise methods
+(``benchmarks/baselines/``) run as refine's reconstruct stage, over the quantizer's whole range, on the same
+images. Held-out: 1,000 real MNIST digits never used for calibration or selection.
 
     python benchmarks/stages.py --source fractal > benchmarks/results/stages.jsonl
     python benchmarks/stages.py --models residual_cnn --bits 4 --seeds 0,1,2
+    python benchmarks/stages.py --stages reconstruct --baselines gptq,adaround >> benchmarks/results/stages.jsonl
     python benchmarks/readme_table.py stages benchmarks/results/stages.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -20,6 +24,26 @@ import time
 from pathlib import Path
 
 STAGE_SETS = ("evolve", "reconstruct", "reconstruct,evolve")
+
+
+def zoo_models(source: str, models: str, bits: str, prefix: str):
+    """The zoo's quantized models the stage benchmarks start from: yields ``(name, bits, built, model,
+    spec)`` -- NNCF calibrated on 300 images of ``source`` (the zoo's INT8 model at W8A8; a W4A8 model
+    quantized into a temporary folder) and the source's data spec."""
+    from evoquant import quantize, zoo
+    from evoquant.demo import CALIBRATION_SIZE, calibration_images, resolve_models, synthetic_source
+
+    spec = synthetic_source(source, progress=False, echo=lambda *_: None)
+    calibration = calibration_images(spec)
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    for name in resolve_models(models):
+        built = zoo.build(name, calibration=calibration)
+        for weight_bits in (int(b) for b in bits.split(",")):
+            model = built.int8_xml
+            if weight_bits == 4:
+                model = work / f"{name}_w4a8.xml"
+                quantize(built.fp32_xml, calibration=calibration[:CALIBRATION_SIZE], output=model, weight_bits=4)
+            yield name, weight_bits, built, model, spec
 
 
 def main() -> int:
@@ -30,45 +54,60 @@ def main() -> int:
     parser.add_argument("--seeds", default="0", help="search seeds (the reconstruction alone is deterministic: run once)")
     parser.add_argument("--source", choices=["gan", "fractal"], default="fractal")
     parser.add_argument("--preset", default="default")
+    parser.add_argument("--search", default="", metavar="K=V,...", help="search settings to override for every run (e.g. tie_probability=1.0,tie_pool=0.05: "
+                        "moves guided by the reconstruction's flip costs); the stage-set label gets '+' and the overrides")
+    parser.add_argument("--baselines", default="", help="classic layer-wise methods to add, comma-separated (gptq, adaround)")
     args = parser.parse_args()
 
     import nncf
     import openvino
 
-    from evoquant import quantize, refine, zoo
-    from evoquant.demo import CALIBRATION_SIZE, calibration_images, resolve_models, synthetic_source
+    from evoquant import refine, zoo
+    from evoquant.config import RefineConfig
 
-    spec = synthetic_source(args.source, progress=False, echo=lambda *_: None)
-    calibration = calibration_images(spec)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from baselines import BASELINES, register
+
+    register()
+    baselines = [name.strip() for name in args.baselines.split(",") if name.strip()]
+    unknown = [name for name in baselines if name not in BASELINES]
+    if unknown:
+        parser.error(f"unknown baseline(s) {', '.join(unknown)}; known: {', '.join(BASELINES)}")
+    preset = RefineConfig.from_yaml(args.preset)
+    import yaml
+
+    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.search.split(",") if item)}
+    preset = preset.replace(search=overrides)
+    suffix = f"+{args.search}" if args.search else ""
+    runs = [(stages + (suffix if "evolve" in stages else ""), stages, preset) for stages in args.stages.split(";") if stages]
+    runs += [(f"baseline:{name}", "reconstruct", dataclasses.replace(preset, reconstruct=dataclasses.replace(preset.reconstruct, solver=name, max_shift=None))) for name in baselines]
+
     _, _, x_heldout, y_heldout = zoo.mnist_split()
-    work = Path(tempfile.mkdtemp(prefix="evoquant-stages-"))
-    for name in resolve_models(args.models):
-        built = zoo.build(name, calibration=calibration)
-        for bits in (int(b) for b in args.bits.split(",")):
-            model = built.int8_xml
-            if bits == 4:
-                model = work / f"{name}_w4a8.xml"
-                quantize(built.fp32_xml, calibration=calibration[:CALIBRATION_SIZE], output=model, weight_bits=4)
-            for stages in args.stages.split(";"):
-                seeds = [0] if "evolve" not in stages else [int(s) for s in args.seeds.split(",")]
-                for seed in seeds:
-                    started = time.perf_counter()
-                    result = refine(model, reference=built.fp32_xml, data=spec, heldout=(x_heldout, y_heldout), stages=stages, preset=args.preset,
-                                    seed=seed, progress=False)
-                    row = {
-                        "benchmark": "stages", "model": name, "weight_bits": bits, "stages": stages, "seed": seed, "source": args.source,
-                        "preset": args.preset, "chosen_stage": result.chosen_stage, "evaluations": result.evaluations,
-                        "wall_seconds": round(time.perf_counter() - started, 1),
-                        "stage_seconds": {stage.name: round(stage.seconds, 1) for stage in result.stages},
-                        "stage_verification_fitness": {stage.name: stage.verification.fitness for stage in result.stages},
-                        "verification_fitness_start": result.verification_before.fitness,
-                        "openvino": openvino.__version__.split("-")[0], "nncf": nncf.__version__,
-                    }
-                    for label, metrics in (("fp32", result.heldout_reference), ("int8", result.heldout_before), ("refined", result.heldout_after)):
-                        row[f"{label}_accuracy"] = metrics.accuracy
-                        row[f"{label}_kl"] = metrics.kl
-                        row[f"{label}_mse"] = metrics.mse
-                    print(json.dumps(row), flush=True)
+    for name, bits, built, model, spec in zoo_models(args.source, args.models, args.bits, "evoquant-stages-"):
+        for label, stages, config in runs:
+            seeds = [0] if "evolve" not in stages else [int(s) for s in args.seeds.split(",")]
+            for seed in seeds:
+                started = time.perf_counter()
+                result = refine(model, reference=built.fp32_xml, data=spec, heldout=(x_heldout, y_heldout), stages=stages, config=config,
+                                seed=seed, progress=False)
+                row = {
+                    "benchmark": "stages", "model": name, "weight_bits": bits, "stages": label, "seed": seed, "source": args.source,
+                    "preset": args.preset, "chosen_stage": result.chosen_stage, "evaluations": result.evaluations,
+                    "wall_seconds": round(time.perf_counter() - started, 1),
+                    "stage_seconds": {stage.name: round(stage.seconds, 1) for stage in result.stages},
+                    "stage_verification_fitness": {stage.name: stage.verification.fitness for stage in result.stages},
+                    # each stage's own result on the held-out digits, written or not (a baseline's is its reconstruct)
+                    "stage_heldout_kl": {stage.name: stage.heldout.kl for stage in result.stages},
+                    "stage_heldout_accuracy": {stage.name: stage.heldout.accuracy for stage in result.stages},
+                    "verification_fitness_start": result.verification_before.fitness,
+                    "engine": result.engine,
+                    "openvino": openvino.__version__.split("-")[0], "nncf": nncf.__version__,
+                }
+                for model_label, metrics in (("fp32", result.heldout_reference), ("int8", result.heldout_before), ("refined", result.heldout_after)):
+                    row[f"{model_label}_accuracy"] = metrics.accuracy
+                    row[f"{model_label}_kl"] = metrics.kl
+                    row[f"{model_label}_mse"] = metrics.mse
+                print(json.dumps(row), flush=True)
     return 0
 
 

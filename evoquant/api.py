@@ -44,12 +44,14 @@ class Metrics:
 
 @dataclass(frozen=True)
 class StageReport:
-    """One stage of refine: how long it took and the verification metrics of its result."""
+    """One stage of refine: how long it took and the verification metrics of its result (and, with
+    ``heldout``, its result's held-out metrics, whether or not it was the one written)."""
 
     name: str
     seconds: float
     verification: Metrics
     details: dict = field(default_factory=dict)
+    heldout: Metrics | None = None
 
 
 @dataclass
@@ -243,6 +245,10 @@ def refine(
         attach_reference(working_table, teacher_model)
         teacher_compiled = compile_ir(teacher_model, f32=True)
     run_stages = _runnable_stages(config, stages, teacher_model)
+    if "reconstruct" in run_stages:
+        from evoquant.reconstruct.solver import layer_solver
+
+        layer_solver(config.reconstruct.solver)  # an unknown solver fails now, before any data is drawn
     if fitness is not None:
         objective_spec: str | Objective = fitness
         objective_name = getattr(fitness, "__name__", None) or str(fitness)
@@ -297,6 +303,7 @@ def refine(
         states: dict[int, np.ndarray] = {}
         search = None
         picked, weights = np.arange(0), None
+        flip_residuals: dict[int, np.ndarray] = {}
 
         if "reconstruct" in run_stages:
             from evoquant.reconstruct import reconstruct
@@ -304,15 +311,15 @@ def refine(
             stage_started = time.perf_counter()
             saved = run.load_states("reconstruct") if run is not None else None
             if saved is not None:  # finished before this run was interrupted
-                states, details, seconds = saved
+                states, details, seconds, flip_residuals = saved
             else:
                 rebuilt = reconstruct(working, working_table, teacher_model, pool.images, config.reconstruct, progress=config.progress)
-                states, details = dict(rebuilt.states), rebuilt.to_dict()
+                states, details, flip_residuals = dict(rebuilt.states), rebuilt.to_dict(), rebuilt.flip_residuals
                 if rebuilt.skipped:
                     _warn(f"reconstruct left {len(rebuilt.skipped)} layer(s) as they were: " + ", ".join(f"{layer.name} ({layer.skipped})" for layer in rebuilt.skipped[:5]))
                 seconds = time.perf_counter() - stage_started
                 if run is not None:
-                    run.save_states("reconstruct", states, details, seconds)
+                    run.save_states("reconstruct", states, details, seconds, flip_residuals)
             candidate, metrics = verify(states, "reconstruct")
             candidates.append(("reconstruct", candidate, metrics, dict(states)))
             reports.append(StageReport("reconstruct", seconds, metrics, details))
@@ -323,6 +330,8 @@ def refine(
             evolve_model = read_ir(evolve_xml)
             picked, weights = _importance_selection(pool, teacher_pool, evolve_model, sample_objective, config)
             start_table = find_quantized_weights(evolve_model)
+            for index, residual in flip_residuals.items():  # guided moves: the cheapest for each layer after its solve
+                start_table[index].rounding_residual = residual
             search, stage_details = _evolve_stage(evolve_xml, start_table, data, data_label, pool, picked, weights, teacher_pool, objective_spec, shape, config, workdir, callback,
                                                    run=run, island=island_spec, shared=None if run_dir is None else Path(run_dir))
             evolved = dict(states)
@@ -339,7 +348,8 @@ def refine(
         improved = best_name != "start" and final_metrics.fitness < start_metrics.fitness
         if not improved:
             best_name, final_xml, final_metrics, final_states = candidates[0]
-        heldout_metrics = _heldout_metrics(heldout_batch, model_path, final_xml, teacher_model, classifier)
+        heldout_scores, heldout_reference = _heldout_metrics(heldout_batch, candidates, teacher_model, classifier)
+        reports = [dataclasses.replace(report, heldout=heldout_scores.get(report.name)) for report in reports]
         if output_path is not None:
             copy_ir(final_xml, output_path)
         if run is not None:
@@ -354,9 +364,9 @@ def refine(
         data=data_label,
         verification_before=start_metrics,
         verification_after=final_metrics,
-        heldout_before=heldout_metrics[0],
-        heldout_after=heldout_metrics[1],
-        heldout_reference=heldout_metrics[2],
+        heldout_before=heldout_scores.get("start"),
+        heldout_after=heldout_scores.get(best_name),
+        heldout_reference=heldout_reference,
         evaluations=0 if search is None else search.evaluations,
         generations=0 if search is None else len(search.history),
         shifted_weights=moved,
@@ -835,20 +845,16 @@ def _heldout_batch(heldout, shape, config, has_teacher: bool, classes: int | Non
     return batch
 
 
-def _heldout_metrics(batch, model_path: Path, final_xml: Path, teacher_model, classifier: bool):
-    """Metrics on real held-out data, for the report only: (before, after, reference)."""
+def _heldout_metrics(batch, candidates, teacher_model, classifier: bool) -> tuple[dict[str, Metrics], Metrics | None]:
+    """Metrics on real held-out data, for the report only: per candidate (start and each stage's result,
+    as written), and the reference's own."""
     if batch is None:
-        return None, None, None
+        return {}, None
     from evoquant.ir.runtime import compile_ir, infer, read_ir
 
     teacher = infer(compile_ir(teacher_model, f32=True), batch.images) if teacher_model is not None else None
-    before = infer(compile_ir(read_ir(model_path)), batch.images)
-    after = infer(compile_ir(read_ir(final_xml)), batch.images) if final_xml != model_path else before
-    return (
-        _metrics(before, teacher, batch.labels, classifier),
-        _metrics(after, teacher, batch.labels, classifier),
-        _metrics(teacher, teacher, batch.labels, classifier) if teacher is not None else None,
-    )
+    scores = {name: _metrics(infer(compile_ir(read_ir(xml)), batch.images), teacher, batch.labels, classifier) for name, xml, *_ in candidates}
+    return scores, (_metrics(teacher, teacher, batch.labels, classifier) if teacher is not None else None)
 
 
 def _check_labels(labels, classes: int, what: str) -> None:

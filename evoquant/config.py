@@ -80,6 +80,7 @@ class ReconstructConfig:
     act_order: bool = True  # quantize high-energy input columns first (GPTQ's order)
     batch_size: int = 64  # images per forward while gathering activations
     seed: int = 0  # which rows are sampled when a layer has more than max_rows
+    solver: str = "output"  # the layer-wise solver (evoquant.reconstruct.solver.SOLVERS; benchmarks add baselines)
 
     def __post_init__(self):
         if self.images < 1 or self.max_rows < 1 or self.batch_size < 1:

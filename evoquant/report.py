@@ -59,7 +59,8 @@ def format_refine_table(result) -> str:
     )
     stages = getattr(result, "stages", [])
     if stages:
-        parts = [f"{stage.name} {stage.seconds:.1f} s (verification fitness {_number(stage.verification.fitness)})" for stage in stages]
+        parts = [f"{stage.name} {stage.seconds:.1f} s (verification fitness {_number(stage.verification.fitness)}"
+                 + (f", held-out KL {_number(stage.heldout.kl)}" if getattr(stage, "heldout", None) is not None and stage.heldout.kl is not None else "") + ")" for stage in stages]
         verdict += f"\nstages: {', '.join(parts)}; kept: {result.chosen_stage}'s result"
     footer = verdict
     if result.generations:

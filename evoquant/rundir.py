@@ -105,18 +105,21 @@ class RunDir:
         return cls(path, record)
 
     # -- stages --------------------------------------------------------------------------------
-    def load_states(self, stage: str) -> tuple[dict[int, np.ndarray], dict, float] | None:
-        """A finished stage's states, report details and seconds (None if it has not finished)."""
+    def load_states(self, stage: str) -> tuple[dict[int, np.ndarray], dict, float, dict[int, np.ndarray]] | None:
+        """A finished stage's states, report details, seconds and per-tensor residuals (None if it has not
+        finished)."""
         file = self.path / f"{stage}.npz"
         if not file.is_file():
             return None
         with np.load(file, allow_pickle=False) as archive:
             meta = json.loads(str(archive["meta"]))
             states = {int(key[1:]): archive[key] for key in archive.files if key.startswith("t")}
-        return states, meta["details"], meta["seconds"]
+            residuals = {int(key[1:]): archive[key] for key in archive.files if key.startswith("r")}
+        return states, meta["details"], meta["seconds"], residuals
 
-    def save_states(self, stage: str, states: dict[int, np.ndarray], details: dict, seconds: float) -> None:
+    def save_states(self, stage: str, states: dict[int, np.ndarray], details: dict, seconds: float, residuals: dict[int, np.ndarray] | None = None) -> None:
         arrays = {f"t{tensor}": np.asarray(value) for tensor, value in states.items()}
+        arrays.update({f"r{tensor}": np.asarray(value) for tensor, value in (residuals or {}).items()})
         arrays["meta"] = np.array(json.dumps({"details": details, "seconds": seconds}, default=_plain))
         with staged(self.path / f"{stage}.npz") as temporary:
             np.savez(temporary, **arrays)

@@ -57,6 +57,34 @@ def test_solver_respects_every_bound():
     assert np.abs(solved - start).max() <= 1
 
 
+def test_flip_residual_ranks_single_moves_by_their_exact_cost():
+    """The evolve stage's guided moves: the residual's sign is the cheaper direction for the layer, and a
+    larger |residual| means a cheaper move, as the exact error change from the sums says."""
+    from evoquant.reconstruct.solver import flip_residual
+
+    equations, grid, start = _tiny_problem(4, rows=3, columns=6, samples=100)
+    wide = Grid(grid.scale, grid.zero, np.full_like(start, -20), np.full_like(start, 20))  # no move is off the grid
+    states = solve_states(equations, wide, start, damping=1e-6)
+    residual = flip_residual(equations, wide, states)
+    base = equations.error(wide.values(states))
+    costs = {}
+    for r in range(3):
+        for k in range(6):
+            change = {}
+            for step in (-1, 1):
+                moved = states.astype(float).copy()
+                moved[r, k] += step
+                change[step] = equations.error(wide.values(moved)) - base
+            assert np.sign(residual[r, k]) == (1 if change[1] < change[-1] else -1)
+            costs[(r, k)] = min(change.values())
+    positive = [key for key in costs if costs[key] > 1e-12]  # moves that improve the layer all get 0.5
+    assert len(positive) > 10
+    by_residual = sorted(positive, key=lambda key: -abs(residual[key]))
+    assert [costs[key] for key in by_residual] == sorted(costs[key] for key in positive)
+    pinned = Grid(wide.scale, wide.zero, states.astype(float), states.astype(float))  # no move allowed
+    assert not np.any(flip_residual(equations, pinned, states))
+
+
 def test_normal_equations_error_matches_the_direct_error():
     rng = np.random.default_rng(3)
     x, t, w = rng.normal(size=(50, 5)), rng.normal(size=(50, 3)), rng.normal(size=(3, 5))
@@ -132,6 +160,38 @@ def test_reconstruct_lowers_every_layer_error_within_bounds(tiny_pair):
         assert states.min() >= table[index].low and states.max() <= table[index].high
     # the model object is left as it was
     assert all(np.array_equal(a.states, b.states) for a, b in zip(find_quantized_weights(quantized), table))
+
+
+def test_a_registered_solver_gets_each_layer_with_its_fp32_weight(tiny_pair, monkeypatch):
+    """The solver is pluggable (the benchmarks' baselines use it): it receives every layer's equations, grid,
+    start states and the reference's own weight in the same [R, K] layout; an unknown name is one error."""
+    from evoquant.errors import EvoquantError
+    from evoquant.ir.layers import layer_weight
+    from evoquant.reconstruct import solver as solvers
+
+    teacher, quantized = tiny_pair
+    table = find_quantized_weights(quantized)
+    seen = []
+
+    def nearest_to_fp32(problem):
+        seen.append(problem)
+        return problem.grid.nearest(problem.reference_weight)
+
+    monkeypatch.setitem(solvers.SOLVERS, "test-nearest", nearest_to_fp32)
+    images = np.random.default_rng(3).random((64, *INPUT_SHAPE), dtype=np.float32)
+    result = reconstruct(quantized, table, teacher, images, ReconstructConfig(images=64, batch_size=32, solver="test-nearest", max_shift=None))
+    expected = []  # one problem per group of each layer, in graph order
+    for weight in table:
+        geometry = layer_geometry(quantized, weight)
+        expected += weight_matrices(layer_weight(teacher, weight.consumer, weight.consumer_port), geometry)
+    assert len(seen) == len(expected) > len(table)  # the tiny model has a grouped convolution
+    for fp32, problem in zip(expected, seen):
+        np.testing.assert_array_equal(problem.reference_weight, fp32)
+        # NNCF's own rounding is nearest of the FP32 weight: this solver reproduces the start
+        assert np.abs(problem.grid.nearest(problem.reference_weight) - problem.start_states).max() <= 1
+    assert sum(np.count_nonzero(states != table[i].states) for i, states in result.states.items()) <= 0.01 * sum(w.size for w in table)
+    with pytest.raises(EvoquantError, match="unknown solver 'nope'; known: .*output"):
+        reconstruct(quantized, table, teacher, images, ReconstructConfig(solver="nope"))
 
 
 def test_reconstruct_matches_layers_by_output_under_smoothquant():

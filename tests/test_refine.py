@@ -109,6 +109,11 @@ def test_heldout_metrics_include_reference_accuracy(tiny_irs):
     result = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, heldout=(images, labels), config=SMALL)
     assert result.heldout_reference.agreement == 1.0
     assert 0 <= result.heldout_before.accuracy <= 1 and result.heldout_after.kl is not None
+    # every stage's result is scored on the held-out data too, the one written among them
+    by_stage = {stage.name: stage.heldout for stage in result.stages}
+    assert set(by_stage) == set(SMALL.stages) and all(metrics is not None and metrics.kl is not None for metrics in by_stage.values())
+    if result.chosen_stage != "start":
+        assert by_stage[result.chosen_stage] == result.heldout_after
 
 
 def test_wrong_inputs_are_user_errors(tiny_irs, tmp_path):

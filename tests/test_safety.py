@@ -123,6 +123,14 @@ def test_bad_config_values_are_one_line_errors(tmp_path, text):
     assert "\n" not in str(error.value)
 
 
+def test_an_unknown_reconstruct_solver_is_refused_before_work(inputs, tmp_path):
+    config = tmp_path / "solver.yaml"
+    config.write_text("reconstruct:\n  solver: adaround\n")  # a benchmark baseline: not registered in the CLI
+    code, _, stderr = run_cli("refine", str(inputs / "int8.xml"), "-r", str(inputs / "fp32.xml"), "--config", str(config), "-o", str(tmp_path / "o.xml"), "-q")
+    _refuses(code, stderr, "unknown solver 'adaround'; known: output")
+    assert not (tmp_path / "o.xml").exists()
+
+
 @pytest.mark.parametrize("flags", [["--seed", "-1"], ["--max-evaluations", "0"], ["--time-limit", "0"]])
 def test_bad_budget_flags_are_refused_before_work(inputs, flags):
     code, _, stderr = run_cli("refine", str(inputs / "int8.xml"), "-r", str(inputs / "fp32.xml"), *flags, "-q")

@@ -106,6 +106,22 @@ def layer_bias(model: ov.Model, name: str) -> np.ndarray | None:
     return None if add is None else _bias_value(add)
 
 
+def layer_weight(model: ov.Model, name: str, port: int) -> np.ndarray | None:
+    """The float weight layer ``name`` reads on ``port`` when it is a plain constant (an FP32 reference's
+    weight, possibly FP16-compressed behind a Convert, or behind a shape-only Reshape); None otherwise."""
+    layer = _by_name(model, name)
+    if layer is None:
+        return None
+    node = layer.input_value(port).get_node()
+    while node.get_type_name() in ("Reshape", "Squeeze", "Unsqueeze"):
+        node = node.input_value(0).get_node()
+    value = constant_value(node)
+    if value is None:
+        return None
+    shape = tuple(layer.input(port).get_shape())
+    return value.reshape(shape) if value.size == int(np.prod(shape)) else None
+
+
 class ActivationTap:
     """Runs a model and returns chosen intermediate tensors: layer inputs (as the plugin feeds them) and
     layer outputs (after the bias add, when there is one). The model itself is not modified."""

@@ -69,6 +69,10 @@ class NormalEquations:
         self.target_square += float(np.square(targets, dtype=np.float64).sum())
         self.rows += len(rows)
 
+    def mean_residual(self, weight: np.ndarray) -> np.ndarray:
+        """Per output, the mean of ``T − W X`` over the rows: the bias shift that would cancel it."""
+        return (self.target_sum - weight @ self.input_sum) / max(self.rows, 1)
+
     def error(self, weight: np.ndarray) -> float:
         """Mean squared output error ``‖W X − T‖² / (M R)`` of a weight matrix, from the sums alone."""
         value = np.einsum("rk,kl,rl->", weight, self.gram, weight) - 2 * np.einsum("rk,rk->", weight, self.cross) + self.target_square
@@ -83,11 +87,14 @@ def solve_states(
     damping: float = 0.01,
     act_order: bool = True,
     block: int = 128,
+    target_weight: np.ndarray | None = None,
 ) -> np.ndarray:
     """Integer states ``[R, K]`` minimising the damped output error (see the module docstring).
 
     ``damping`` is λ relative to the mean diagonal of ``XᵀX``; ``act_order`` quantizes the columns with the
     largest input energy first (GPTQ's order), which leaves the low-energy ones to absorb the errors.
+    ``target_weight`` replaces the continuous optimum ``W*`` as the weight to round (classic GPTQ rounds the
+    FP32 weight itself); the error feedback still runs on the damped ``H``.
     """
     start_states = np.asarray(start_states, dtype=np.float64)
     start_weight = grid.values(start_states)
@@ -96,7 +103,9 @@ def solve_states(
     lam = damping * float(diagonal.mean()) if diagonal.size and diagonal.mean() > 0 else 1.0
     lam = max(lam, 1e-12)
     hessian = gram + lam * np.eye(len(gram))
-    target_weight = np.linalg.solve(hessian, (equations.cross + lam * start_weight).T).T
+    if target_weight is None:
+        target_weight = np.linalg.solve(hessian, (equations.cross + lam * start_weight).T).T
+    target_weight = np.array(target_weight, dtype=np.float64)
 
     order = np.argsort(-diagonal, kind="stable") if act_order else np.arange(len(gram))
     hessian = hessian[np.ix_(order, order)]
@@ -122,6 +131,66 @@ def solve_states(
     result = np.empty_like(states)
     result[:, order] = states
     return result.astype(np.int32)
+
+
+def flip_residual(equations: NormalEquations, grid: Grid, states: np.ndarray) -> np.ndarray:
+    """Per weight, how cheap a one-state move is for the layer's output error, as a pseudo rounding residual.
+
+    Moving ``w[r, k]`` by ``d·s`` changes ``‖W X − T‖²`` by ``2 d s g[r, k] + s² H[k, k]`` with
+    ``g = W XᵀX − TᵀX``: its cheap direction is ``d = −sign(g)`` and its cost ``s² H[k, k] − 2 s |g|``. The
+    result is ``d · 0.5 / (1 + max(cost, 0) / typical)``, in ``[-0.5, 0.5]`` (``typical``: the median
+    ``s² H[k, k]``), so the tie mutation, which moves the weights with the largest ``|residual|`` in its sign's
+    direction, proposes the moves the layer notices least (an OBS-style ranking). Moves off the grid get 0.
+    """
+    states = np.asarray(states, dtype=np.float64)
+    gradient = grid.values(states) @ equations.gram - equations.cross
+    curvature = np.square(grid.scale) * np.diag(equations.gram)[None, :]
+    cost = curvature - 2.0 * grid.scale * np.abs(gradient)
+    typical = float(np.median(curvature)) or 1.0
+    direction = np.where(gradient > 0, -1.0, 1.0)
+    blocked = ((direction > 0) & (states >= grid.high)) | ((direction < 0) & (states <= grid.low))
+    return np.where(blocked, 0.0, direction * 0.5 / (1.0 + np.maximum(cost, 0.0) / typical))
+
+
+@dataclass(frozen=True)
+class LayerProblem:
+    """What a layer-wise solver is given for one weight matrix (one group of a grouped convolution)."""
+
+    equations: NormalEquations  # the layer's inputs and targets, as sums
+    grid: Grid  # the tensor's own grid, bounded to ±max_shift of the start when asked
+    start_states: np.ndarray  # [R, K] the states the stage starts from
+    reference_weight: np.ndarray | None  # [R, K] the FP32 layer's weight, when the reference holds it as a constant
+    damping: float
+    act_order: bool
+
+
+def output_target_solver(problem: LayerProblem) -> np.ndarray:
+    """evoquant's solver: the FP32 layer's output as the target (see the module docstring); a layer is
+    never made worse on its own data (damping can pull the solve elsewhere: then the start is kept)."""
+    start = np.asarray(problem.start_states, dtype=np.int32)
+    states = solve_states(problem.equations, problem.grid, start, damping=problem.damping, act_order=problem.act_order)
+    if problem.equations.error(problem.grid.values(states)) > problem.equations.error(problem.grid.values(start)):
+        return start
+    return states
+
+
+SOLVERS: dict = {"output": output_target_solver}
+
+
+def register_solver(name: str, solver) -> None:
+    """Make ``solver`` (a function ``LayerProblem -> [R, K] int states``) available as
+    ``ReconstructConfig(solver=name)`` / ``reconstruct: {solver: name}``. The benchmarks register the classic
+    baselines (``benchmarks/baselines/``) this way."""
+    SOLVERS[name] = solver
+
+
+def layer_solver(name: str):
+    """The registered solver ``name``; a one-line error naming the known ones otherwise."""
+    from evoquant.errors import EvoquantError
+
+    if name not in SOLVERS:
+        raise EvoquantError(f"reconstruct: unknown solver {name!r}; known: {', '.join(sorted(SOLVERS))}")
+    return SOLVERS[name]
 
 
 def _upper_cholesky_of_inverse(hessian: np.ndarray) -> np.ndarray:

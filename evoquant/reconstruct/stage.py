@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from evoquant.config import ReconstructConfig
-from evoquant.ir.layers import ActivationTap, UnsupportedLayer, layer_bias, layer_geometry, layer_output_shape
+from evoquant.ir.layers import ActivationTap, UnsupportedLayer, layer_bias, layer_geometry, layer_output_shape, layer_weight
 from evoquant.reconstruct.rows import input_rows, output_rows, rows_per_image, weight_from_matrices, weight_matrices
-from evoquant.reconstruct.solver import Grid, NormalEquations, solve_states
+from evoquant.reconstruct.solver import Grid, LayerProblem, NormalEquations, flip_residual, layer_solver
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class LayerResult:
     changed: int
     size: int
     skipped: str | None = None  # why the layer was left as it was
+    error_bias_refit: float | None = None  # error_after if the layer's bias were re-fitted too (measured, not applied)
 
 
 @dataclass
@@ -41,6 +42,10 @@ class ReconstructResult:
     states: dict[int, np.ndarray]
     layers: list[LayerResult] = field(default_factory=list)
     seconds: float = 0.0
+    # per solved tensor (weight-table index, the tensor's shape): how cheap each weight's one-state move is
+    # for its layer after the solve, as a pseudo rounding residual (solver.flip_residual; the evolve stage's
+    # guided moves)
+    flip_residuals: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def skipped(self) -> list[LayerResult]:
@@ -81,6 +86,7 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
     from evoquant.ir.patch import ConstantPatcher
 
     started = time.perf_counter()
+    solver = layer_solver(config.solver)
     images = np.ascontiguousarray(images[: config.images])
     layers: list[LayerResult] = []
     plans = []
@@ -114,10 +120,14 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
 
     patcher = ConstantPatcher(model, table)
     solved: dict[int, np.ndarray] = {}
+    residuals: dict[int, np.ndarray] = {}
     bar = _bar(progress, len(plans))
     try:
         for weight, geometry in plans:
-            result, states = _solve_layer(model, weight, geometry, images, targets.pop(weight.index), positions[weight.index], config)
+            reference = layer_weight(teacher, weight.consumer, weight.consumer_port)
+            if reference is not None and reference.shape != tuple(geometry.weight_shape):
+                reference = None
+            result, states, residuals[weight.index] = _solve_layer(model, weight, geometry, images, targets.pop(weight.index), positions[weight.index], config, solver, reference)
             layers.append(result)
             if states is not None:
                 solved[weight.index] = states
@@ -131,10 +141,10 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
             bar.close()
     order = {weight.consumer: i for i, weight in enumerate(table)}
     layers.sort(key=lambda layer: order.get(layer.name, -1))
-    return ReconstructResult(solved, layers, time.perf_counter() - started)
+    return ReconstructResult(solved, layers, time.perf_counter() - started, residuals)
 
 
-def _solve_layer(model, weight, geometry, images, targets, positions, config: ReconstructConfig):
+def _solve_layer(model, weight, geometry, images, targets, positions, config: ReconstructConfig, solver, reference):
     data_port = 1 - weight.consumer_port if geometry.kind == "matmul" else 0
     tap = ActivationTap(model, [("input", weight.consumer, data_port)], f32=False)
     groups = weight_grid(weight, geometry, config.max_shift)
@@ -143,20 +153,22 @@ def _solve_layer(model, weight, geometry, images, targets, positions, config: Re
         for group, rows in enumerate(input_rows(inputs, geometry, positions[chunk])):
             equations[group].add(rows, targets[chunk][group])
     start_matrices = weight_matrices(weight.states, geometry)
-    new_matrices, before, after = [], 0.0, 0.0
-    for grid, start, system in zip(groups, start_matrices, equations):
-        states = solve_states(system, grid, start, damping=config.damping, act_order=config.act_order)
+    references = weight_matrices(reference, geometry) if reference is not None else [None] * len(groups)
+    new_matrices, flips, before, after, refit = [], [], 0.0, 0.0, 0.0
+    for grid, start, system, fp32 in zip(groups, start_matrices, equations, references):
+        states = np.clip(solver(LayerProblem(system, grid, start, fp32, config.damping, config.act_order)), grid.low, grid.high).astype(np.int32)
         error_before, error_after = system.error(grid.values(start)), system.error(grid.values(states))
-        if error_after > error_before:  # damping pulled it elsewhere: never make a layer worse on its own data
-            states, error_after = start.astype(np.int32), error_before
         new_matrices.append(states)
+        flips.append(flip_residual(system, grid, states))
+        refit += error_after - float(np.mean(np.square(system.mean_residual(grid.values(states)))))
         before += error_before
         after += error_after
     new_states = weight_from_matrices(new_matrices, geometry).reshape(weight.shape).astype(np.int32)
     changed = int(np.count_nonzero(new_states != weight.states))
     count = len(groups)
-    result = LayerResult(weight.consumer, equations[0].rows, before / count, after / count, changed, weight.size)
-    return result, (new_states if changed else None)
+    result = LayerResult(weight.consumer, equations[0].rows, before / count, after / count, changed, weight.size, error_bias_refit=refit / count)
+    flip = weight_from_matrices(flips, geometry).reshape(weight.shape)
+    return result, (new_states if changed else None), flip
 
 
 def _positions(geometry, total: int, chunks: list[int], config: ReconstructConfig, seed: int) -> list[np.ndarray]:
