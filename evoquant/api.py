@@ -304,6 +304,7 @@ def refine(
         search = None
         picked, weights = np.arange(0), None
         flip_residuals: dict[int, np.ndarray] = {}
+        quadratics: dict = {}  # the reconstruction's layer errors around its states (search.layer_penalty)
 
         if "reconstruct" in run_stages:
             from evoquant.reconstruct import reconstruct
@@ -314,7 +315,7 @@ def refine(
                 states, details, seconds, flip_residuals = saved
             else:
                 rebuilt = reconstruct(working, working_table, teacher_model, pool.images, config.reconstruct, progress=config.progress)
-                states, details, flip_residuals = dict(rebuilt.states), rebuilt.to_dict(), rebuilt.flip_residuals
+                states, details, flip_residuals, quadratics = dict(rebuilt.states), rebuilt.to_dict(), rebuilt.flip_residuals, rebuilt.quadratics
                 if rebuilt.skipped:
                     _warn(f"reconstruct left {len(rebuilt.skipped)} layer(s) as they were: " + ", ".join(f"{layer.name} ({layer.skipped})" for layer in rebuilt.skipped[:5]))
                 seconds = time.perf_counter() - stage_started
@@ -333,7 +334,7 @@ def refine(
             for index, residual in flip_residuals.items():  # guided moves: the cheapest for each layer after its solve
                 start_table[index].rounding_residual = residual
             search, stage_details = _evolve_stage(evolve_xml, start_table, data, data_label, pool, picked, weights, teacher_pool, objective_spec, shape, config, workdir, callback,
-                                                   run=run, island=island_spec, shared=None if run_dir is None else Path(run_dir))
+                                                   run=run, island=island_spec, shared=None if run_dir is None else Path(run_dir), quadratics=quadratics)
             evolved = dict(states)
             for tensor, (indices, deltas) in search.best.payload().items():
                 evolved[tensor] = apply_shifts(start_table[tensor].states, indices, deltas)
@@ -503,7 +504,7 @@ def _expand_run_dirs(run_dirs) -> list[Path]:
 
 
 def _evolve_stage(evolve_xml: Path, table, data, data_label, pool, picked, weights, teacher_pool, objective_spec, shape, config: RefineConfig, workdir: Path, callback,
-                  *, run=None, island: tuple[int, int] | None = None, shared: Path | None = None):
+                  *, run=None, island: tuple[int, int] | None = None, shared: Path | None = None, quadratics: dict | None = None):
     """The evolution strategy from ``evolve_xml`` (the start, or the reconstruction; ``table`` its weights):
     one population, ``config.search.islands`` islands, or island I of a job array (``island``); continued
     from ``run``'s saved state when there is one. Returns the search result and the stage's details: the
@@ -531,9 +532,11 @@ def _evolve_stage(evolve_xml: Path, table, data, data_label, pool, picked, weigh
             local = SuffixEngine(dataclasses.replace(context, threads=None) if config.jobs > 1 else context, max_cache_mb=config.max_cache_mb, progress=step)
     else:
         local = PlainEvaluator(context)
-    local.score(local.outputs({}))  # a broken hook or objective fails here, before any search
+    start_fitness = local.score(local.outputs({}))  # a broken hook or objective fails here, before any search
 
     space = SearchSpace.from_weights(table, max_shift=config.search.max_shift)
+    if config.search.layer_penalty > 0 and (config.search.islands > 1 or island is not None):
+        raise EvoquantError("search.layer_penalty runs with one population only (not with --islands or --island)")
     if config.search.islands > 1 and island is None:
         search, islands = _evolve_islands(local, context, space, config, run, callback)
         return search, {"engine": local.summary() if config.engine == "suffix" else None, "islands": islands}
@@ -544,6 +547,8 @@ def _evolve_stage(evolve_xml: Path, table, data, data_label, pool, picked, weigh
             map_function = _engine_map(local, parallel_map, context_path, config.max_cache_mb)
         else:
             map_function = parallel_map
+        if config.search.layer_penalty > 0:
+            map_function = _penalised_map(map_function, quadratics or {}, config.search.layer_penalty * abs(start_fitness))
         if island is not None:
             search = _evolve_one_island(space, evaluate, map_function, config, run, island, shared, bar.update)
         else:
@@ -710,6 +715,22 @@ def _warn(message: str) -> None:
     import warnings
 
     warnings.warn(message, EvoquantWarning, stacklevel=3)
+
+
+def _penalised_map(map_function, quadratics: dict, weight: float):
+    """``map_function`` with each payload's fitness raised by ``weight`` × the summed relative increase of
+    its layers' reconstruction error (``search.layer_penalty``)."""
+    if not quadratics:
+        raise EvoquantError("search.layer_penalty needs the reconstruct stage's result from this run: run --stages reconstruct,evolve (not resumed from a run directory)")
+
+    def penalty(payload) -> float:
+        return sum(quadratics[tensor].relative_increase(indices, deltas) for tensor, (indices, deltas) in payload.items() if tensor in quadratics)
+
+    def mapped(function, payloads):
+        payloads = list(payloads)
+        return [float(value) + weight * penalty(payload) for value, payload in zip(map_function(function, payloads), payloads)]
+
+    return mapped
 
 
 def _engine_map(engine, parallel_map, context_path: str | None, max_cache_mb: float):

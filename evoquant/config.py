@@ -40,6 +40,9 @@ class SearchConfig:
     crossover_probability: float = 0.0  # tensor-wise crossover; off by default (benchmarks/ablation.py)
     offspring_groups: int = 0  # >0: offspring share this many (parent, tensor) pairs (when crossover is off and mutation_tensors 1)
     seed: int = 0
+    # after reconstruct: add layer_penalty × start fitness × Σ layers' relative error increase (exact, from the
+    # reconstruction's normal equations) to every candidate's fitness (0: off; one population only)
+    layer_penalty: float = 0.0
     islands: int = 1  # populations evolving side by side (each on its own worker), exchanging migrants
     migration_interval: int = 5  # generations between migrations
     migrants: int = 1  # best genomes each island sends to the next in the ring
@@ -61,6 +64,8 @@ class SearchConfig:
             raise EvoquantError(f"the time limit must be a positive number of seconds, got {self.time_limit}")
         if self.patience is not None and self.patience < 1:
             raise EvoquantError(f"patience must be at least 1 generation (null: no early stop), got {self.patience}")
+        if not self.layer_penalty >= 0:
+            raise EvoquantError(f"layer_penalty must be 0 or more, got {self.layer_penalty}")
         if self.offspring_groups < 0:
             raise EvoquantError(f"offspring_groups must be 0 or more, got {self.offspring_groups}")
         if self.islands < 1 or self.migration_interval < 1:

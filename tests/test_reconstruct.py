@@ -85,6 +85,34 @@ def test_flip_residual_ranks_single_moves_by_their_exact_cost():
     assert not np.any(flip_residual(equations, pinned, states))
 
 
+def test_layer_quadratic_gives_the_exact_error_change_of_any_shift(tiny_pair):
+    """search.layer_penalty's term: for a sparse set of shifts in a reconstructed layer (grouped ones too),
+    the relative error increase equals the one recomputed from the sums."""
+    from evoquant.reconstruct.stage import _quadratic, weight_grid
+
+    teacher, quantized = tiny_pair
+    table = find_quantized_weights(quantized)
+    for weight in table:
+        geometry = layer_geometry(quantized, weight)
+        groups = weight_grid(weight, geometry, None)
+        rng = np.random.default_rng(weight.index)
+        equations = []
+        for grid in groups:
+            system = NormalEquations(grid.scale.shape[1], grid.scale.shape[0])
+            x = rng.normal(size=(50, grid.scale.shape[1]))
+            system.add(x, x @ rng.normal(size=grid.scale.shape).T)
+            equations.append(system)
+        states = weight_matrices(weight.states, geometry)
+        quadratic = _quadratic(equations, groups, states, geometry, weight.shape)
+        indices = np.sort(rng.choice(weight.size, size=max(2, weight.size // 20), replace=False))
+        deltas = rng.choice([-1, 1], size=len(indices))
+        moved = weight.states.reshape(-1).copy()
+        moved[indices] += deltas
+        moved_matrices = weight_matrices(moved.reshape(weight.shape), geometry)
+        total = lambda matrices: sum(s.error(g.values(m)) * s.rows * m.shape[0] for s, g, m in zip(equations, groups, matrices))  # noqa: E731
+        assert quadratic.relative_increase(indices, deltas) == pytest.approx((total(moved_matrices) - total(states)) / total(states), rel=1e-6, abs=1e-9)
+
+
 def test_normal_equations_error_matches_the_direct_error():
     rng = np.random.default_rng(3)
     x, t, w = rng.normal(size=(50, 5)), rng.normal(size=(50, 3)), rng.normal(size=(3, 5))

@@ -175,7 +175,7 @@ def train_generator(teacher, method: str, *, out_dir: str | os.PathLike, steps: 
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
-        return f"CE {float(task):.3f}, BNS {float(statistics):.4f}"
+        return f"CE {task.item():.3f}, BNS {statistics.item():.4f}"
 
     loop = TrainingLoop(
         new_state=lambda: _new_generator_state(torch, settings, teacher, options),
@@ -285,7 +285,7 @@ def zeroq_images(teacher, n: int, *, steps: int | None = None, batch_size: int =
             done_images.append(images.numpy().astype(np.float32))
             done_labels.append(logits.argmax(dim=1).numpy().astype(np.int64))
             if bar is not None:
-                bar.set_postfix_str(f"BNS {float(loss):.4f}")
+                bar.set_postfix_str(f"BNS {loss.item():.4f}")
             if partial is not None:
                 with staged(partial) as temporary:
                     np.savez(temporary, x=np.concatenate(done_images), y=np.concatenate(done_labels), steps=steps, batch_size=batch_size, seed=seed,

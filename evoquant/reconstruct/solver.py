@@ -153,6 +153,32 @@ def flip_residual(equations: NormalEquations, grid: Grid, states: np.ndarray) ->
 
 
 @dataclass(frozen=True)
+class LayerQuadratic:
+    """How one layer's output error ``‖W X − T‖²`` changes with state shifts from the solved states, exactly,
+    from the normal equations: ``ΔE = Σ_rows 2 Δw·g + Δw H Δwᵀ`` with ``g = W XᵀX − TᵀX``. The evolve stage
+    can add it to the end-to-end loss (``search.layer_penalty``) so that moves must keep layers as good as the
+    reconstruction left them."""
+
+    grams: tuple[np.ndarray, ...]  # per group [K, K]
+    gradients: tuple[np.ndarray, ...]  # per group [R, K]
+    scales: tuple[np.ndarray, ...]  # per group [R, K]
+    position: np.ndarray  # [size, 3]: flat weight index (the tensor's own order) → (group, row, column)
+    error: float  # ‖W X − T‖² summed over groups at the solved states
+
+    def relative_increase(self, indices: np.ndarray, deltas: np.ndarray) -> float:
+        """``ΔE / E`` for moving the weights at flat ``indices`` by ``deltas`` states."""
+        where = self.position[np.asarray(indices, dtype=np.int64)]
+        change = 0.0
+        for key in np.unique(where[:, :2], axis=0):
+            group, row = int(key[0]), int(key[1])
+            chosen = (where[:, 0] == group) & (where[:, 1] == row)
+            columns = where[chosen, 2]
+            step = np.asarray(deltas, dtype=np.float64)[chosen] * self.scales[group][row, columns]
+            change += 2.0 * float(step @ self.gradients[group][row, columns]) + float(step @ self.grams[group][np.ix_(columns, columns)] @ step)
+        return change / max(self.error, 1e-30)
+
+
+@dataclass(frozen=True)
 class LayerProblem:
     """What a layer-wise solver is given for one weight matrix (one group of a grouped convolution)."""
 

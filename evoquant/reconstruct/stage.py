@@ -18,7 +18,7 @@ import numpy as np
 from evoquant.config import ReconstructConfig
 from evoquant.ir.layers import ActivationTap, UnsupportedLayer, layer_bias, layer_geometry, layer_output_shape, layer_weight
 from evoquant.reconstruct.rows import input_rows, output_rows, rows_per_image, weight_from_matrices, weight_matrices
-from evoquant.reconstruct.solver import Grid, LayerProblem, NormalEquations, flip_residual, layer_solver
+from evoquant.reconstruct.solver import Grid, LayerProblem, LayerQuadratic, NormalEquations, flip_residual, layer_solver
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class ReconstructResult:
     # for its layer after the solve, as a pseudo rounding residual (solver.flip_residual; the evolve stage's
     # guided moves)
     flip_residuals: dict[int, np.ndarray] = field(default_factory=dict)
+    # per solved tensor: its layer's error as a function of state shifts (the evolve stage's layer penalty)
+    quadratics: dict[int, LayerQuadratic] = field(default_factory=dict)
 
     @property
     def skipped(self) -> list[LayerResult]:
@@ -121,13 +123,14 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
     patcher = ConstantPatcher(model, table)
     solved: dict[int, np.ndarray] = {}
     residuals: dict[int, np.ndarray] = {}
+    quadratics: dict[int, LayerQuadratic] = {}
     bar = _bar(progress, len(plans))
     try:
         for weight, geometry in plans:
             reference = layer_weight(teacher, weight.consumer, weight.consumer_port)
             if reference is not None and reference.shape != tuple(geometry.weight_shape):
                 reference = None
-            result, states, residuals[weight.index] = _solve_layer(model, weight, geometry, images, targets.pop(weight.index), positions[weight.index], config, solver, reference)
+            result, states, residuals[weight.index], quadratics[weight.index] = _solve_layer(model, weight, geometry, images, targets.pop(weight.index), positions[weight.index], config, solver, reference)
             layers.append(result)
             if states is not None:
                 solved[weight.index] = states
@@ -141,7 +144,7 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
             bar.close()
     order = {weight.consumer: i for i, weight in enumerate(table)}
     layers.sort(key=lambda layer: order.get(layer.name, -1))
-    return ReconstructResult(solved, layers, time.perf_counter() - started, residuals)
+    return ReconstructResult(solved, layers, time.perf_counter() - started, residuals, quadratics)
 
 
 def _solve_layer(model, weight, geometry, images, targets, positions, config: ReconstructConfig, solver, reference):
@@ -168,7 +171,21 @@ def _solve_layer(model, weight, geometry, images, targets, positions, config: Re
     count = len(groups)
     result = LayerResult(weight.consumer, equations[0].rows, before / count, after / count, changed, weight.size, error_bias_refit=refit / count)
     flip = weight_from_matrices(flips, geometry).reshape(weight.shape)
-    return result, (new_states if changed else None), flip
+    quadratic = _quadratic(equations, groups, new_matrices, geometry, weight.shape)
+    return result, (new_states if changed else None), flip, quadratic
+
+
+def _quadratic(equations, groups, states, geometry, shape) -> LayerQuadratic:
+    """The layer's error around its solved states (see :class:`LayerQuadratic`)."""
+    flat = np.arange(int(np.prod(shape))).reshape(shape)
+    position = np.empty((flat.size, 3), dtype=np.int64)
+    for group, indices in enumerate(weight_matrices(flat, geometry)):
+        rows, columns = np.indices(indices.shape)
+        position[indices.ravel()] = np.stack([np.full(indices.size, group), rows.ravel(), columns.ravel()], axis=1)
+    weights = [grid.values(matrix) for grid, matrix in zip(groups, states)]
+    gradients = tuple(w @ system.gram - system.cross for w, system in zip(weights, equations))
+    error = sum(system.error(w) * system.rows * w.shape[0] for w, system in zip(weights, equations))
+    return LayerQuadratic(tuple(system.gram for system in equations), gradients, tuple(grid.scale for grid in groups), position, float(error))
 
 
 def _positions(geometry, total: int, chunks: list[int], config: ReconstructConfig, seed: int) -> list[np.ndarray]:
