@@ -233,6 +233,8 @@ def datafree_table(rows: list[dict]) -> str:
 
 def _setting_label(setting: dict) -> str:
     solver = setting.get("solver", "output")
+    if solver.startswith("lower-of"):
+        return "per layer the lower error of evoquant's and AdaRound's (whole range)"
     if solver != "output":
         return f"{solver} (baseline, whole range)"
     shift = setting.get("max_shift", 1)

@@ -32,7 +32,18 @@ SETTINGS = [
     {"damping": 1.0, "max_shift": None},
     {"solver": "gptq", "max_shift": None},
     {"solver": "adaround", "max_shift": None},
+    {"solver": "lower-of-output-adaround", "max_shift": None},
 ]
+
+
+def lower_of_output_adaround(problem):
+    """An experiment, not a baseline: per layer (group), evoquant's solve or AdaRound's, whichever leaves
+    the lower error on the layer's own calibration rows. Does the layer error pick the one that generalises?"""
+    from baselines.adaround import adaround_solver
+    from evoquant.reconstruct.solver import output_target_solver
+
+    candidates = [output_target_solver(problem), adaround_solver(problem)]
+    return min(candidates, key=lambda states: problem.equations.error(problem.grid.values(states)))
 
 
 def main() -> int:
@@ -54,6 +65,9 @@ def main() -> int:
     from stages import zoo_models
 
     register()
+    from evoquant.reconstruct.solver import register_solver
+
+    register_solver("lower-of-output-adaround", lower_of_output_adaround)
     settings = json.loads(args.settings) if args.settings else SETTINGS
     _, _, x_heldout, y_heldout = zoo.mnist_split()
     base = RefineConfig.from_yaml("default")
