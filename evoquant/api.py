@@ -314,7 +314,8 @@ def refine(
             if saved is not None:  # finished before this run was interrupted
                 states, details, seconds, flip_residuals = saved
             else:
-                rebuilt = reconstruct(working, working_table, teacher_model, pool.images, config.reconstruct, progress=config.progress)
+                guides = "evolve" in run_stages and (config.search.tie_probability > 0 or config.search.layer_penalty > 0)
+                rebuilt = reconstruct(working, working_table, teacher_model, pool.images, config.reconstruct, progress=config.progress, guides=guides)
                 states, details, flip_residuals, quadratics = dict(rebuilt.states), rebuilt.to_dict(), rebuilt.flip_residuals, rebuilt.quadratics
                 if rebuilt.skipped:
                     _warn(f"reconstruct left {len(rebuilt.skipped)} layer(s) as they were: " + ", ".join(f"{layer.name} ({layer.skipped})" for layer in rebuilt.skipped[:5]))

@@ -88,7 +88,8 @@ def test_flip_residual_ranks_single_moves_by_their_exact_cost():
 def test_layer_quadratic_gives_the_exact_error_change_of_any_shift(tiny_pair):
     """search.layer_penalty's term: for a sparse set of shifts in a reconstructed layer (grouped ones too),
     the relative error increase equals the one recomputed from the sums."""
-    from evoquant.reconstruct.stage import _quadratic, weight_grid
+    from evoquant.reconstruct.solver import LayerQuadratic
+    from evoquant.reconstruct.stage import positions_in_groups, weight_grid
 
     teacher, quantized = tiny_pair
     table = find_quantized_weights(quantized)
@@ -103,7 +104,7 @@ def test_layer_quadratic_gives_the_exact_error_change_of_any_shift(tiny_pair):
             system.add(x, x @ rng.normal(size=grid.scale.shape).T)
             equations.append(system)
         states = weight_matrices(weight.states, geometry)
-        quadratic = _quadratic(equations, groups, states, geometry, weight.shape)
+        quadratic = LayerQuadratic.around(equations, groups, states, positions_in_groups(geometry, weight.shape))
         indices = np.sort(rng.choice(weight.size, size=max(2, weight.size // 20), replace=False))
         deltas = rng.choice([-1, 1], size=len(indices))
         moved = weight.states.reshape(-1).copy()
@@ -188,6 +189,11 @@ def test_reconstruct_lowers_every_layer_error_within_bounds(tiny_pair):
         assert states.min() >= table[index].low and states.max() <= table[index].high
     # the model object is left as it was
     assert all(np.array_equal(a.states, b.states) for a, b in zip(find_quantized_weights(quantized), table))
+    assert not result.flip_residuals and not result.quadratics  # kept only for the evolve stage's guides
+    guided = reconstruct(quantized, table, teacher, images, ReconstructConfig(images=160, batch_size=32), guides=True)
+    assert guided.states.keys() == result.states.keys() and all(np.array_equal(guided.states[i], result.states[i]) for i in result.states)
+    assert set(guided.flip_residuals) == set(guided.quadratics) == {w.index for w in table}
+    assert all(guided.flip_residuals[w.index].shape == w.shape for w in table)
 
 
 def test_a_registered_solver_gets_each_layer_with_its_fp32_weight(tiny_pair, monkeypatch):

@@ -133,23 +133,30 @@ def solve_states(
     return result.astype(np.int32)
 
 
-def flip_residual(equations: NormalEquations, grid: Grid, states: np.ndarray) -> np.ndarray:
+def flip_residual(equations: NormalEquations, grid: Grid, states: np.ndarray, gradient: np.ndarray | None = None) -> np.ndarray:
     """Per weight, how cheap a one-state move is for the layer's output error, as a pseudo rounding residual.
 
     Moving ``w[r, k]`` by ``d·s`` changes ``‖W X − T‖²`` by ``2 d s g[r, k] + s² H[k, k]`` with
-    ``g = W XᵀX − TᵀX``: its cheap direction is ``d = −sign(g)`` and its cost ``s² H[k, k] − 2 s |g|``. The
-    result is ``d · 0.5 / (1 + max(cost, 0) / typical)``, in ``[-0.5, 0.5]`` (``typical``: the median
-    ``s² H[k, k]``), so the tie mutation, which moves the weights with the largest ``|residual|`` in its sign's
-    direction, proposes the moves the layer notices least (an OBS-style ranking). Moves off the grid get 0.
+    ``g = W XᵀX − TᵀX`` (:func:`error_gradient`; pass it when already computed): its cheap direction is
+    ``d = −sign(g)`` and its cost ``s² H[k, k] − 2 s |g|``. The result is
+    ``d · 0.5 / (1 + max(cost, 0) / typical)``, in ``[-0.5, 0.5]`` (``typical``: the median ``s² H[k, k]``),
+    so the tie mutation, which moves the weights with the largest ``|residual|`` in its sign's direction,
+    proposes the moves the layer notices least (an OBS-style ranking). Moves off the grid get 0.
     """
     states = np.asarray(states, dtype=np.float64)
-    gradient = grid.values(states) @ equations.gram - equations.cross
+    if gradient is None:
+        gradient = error_gradient(equations, grid, states)
     curvature = np.square(grid.scale) * np.diag(equations.gram)[None, :]
     cost = curvature - 2.0 * grid.scale * np.abs(gradient)
     typical = float(np.median(curvature)) or 1.0
     direction = np.where(gradient > 0, -1.0, 1.0)
     blocked = ((direction > 0) & (states >= grid.high)) | ((direction < 0) & (states <= grid.low))
     return np.where(blocked, 0.0, direction * 0.5 / (1.0 + np.maximum(cost, 0.0) / typical))
+
+
+def error_gradient(equations: NormalEquations, grid: Grid, states: np.ndarray) -> np.ndarray:
+    """``g = W XᵀX − TᵀX`` at ``states``: half the gradient of ``‖W X − T‖²`` in ``W``."""
+    return grid.values(np.asarray(states, dtype=np.float64)) @ equations.gram - equations.cross
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,15 @@ class LayerQuadratic:
     scales: tuple[np.ndarray, ...]  # per group [R, K]
     position: np.ndarray  # [size, 3]: flat weight index (the tensor's own order) → (group, row, column)
     error: float  # ‖W X − T‖² summed over groups at the solved states
+
+    @classmethod
+    def around(cls, equations: list[NormalEquations], grids: list[Grid], states: list[np.ndarray], position: np.ndarray,
+               gradients: list[np.ndarray] | None = None) -> "LayerQuadratic":
+        """The quadratic of a layer's groups around their ``states`` (``gradients``: when already computed)."""
+        if gradients is None:
+            gradients = [error_gradient(system, grid, matrix) for system, grid, matrix in zip(equations, grids, states)]
+        error = sum(system.error(grid.values(matrix)) * system.rows * matrix.shape[0] for system, grid, matrix in zip(equations, grids, states))
+        return cls(tuple(system.gram for system in equations), tuple(gradients), tuple(grid.scale for grid in grids), position, float(error))
 
     def relative_increase(self, indices: np.ndarray, deltas: np.ndarray) -> float:
         """``ΔE / E`` for moving the weights at flat ``indices`` by ``deltas`` states."""

@@ -18,7 +18,7 @@ import numpy as np
 from evoquant.config import ReconstructConfig
 from evoquant.ir.layers import ActivationTap, UnsupportedLayer, layer_bias, layer_geometry, layer_output_shape, layer_weight
 from evoquant.reconstruct.rows import input_rows, output_rows, rows_per_image, weight_from_matrices, weight_matrices
-from evoquant.reconstruct.solver import Grid, LayerProblem, LayerQuadratic, NormalEquations, flip_residual, layer_solver
+from evoquant.reconstruct.solver import Grid, LayerProblem, LayerQuadratic, NormalEquations, error_gradient, flip_residual, layer_solver
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,11 @@ class ReconstructResult:
     states: dict[int, np.ndarray]
     layers: list[LayerResult] = field(default_factory=list)
     seconds: float = 0.0
-    # per solved tensor (weight-table index, the tensor's shape): how cheap each weight's one-state move is
-    # for its layer after the solve, as a pseudo rounding residual (solver.flip_residual; the evolve stage's
-    # guided moves)
+    # Only with reconstruct(guides=True), for the evolve stage, per solved tensor (weight-table index):
+    # how cheap each weight's one-state move is for its layer after the solve, as a pseudo rounding residual
+    # in the tensor's shape (solver.flip_residual: guided moves), and its layer's error as a function of
+    # state shifts (solver.LayerQuadratic: search.layer_penalty)
     flip_residuals: dict[int, np.ndarray] = field(default_factory=dict)
-    # per solved tensor: its layer's error as a function of state shifts (the evolve stage's layer penalty)
     quadratics: dict[int, LayerQuadratic] = field(default_factory=dict)
 
     @property
@@ -79,11 +79,13 @@ def weight_grid(weight, geometry, max_shift: int | None) -> list[Grid]:
     return [Grid(*group) for group in zip(*parts)]
 
 
-def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructConfig, *, progress: bool = False) -> ReconstructResult:
+def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructConfig, *, progress: bool = False, guides: bool = False) -> ReconstructResult:
     """Reconstruct every quantized layer of ``model`` (a static-shape ``ov.Model``) against ``teacher``.
 
     ``images`` are the calibration images (already shaped and scaled for the model). The model object is
     patched while the stage runs and restored at the end; the returned states are applied by the caller.
+    ``guides`` also keeps what the evolve stage's guided moves and layer penalty need (``flip_residuals``,
+    ``quadratics``: a float per weight and each layer's ``XᵀX``, so only when asked).
     """
     from evoquant.ir.patch import ConstantPatcher
 
@@ -130,7 +132,9 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
             reference = layer_weight(teacher, weight.consumer, weight.consumer_port)
             if reference is not None and reference.shape != tuple(geometry.weight_shape):
                 reference = None
-            result, states, residuals[weight.index], quadratics[weight.index] = _solve_layer(model, weight, geometry, images, targets.pop(weight.index), positions[weight.index], config, solver, reference)
+            result, states, guide = _solve_layer(model, weight, geometry, images, targets.pop(weight.index), positions[weight.index], config, solver, reference, guides)
+            if guide is not None:
+                residuals[weight.index], quadratics[weight.index] = guide
             layers.append(result)
             if states is not None:
                 solved[weight.index] = states
@@ -147,7 +151,7 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
     return ReconstructResult(solved, layers, time.perf_counter() - started, residuals, quadratics)
 
 
-def _solve_layer(model, weight, geometry, images, targets, positions, config: ReconstructConfig, solver, reference):
+def _solve_layer(model, weight, geometry, images, targets, positions, config: ReconstructConfig, solver, reference, guides: bool):
     data_port = 1 - weight.consumer_port if geometry.kind == "matmul" else 0
     tap = ActivationTap(model, [("input", weight.consumer, data_port)], f32=False)
     groups = weight_grid(weight, geometry, config.max_shift)
@@ -157,12 +161,14 @@ def _solve_layer(model, weight, geometry, images, targets, positions, config: Re
             equations[group].add(rows, targets[chunk][group])
     start_matrices = weight_matrices(weight.states, geometry)
     references = weight_matrices(reference, geometry) if reference is not None else [None] * len(groups)
-    new_matrices, flips, before, after, refit = [], [], 0.0, 0.0, 0.0
+    new_matrices, flips, gradients, before, after, refit = [], [], [], 0.0, 0.0, 0.0
     for grid, start, system, fp32 in zip(groups, start_matrices, equations, references):
         states = np.clip(solver(LayerProblem(system, grid, start, fp32, config.damping, config.act_order)), grid.low, grid.high).astype(np.int32)
         error_before, error_after = system.error(grid.values(start)), system.error(grid.values(states))
         new_matrices.append(states)
-        flips.append(flip_residual(system, grid, states))
+        if guides:
+            gradients.append(error_gradient(system, grid, states))
+            flips.append(flip_residual(system, grid, states, gradients[-1]))
         refit += error_after - float(np.mean(np.square(system.mean_residual(grid.values(states)))))
         before += error_before
         after += error_after
@@ -170,22 +176,21 @@ def _solve_layer(model, weight, geometry, images, targets, positions, config: Re
     changed = int(np.count_nonzero(new_states != weight.states))
     count = len(groups)
     result = LayerResult(weight.consumer, equations[0].rows, before / count, after / count, changed, weight.size, error_bias_refit=refit / count)
+    if not guides:
+        return result, (new_states if changed else None), None
     flip = weight_from_matrices(flips, geometry).reshape(weight.shape)
-    quadratic = _quadratic(equations, groups, new_matrices, geometry, weight.shape)
-    return result, (new_states if changed else None), flip, quadratic
+    quadratic = LayerQuadratic.around(equations, groups, new_matrices, positions_in_groups(geometry, weight.shape), gradients)
+    return result, (new_states if changed else None), (flip, quadratic)
 
 
-def _quadratic(equations, groups, states, geometry, shape) -> LayerQuadratic:
-    """The layer's error around its solved states (see :class:`LayerQuadratic`)."""
+def positions_in_groups(geometry, shape) -> np.ndarray:
+    """``[size, 3]``: each flat weight index (the tensor's own order) → (group, row, column) of its matrix."""
     flat = np.arange(int(np.prod(shape))).reshape(shape)
     position = np.empty((flat.size, 3), dtype=np.int64)
     for group, indices in enumerate(weight_matrices(flat, geometry)):
         rows, columns = np.indices(indices.shape)
         position[indices.ravel()] = np.stack([np.full(indices.size, group), rows.ravel(), columns.ravel()], axis=1)
-    weights = [grid.values(matrix) for grid, matrix in zip(groups, states)]
-    gradients = tuple(w @ system.gram - system.cross for w, system in zip(weights, equations))
-    error = sum(system.error(w) * system.rows * w.shape[0] for w, system in zip(weights, equations))
-    return LayerQuadratic(tuple(system.gram for system in equations), gradients, tuple(grid.scale for grid in groups), position, float(error))
+    return position
 
 
 def _positions(geometry, total: int, chunks: list[int], config: ReconstructConfig, seed: int) -> list[np.ndarray]:
