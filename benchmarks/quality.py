@@ -1,13 +1,18 @@
-"""Refinement quality on the zoo: one JSON line per model.
+"""Refinement quality on the zoo: one JSON line per (source, GAN instance, model, weight bits, search seed).
 
-For each zoo model: held-out accuracy, top-1 agreement and KL(FP32‖INT8) (normalized MSE for the
-autoencoder) of the FP32 IR, NNCF's INT8 IR (calibrated on synthetic GAN or fractal images) and the refined IR
-(refined on the same synthetic source only), plus evaluations and wall time. Held-out real digits are never
-used to select. Run:
+For each zoo model -- the classic four at 1x28x28 and the families (ResNet-18, MobileNetV3-small, ViT at
+3x32x32, saved as users save them) -- NNCF quantizes the FP32 IR at W8A8 and W4A8, calibrated on 300
+synthetic images (GAN or fractal), and ``evoquant.refine`` runs with the default settings on the same
+synthetic source only. Held-out: 1,000 real MNIST digits (padded to 32x32 in three channels for the
+families), never used for calibration or selection: accuracy, top-1 agreement with FP32 and KL(FP32‖model)
+(normalized MSE for the autoencoder) for FP32, NNCF and refined; wall time. Every search seed is a separate
+refine; every GAN instance is a separately trained GAN (``--gan-seeds``), which changes both NNCF's
+calibration and refine's data.
 
-    python benchmarks/quality.py                     # all zoo models, default preset
-    python benchmarks/quality.py --models bn_cnn --preset fast
-    python benchmarks/quality.py > results/quality.jsonl && python benchmarks/readme_table.py quality results/quality.jsonl
+    python benchmarks/quality.py > benchmarks/results/quality.jsonl                  # all, W8A8+W4A8, GAN, 3 seeds
+    python benchmarks/quality.py --models families --bits 4 --seeds 0 --source fractal
+    python benchmarks/quality.py --gan-seeds 1 >> benchmarks/results/quality.jsonl   # a second GAN instance
+    python benchmarks/readme_table.py quality benchmarks/results/quality.jsonl
 """
 
 from __future__ import annotations
@@ -16,59 +21,61 @@ import argparse
 import json
 import platform
 import sys
+import time
+from pathlib import Path
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="all")
+    parser.add_argument("--models", default="all", help="zoo models or groups: classic, families, all (default: %(default)s)")
+    parser.add_argument("--bits", default="8,4", help="weight bits, comma-separated (default: %(default)s)")
+    parser.add_argument("--source", default="gan", help="synthetic calibration and fitness data: gan, fractal or both comma-separated (default: %(default)s)")
+    parser.add_argument("--seeds", default="0,1,2", help="refine seeds, comma-separated (default: %(default)s)")
+    parser.add_argument("--gan-seeds", default="0", help="GAN instances (training seeds), comma-separated (default: %(default)s)")
     parser.add_argument("--preset", default="default")
-    parser.add_argument("--source", choices=["gan", "fractal"], default="gan", help="synthetic calibration and fitness data, as in the demo")
-    parser.add_argument("--data", default=None, help="override the fitness data spec only")
     parser.add_argument("--jobs", type=int, default=None)
-    parser.add_argument("--output-dir", default="/tmp/evoquant-quality")
     args = parser.parse_args()
 
-    import openvino
     import nncf
+    import openvino
 
-    from evoquant.demo import run_demo
-
+    from evoquant import refine
     from evoquant.config import RefineConfig
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from stages import zoo_models
+
     config = RefineConfig.from_yaml(args.preset)
-    results = run_demo(models=args.models, preset=args.preset, source=args.source, data=args.data, jobs=args.jobs, output_dir=args.output_dir, progress=False, echo=lambda *_: None)
-    for name, result in results.items():
-        row = {
-            "benchmark": "quality",
-            "model": name,
-            "preset": args.preset,
-            "source": args.source,
-            "data": result.data,
-            "objective": result.objective,
-            "improved": result.improved,
-            "evaluations": result.evaluations,
-            "generations": result.generations,
-            "shifted_weights": result.shifted_weights,
-            "total_weights": result.total_weights,
-            "selection_size": config.selection_size,
-            "selection_pool": config.selection_pool if config.importance > 0 else None,
-            "verification_size": config.verification_size,
-            "selection_images": result.selection_images,
-            "selection_effective_size": result.selection_effective_size,
-            "search_seconds": round(result.search_seconds, 2),
-            "wall_seconds": round(result.wall_seconds, 2),
-            "openvino": openvino.__version__.split("-")[0],
-            "nncf": nncf.__version__,
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        }
-        for label, metrics in (("fp32", result.heldout_reference), ("int8", result.heldout_before), ("refined", result.heldout_after)):
-            row[f"{label}_accuracy"] = metrics.accuracy
-            row[f"{label}_agreement"] = metrics.agreement
-            row[f"{label}_kl"] = metrics.kl
-            row[f"{label}_mse"] = metrics.mse
-        row["verification_kl_int8"] = result.verification_before.kl
-        row["verification_kl_refined"] = result.verification_after.kl
-        print(json.dumps(row), flush=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for source in (s.strip() for s in args.source.split(",")):
+        gan_seeds = [int(s) for s in args.gan_seeds.split(",")] if source == "gan" else [0]
+        for gan_seed in gan_seeds:
+            for name, bits, built, model, spec, heldout in zoo_models(source, args.models, args.bits, "evoquant-quality-", gan_seed=gan_seed):
+                for seed in seeds:
+                    started = time.perf_counter()
+                    result = refine(model, reference=built.fp32_xml, data=spec, heldout=heldout, config=config, seed=seed, jobs=args.jobs, progress=False)
+                    row = {
+                        "benchmark": "quality", "model": name, "weight_bits": bits, "source": source,
+                        "gan_seed": gan_seed if source == "gan" else None, "seed": seed, "preset": args.preset,
+                        "saved_as": built.meta.get("saved_as", "zoo"), "input_shape": built.meta.get("input_shape"),
+                        "objective": result.objective, "chosen_stage": result.chosen_stage, "improved": result.improved,
+                        "evaluations": result.evaluations, "shifted_weights": result.shifted_weights, "total_weights": result.total_weights,
+                        "stage_seconds": {stage.name: round(stage.seconds, 1) for stage in result.stages},
+                        # each stage's own result, written or not: on the verification images and held out
+                        "stage_verification_kl": {stage.name: stage.verification.kl for stage in result.stages},
+                        "stage_heldout_kl": {stage.name: stage.heldout.kl for stage in result.stages},
+                        "wall_seconds": round(time.perf_counter() - started, 1),
+                        "openvino": openvino.__version__.split("-")[0], "nncf": nncf.__version__,
+                        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                    }
+                    for label, metrics in (("fp32", result.heldout_reference), ("int8", result.heldout_before), ("refined", result.heldout_after)):
+                        row[f"{label}_accuracy"] = metrics.accuracy
+                        row[f"{label}_agreement"] = metrics.agreement
+                        row[f"{label}_kl"] = metrics.kl
+                        row[f"{label}_mse"] = metrics.mse
+                    row["verification_kl_int8"] = result.verification_before.kl
+                    row["verification_kl_refined"] = result.verification_after.kl
+                    print(json.dumps(row), flush=True)
     return 0
 
 

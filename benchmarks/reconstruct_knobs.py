@@ -57,7 +57,7 @@ def main() -> int:
     import nncf
     import openvino
 
-    from evoquant import refine, zoo
+    from evoquant import refine
     from evoquant.config import RefineConfig
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,13 +69,12 @@ def main() -> int:
 
     register_solver("lower-of-output-adaround", lower_of_output_adaround)
     settings = json.loads(args.settings) if args.settings else SETTINGS
-    _, _, x_heldout, y_heldout = zoo.mnist_split()
     base = RefineConfig.from_yaml("default")
-    for name, bits, built, model, spec in zoo_models(args.source, args.models, args.bits, "evoquant-knobs-"):
+    for name, bits, built, model, spec, heldout in zoo_models(args.source, args.models, args.bits, "evoquant-knobs-"):
         for setting in settings:
             config = dataclasses.replace(base, reconstruct=dataclasses.replace(base.reconstruct, **setting))
             started = time.perf_counter()
-            result = refine(model, reference=built.fp32_xml, data=spec, heldout=(x_heldout, y_heldout), stages="reconstruct", config=config, progress=False)
+            result = refine(model, reference=built.fp32_xml, data=spec, heldout=heldout, stages="reconstruct", config=config, progress=False)
             stage = result.stages[0]
             layers = [layer for layer in stage.details["layers"] if layer.get("error_after")]
             print(json.dumps({

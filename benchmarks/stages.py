@@ -26,24 +26,31 @@ from pathlib import Path
 STAGE_SETS = ("evolve", "reconstruct", "reconstruct,evolve")
 
 
-def zoo_models(source: str, models: str, bits: str, prefix: str):
-    """The zoo's quantized models the stage benchmarks start from: yields ``(name, bits, built, model,
-    spec)`` -- NNCF calibrated on 300 images of ``source`` (the zoo's INT8 model at W8A8; a W4A8 model
-    quantized into a temporary folder) and the source's data spec."""
+def zoo_models(source: str, models: str, bits: str, prefix: str, gan_seed: int = 0):
+    """The zoo's quantized models the benchmarks start from: yields ``(name, bits, built, model, spec,
+    heldout)`` -- NNCF calibrated on 300 images of ``source`` (GAN instance ``gan_seed``), the source's data
+    spec and the held-out digits as the model takes them. The zoo is built as the demo builds it (its INT8
+    model calibrated on GAN instance 0, so switching sources never retrains it); that INT8 model is used
+    as is at W8A8 on GAN instance 0, every other start is quantized into a temporary folder the same way
+    (``evoquant.quantize``, the model's NNCF model type)."""
     from evoquant import quantize, zoo
     from evoquant.demo import CALIBRATION_SIZE, calibration_images, resolve_models, synthetic_source
 
-    spec = synthetic_source(source, progress=False, echo=lambda *_: None)
-    calibration = calibration_images(spec)
     work = Path(tempfile.mkdtemp(prefix=prefix))
+    quiet = {"progress": False, "echo": lambda *_: None}
     for name in resolve_models(models):
-        built = zoo.build(name, calibration=calibration)
+        shape = zoo.input_shape_of(name)
+        built = zoo.build(name, calibration=calibration_images(synthetic_source("gan", shape=shape, **quiet), shape=shape))
+        spec = synthetic_source(source, shape=shape, gan_seed=gan_seed, **quiet)
+        calibration = calibration_images(spec, shape=shape)
+        _, _, x_heldout, y_heldout = zoo.mnist_split(shape)
         for weight_bits in (int(b) for b in bits.split(",")):
             model = built.int8_xml
-            if weight_bits == 4:
-                model = work / f"{name}_w4a8.xml"
-                quantize(built.fp32_xml, calibration=calibration[:CALIBRATION_SIZE], output=model, weight_bits=4)
-            yield name, weight_bits, built, model, spec
+            if weight_bits != 8 or source != "gan" or gan_seed != 0:
+                model = work / f"{name}_w{weight_bits}a8_gan{gan_seed}.xml"
+                quantize(built.fp32_xml, calibration=calibration[:CALIBRATION_SIZE], output=model, weight_bits=weight_bits,
+                         model_type=zoo.REGISTRY[name].model_type)
+            yield name, weight_bits, built, model, spec, (x_heldout, y_heldout)
 
 
 def main() -> int:
@@ -62,7 +69,7 @@ def main() -> int:
     import nncf
     import openvino
 
-    from evoquant import refine, zoo
+    from evoquant import refine
     from evoquant.config import RefineConfig
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -82,13 +89,12 @@ def main() -> int:
     runs = [(stages + (suffix if "evolve" in stages else ""), stages, preset) for stages in args.stages.split(";") if stages]
     runs += [(f"baseline:{name}", "reconstruct", dataclasses.replace(preset, reconstruct=dataclasses.replace(preset.reconstruct, solver=name, max_shift=None))) for name in baselines]
 
-    _, _, x_heldout, y_heldout = zoo.mnist_split()
-    for name, bits, built, model, spec in zoo_models(args.source, args.models, args.bits, "evoquant-stages-"):
+    for name, bits, built, model, spec, heldout in zoo_models(args.source, args.models, args.bits, "evoquant-stages-"):
         for label, stages, config in runs:
             seeds = [0] if "evolve" not in stages else [int(s) for s in args.seeds.split(",")]
             for seed in seeds:
                 started = time.perf_counter()
-                result = refine(model, reference=built.fp32_xml, data=spec, heldout=(x_heldout, y_heldout), stages=stages, config=config,
+                result = refine(model, reference=built.fp32_xml, data=spec, heldout=heldout, stages=stages, config=config,
                                 seed=seed, progress=False)
                 row = {
                     "benchmark": "stages", "model": name, "weight_bits": bits, "stages": label, "seed": seed, "source": args.source,

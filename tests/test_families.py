@@ -1,6 +1,6 @@
 """Real architecture families, saved as users save them: a ResNet (basic blocks, strided shortcuts), a
 MobileNetV3 (depthwise, squeeze-excitation, hard-swish) and a ViT (patch embedding, attention, LayerNorm,
-GELU), in plain torch at small width with seeded random weights, converted with
+GELU), the zoo's plain-torch architectures (:mod:`evoquant.families`) at tiny width with seeded random weights, converted with
 ``ov.convert_model(m, example_input=x)`` (a fully dynamic input shape) and saved with ``ov.save_model``'s
 defaults (FP16-compressed weights). Each is quantized by ``evoquant quantize`` at W8A8 and W4A8 and
 refined through the CLI: every weighted layer is refined or reported, the IR keeps its dynamic shape, and
@@ -15,99 +15,21 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-nn = torch.nn
 
 import openvino as ov  # noqa: E402
 
+from evoquant.families import ViT, mobilenet_v3_small, resnet18  # noqa: E402
 from evoquant.ir.runtime import read_ir  # noqa: E402
 from test_cli import run_cli  # noqa: E402
 
 SIZE = 16
 
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential() if stride == 1 and cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
-
-
-def resnet() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), BasicBlock(8, 8, 1), BasicBlock(8, 16, 2),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
-
-
-class SqueezeExcite(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.reduce, self.expand = nn.Conv2d(channels, channels // 4, 1), nn.Conv2d(channels // 4, channels, 1)
-
-    def forward(self, x):
-        scale = nn.functional.hardsigmoid(self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
-        return x * scale
-
-
-class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, hidden: int, cout: int, stride: int):
-        super().__init__()
-        self.block = nn.Sequential(
-            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.Hardswish(),
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.Hardswish(),
-            SqueezeExcite(hidden), nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
-        self.residual = stride == 1 and cin == cout
-
-    def forward(self, x):
-        return x + self.block(x) if self.residual else self.block(x)
-
-
-def mobilenet_v3() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.Hardswish(), InvertedResidual(8, 16, 8, 1), InvertedResidual(8, 24, 16, 2),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 32), nn.Hardswish(), nn.Linear(32, 10))
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads, self.qkv, self.out = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-
-    def forward(self, x):
-        batch, tokens, dim = x.shape
-        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        weights = torch.softmax(q @ k.transpose(-2, -1) * (dim // self.heads) ** -0.5, dim=-1)
-        return self.out((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.norm1, self.attention = nn.LayerNorm(dim), Attention(dim, heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim), nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, x):
-        x = x + self.attention(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class ViT(nn.Module):
-    def __init__(self, dim: int = 32, patch: int = 4, depth: int = 2, heads: int = 2):
-        super().__init__()
-        self.embed = nn.Conv2d(3, dim, patch, patch)
-        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.position = nn.Parameter(torch.randn(1, (SIZE // patch) ** 2 + 1, dim) * 0.02)
-        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
-        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
-
-    def forward(self, x):
-        tokens = self.embed(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1) + self.position
-        return self.head(self.norm(self.blocks(tokens))[:, 0])
-
-
-FAMILIES = {"resnet": resnet, "mobilenet_v3": mobilenet_v3, "vit": ViT}
+# The zoo's architectures (evoquant.families) at tiny width and depth: the same op types, built in seconds.
+FAMILIES = {
+    "resnet": lambda: resnet18(width=0.125, blocks=(1, 1)),
+    "mobilenet_v3": lambda: mobilenet_v3_small(width=0.25, blocks=2, head=32),
+    "vit": lambda: ViT(image_size=SIZE, dim=32, depth=2, heads=2),
+}
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +70,26 @@ def test_a_family_quantizes_and_refines_as_saved(saved, tmp_path, family, bits):
     reconstruct = report["stages"][0]["details"]
     assert reconstruct["layers"], "the reconstruct stage saw no layer"
     assert np.isfinite(report["verification_after"]["fitness"])
+
+
+def test_every_suffix_cut_of_a_vit_reads_per_image_tensors_only(saved, tmp_path):
+    """The attention's reshape reads the batch size from ShapeOf of an activation: a scalar that depends on
+    the input but is not a per-image tensor. A cut below it must not take it as an input (the suffix engine
+    caches its inputs image by image); it recomputes it from the activation instead."""
+    from evoquant import quantize
+    from evoquant.ir.cut import activation_id, plan_cut
+    from evoquant.ir.runtime import with_sample_shape
+    from evoquant.ir.weights import find_quantized_weights
+
+    int8 = tmp_path / "vit_int8.xml"
+    quantize(saved["vit"], calibration="fractal", subset_size=32, output=int8, input_shape=(1, 3, SIZE, SIZE), model_type="transformer")
+    model = with_sample_shape(read_ir(int8), (3, SIZE, SIZE))
+    outputs = {activation_id(output): output for op in model.get_ordered_ops() for output in op.outputs()}
+    scalar_inputs = 0
+    for weight in find_quantized_weights(model):
+        cut = plan_cut(model, weight)
+        for key in cut.frontier:
+            shape = outputs[key].get_partial_shape()
+            assert shape.rank.get_length() >= 1 and shape[0].is_dynamic, f"{weight.consumer}: frontier {key} is {shape}"
+        scalar_inputs += any(outputs[key].get_partial_shape().rank.get_length() == 0 for key in cut.frontier)
+    assert scalar_inputs == 0

@@ -213,3 +213,26 @@ def test_a_model_with_two_outputs_is_refined_on_both(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["objective"] == "mse" and report["verification_after"]["fitness"] <= report["verification_before"]["fitness"]
     assert len(read_ir(tmp_path / "refined.xml").outputs) == 2
+
+
+@pytest.mark.parametrize("model_shape, data_shape, expected", [
+    ([-1, 3, -1, -1], (1, 32, 32), (3, 32, 32)),  # a grey GAN for a colour model as convert_model leaves it
+    ([-1, 1, -1, -1], (3, 16, 16), (1, 16, 16)),
+    ([-1, -1, -1, 3], (32, 32, 1), (32, 32, 3)),  # NHWC: the channels are last
+    ([-1, -1, -1, -1], (1, 8, 8), (1, 8, 8)),
+])
+def test_the_data_fixes_a_dynamic_shape_up_to_the_channels_sources_adapt(model_shape, data_shape, expected):
+    from evoquant.ir.runtime import input_shape
+
+    parameter = opset.parameter(ov.PartialShape(model_shape), ov.Type.f32)
+    model = ov.Model([opset.relu(parameter)], [parameter])
+    assert input_shape(model, data_shape=data_shape) == expected
+
+
+def test_data_with_other_channels_than_one_or_three_does_not_fix_the_shape():
+    from evoquant.errors import EvoquantError
+    from evoquant.ir.runtime import input_shape
+
+    parameter = opset.parameter(ov.PartialShape([-1, 3, -1, -1]), ov.Type.f32)
+    with pytest.raises(EvoquantError, match="--input-shape"):
+        input_shape(ov.Model([opset.relu(parameter)], [parameter]), data_shape=(4, 32, 32))

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,19 +27,46 @@ torch = pytest.importorskip("torch")
 
 
 def test_public_names():
-    assert zoo.ZOO_MODELS == ("bn_cnn", "residual_cnn", "dw_separable_cnn", "autoencoder")
-    assert zoo.CLASSIFIERS == ("bn_cnn", "residual_cnn", "dw_separable_cnn")
+    assert zoo.CLASSIC == ("bn_cnn", "residual_cnn", "dw_separable_cnn", "autoencoder")
+    assert zoo.FAMILIES == ("resnet18", "mobilenet_v3_small", "vit")
+    assert zoo.ZOO_MODELS == zoo.CLASSIC + zoo.FAMILIES
+    assert zoo.CLASSIFIERS == ("bn_cnn", "residual_cnn", "dw_separable_cnn", *zoo.FAMILIES)
     assert tuple(zoo.REGISTRY) == zoo.ZOO_MODELS
     assert zoo.REGISTRY["autoencoder"].task == "reconstruction"
+    assert all(zoo.input_shape_of(name) == (3, 32, 32) and zoo.REGISTRY[name].saved_as == "user" for name in zoo.FAMILIES)
+    assert zoo.REGISTRY["vit"].model_type == "transformer" and not zoo.REGISTRY["vit"].batchnorm
+
+
+def test_model_groups_resolve_in_order_without_repeats():
+    from evoquant.demo import resolve_models
+
+    assert resolve_models("classic") == list(zoo.CLASSIC)
+    assert resolve_models("families,resnet18,bn_cnn") == [*zoo.FAMILIES, "bn_cnn"]
+    assert resolve_models("all") == list(zoo.ZOO_MODELS)
+    with pytest.raises(EvoquantError, match="unknown zoo model.*resnet50.*classic, families, all"):
+        resolve_models("resnet50")
+
+
+def test_fit_digits_pads_evenly_and_repeats_the_grey_channel():
+    digits = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
+    fitted = zoo.fit_digits(digits, (3, 32, 32))
+    assert fitted.shape == (2, 3, 32, 32) and fitted.dtype == np.float32
+    for channel in range(3):
+        np.testing.assert_array_equal(fitted[:, channel, 2:30, 2:30], digits[:, 0])
+    assert not fitted[:, :, :2].any() and not fitted[:, :, 30:].any() and not fitted[:, :, :, :2].any() and not fitted[:, :, :, 30:].any()
+    with pytest.raises(EvoquantError, match="pad"):
+        zoo.fit_digits(digits, (3, 24, 24))
+    x_tr, _, x_ho, _ = zoo.mnist_split((3, 32, 32))
+    assert x_tr.shape == (4000, 3, 32, 32) and x_ho.shape == (1000, 3, 32, 32)
 
 
 @pytest.mark.parametrize("name", list(zoo.REGISTRY))
 def test_forward_shape(name):
     model = zoo.create_model(name).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    assert 10_000 <= n_params <= 250_000, n_params
+    assert 10_000 <= n_params <= (2_000_000 if name in zoo.FAMILIES else 250_000), n_params
     with torch.no_grad():
-        out = model(torch.rand(3, *zoo.INPUT_SHAPE))
+        out = model(torch.rand(3, *zoo.input_shape_of(name)))
     if zoo.REGISTRY[name].task == "classification":
         assert tuple(out.shape) == (3, 10)
     else:
@@ -108,7 +136,7 @@ def test_missing_mlxtend_is_a_user_error(monkeypatch):
 def test_module_imports_without_torch():
     code = "import sys; sys.modules['torch'] = None; import evoquant.zoo as z; print(len(z.ZOO_MODELS))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "4"
+    assert out.stdout.strip() == str(len(zoo.ZOO_MODELS))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,9 +229,31 @@ def test_cache_hit_skips_training(tmp_path, monkeypatch):
     assert zoo.build("autoencoder", calibration=calib).int8_xml == d / "int8.xml"
 
 
+def test_other_calibration_requantizes_the_cached_model_without_training(tmp_path, monkeypatch):
+    calib = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
+    d = _fake_entry(tmp_path, "bn_cnn", calib)
+    monkeypatch.setattr(zoo, "train", _no_training)
+    read = []
+
+    class Requantized(Exception):
+        pass
+
+    def fake_read_model(self, path):
+        read.append(Path(path).read_text())
+        raise Requantized
+
+    import openvino as ov
+
+    monkeypatch.setattr(ov.Core, "read_model", fake_read_model)
+    with pytest.raises(Requantized):
+        zoo.build("bn_cnn", calibration=calib * 0.5, cache_dir=tmp_path)
+    assert read == ["x"]  # NNCF was about to read the cached FP32 IR (copied into the new entry)
+    assert (d / "meta.json").is_file() and sorted(p.name for p in (tmp_path / "zoo").iterdir()) == ["bn_cnn"]  # old entry intact, no temp
+
+
 @pytest.mark.parametrize(
     "change",
-    ["other_calibration", "other_version", "missing_file", "force"],
+    ["other_version", "missing_file", "force"],
 )
 def test_cache_miss_rebuilds(change, tmp_path, monkeypatch):
     calib = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
@@ -211,8 +261,6 @@ def test_cache_miss_rebuilds(change, tmp_path, monkeypatch):
     d = _fake_entry(tmp_path, "bn_cnn", calib, **overrides)
     if change == "missing_file":
         (d / "int8.bin").unlink()
-    if change == "other_calibration":
-        calib = calib * 0.5
 
     class Rebuilt(Exception):
         pass
@@ -257,7 +305,7 @@ def test_commit_replaces_existing_directory(tmp_path):
 
 def test_interrupted_build_leaves_old_model_and_no_temp(tmp_path, monkeypatch):
     calib = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
-    old = _fake_entry(tmp_path, "bn_cnn", calib * 0.5)  # a cached model for other calibration images
+    old = _fake_entry(tmp_path, "bn_cnn", calib * 0.5, zoo_version=zoo.ZOO_VERSION - 1)  # a cached model to be rebuilt
     old_meta = (old / "meta.json").read_text()
     # Skip the real training (an untrained net exports the same way) and die during quantization.
     monkeypatch.setattr(zoo, "train", lambda name, **kw: zoo.create_model(name).eval())
@@ -317,3 +365,25 @@ def test_build_bn_cnn_end_to_end(tmp_path):
     again = zoo.build("bn_cnn", calibration=calib, cache_dir=tmp_path)
     assert time.perf_counter() - t0 < 2.0
     assert again == zm and again.meta == zm.meta
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit"])
+def test_a_family_is_built_as_users_save_it(name, tmp_path, monkeypatch):
+    """A family model (trained for one short epoch here) is saved with convert_model/save_model defaults:
+    a fully dynamic input and FP16-compressed weights; NNCF quantizes it (the ViT with NNCF's transformer
+    scheme) and both IRs run on the padded three-channel digits."""
+    import openvino as ov
+
+    real_train = zoo.train
+    monkeypatch.setattr(zoo, "train", lambda model_name, **kwargs: real_train(model_name, epochs=1, limit=64))
+    calibration = zoo.fit_digits(zoo.mnist_split()[0][:8], zoo.input_shape_of(name))
+    built = zoo.build(name, calibration=calibration, cache_dir=tmp_path)
+    fp32 = ov.Core().read_model(built.fp32_xml)
+    shape = fp32.inputs[0].get_partial_shape()  # what convert_model gives: [?,3,?,?] (channels from the weights)
+    assert [dim.is_dynamic for dim in shape] == [True, False, True, True]
+    assert any(op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.f16 for op in fp32.get_ordered_ops())
+    int8 = ov.Core().read_model(built.int8_xml)
+    assert any(op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8 for op in int8.get_ordered_ops())
+    assert built.meta["input_shape"] == [-1, 3, 32, 32] and built.meta["saved_as"] == "user"
+    assert 0.0 <= built.meta["heldout_accuracy_int8_ir"] <= 1.0
+    assert built.fp32_program.is_file()

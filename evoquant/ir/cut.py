@@ -64,6 +64,16 @@ def _descendants(layer: ov.Node) -> set[str]:
     return seen
 
 
+def _per_image(output: ov.Output, batch: ov.Dimension) -> bool:
+    """Whether a tensor is a batch of per-image values: its first dimension is the model's batch ``batch``
+    (dynamic, or the same fixed size)."""
+    shape = output.get_partial_shape()
+    if shape.rank.is_dynamic or shape.rank.get_length() < 1:
+        return False
+    first = shape[0]
+    return first.is_dynamic if batch.is_dynamic else first.is_static and first.get_length() == batch.get_length()
+
+
 def plan_cut(model: ov.Model, weight: QuantizedWeight, is_safe: Callable[[str], bool] | None = None) -> Cut:
     """The frontier and recomputed outputs of the cut at ``weight``'s layer (no graph is built).
 
@@ -77,8 +87,10 @@ def plan_cut(model: ov.Model, weight: QuantizedWeight, is_safe: Callable[[str], 
     layer = ops[weight.consumer]
     below = _descendants(layer)
     dynamic = _depends_on_input(model)
+    input_shape = model.inputs[0].get_partial_shape()
+    batch = input_shape[0] if input_shape.rank.is_static else ov.Dimension()
     while True:
-        frontier: dict[str, None] = {}
+        frontier: dict[str, bool] = {}
         for name in sorted(below, key=order.__getitem__):
             node = ops[name]
             for port in range(node.get_input_size()):
@@ -87,8 +99,11 @@ def plan_cut(model: ov.Model, weight: QuantizedWeight, is_safe: Callable[[str], 
                 source = node.input_value(port)
                 source_name = source.get_node().get_friendly_name()
                 if source_name not in below and source_name in dynamic:
-                    frontier[activation_id(source)] = None
-        unsafe = [key for key in frontier if is_safe is not None and ops[key.rpartition(":")[0]].get_type_name() != "Parameter" and not is_safe(key)]
+                    frontier[activation_id(source)] = _per_image(source, batch)
+        # A tensor without the batch first (a shape computed from the input, e.g. the batch size an attention
+        # reshape reads) cannot be cached image by image: the cut grows past it to the activation it came from.
+        unsafe = [key for key, per_image in frontier.items() if ops[key.rpartition(":")[0]].get_type_name() != "Parameter"
+                  and (not per_image or (is_safe is not None and not is_safe(key)))]
         if not unsafe:
             break
         below |= {key.rpartition(":")[0] for key in unsafe}

@@ -121,10 +121,25 @@ def input_shape(model: ov.Model, override: "tuple[int, ...] | None" = None, *, d
     if shape.rank.is_static and len(shape) >= 2 and has_static_sample_shape(model):
         return tuple(dim.get_length() for dim in shape[1:])
     if data_shape is not None and (shape.rank.is_dynamic or len(shape) == len(data_shape) + 1):
-        if ov.PartialShape([-1, *data_shape]).compatible(shape):
-            return tuple(int(d) for d in data_shape)
+        for candidate in _channel_variants(tuple(int(d) for d in data_shape), shape):
+            if ov.PartialShape([-1, *candidate]).compatible(shape):
+                return candidate
     example = "1,3,224,224" if shape.rank.is_dynamic or len(shape) == 4 else ",".join(["1"] + ["N"] * (len(shape) - 1))
     raise EvoquantError(f"{role}'s input shape {shape} is dynamic: give it with --input-shape, e.g. --input-shape {example} (as benchmark_app -shape)")
+
+
+def _channel_variants(data_shape: tuple[int, ...], shape: ov.PartialShape) -> list[tuple[int, ...]]:
+    """``data_shape`` as it is, then -- for images, whose sources repeat a grey channel into three or
+    average three into one -- with the model's own channel count (first dimension for NCHW, last for NHWC)
+    where the model fixes it to 1 or 3: a grey GAN fits ``[?,3,?,?]``, as ``convert_model`` leaves a
+    colour model."""
+    variants = [data_shape]
+    if len(data_shape) == 3 and shape.rank.is_static and len(shape) == 4:
+        for axis in (0, 2):
+            dim = shape[axis + 1]
+            if dim.is_static and dim.get_length() in (1, 3) and data_shape[axis] in (1, 3) and data_shape[axis] != dim.get_length():
+                variants.append(tuple(dim.get_length() if i == axis else d for i, d in enumerate(data_shape)))
+    return variants
 
 
 def parse_input_shape(text: "str | Sequence[int] | None") -> tuple[int, ...] | None:
