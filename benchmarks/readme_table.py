@@ -31,9 +31,9 @@ def _change(before, after) -> str:
 
 
 def _median_range(values: list[float], fmt: str) -> str:
-    """``median [min..max]`` of ``values`` in ``fmt`` (the range only when there are several)."""
-    median = format(float(np.median(values)), fmt)
-    return median if len(values) < 2 else f"{median} [{format(min(values), fmt)}..{format(max(values), fmt)}]"
+    """``median [min..max]`` of ``values`` in ``fmt`` (the range only where it shows in that format)."""
+    median, low, high = (format(float(value), fmt) for value in (np.median(values), min(values), max(values)))
+    return median if low == high else f"{median} [{low}..{high}]"
 
 
 def quality_table(rows: list[dict]) -> str:
