@@ -102,10 +102,13 @@ def run_demo(*, models: str = "classic", preset: str = "default", source: str = 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
+    specs: dict[tuple[int, ...], str] = {}  # one synthetic source per input shape (one GAN per image size)
     for name in names:
         shape = zoo.input_shape_of(name)
         _, _, x_heldout, y_heldout = zoo.mnist_split(shape)
-        spec = "fractal" if data_free else synthetic_source(source, shape=shape, progress=progress, echo=echo)
+        if shape not in specs:
+            specs[shape] = "fractal" if data_free else synthetic_source(source, shape=shape, progress=progress, echo=echo)
+        spec = specs[shape]
         echo(f"== {name}: build or load (trained on real MNIST, INT8 calibrated on {CALIBRATION_SIZE} {'fractal' if data_free else source} images)")
         built = zoo.build(name, calibration=calibration_images(spec, shape=shape), verbose=progress)
         model, model_data = built.int8_xml, spec

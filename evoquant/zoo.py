@@ -523,13 +523,11 @@ def train(
     """
     spec = _spec(name)
     torch = _import_torch()
-    x_train, y_train, _, _ = _split_arrays()
-    if spec.input_shape != INPUT_SHAPE:
-        x_train = fit_digits(x_train, spec.input_shape)
+    x_train, y_train, _, _ = mnist_split(spec.input_shape)  # fresh copies: torch may share their memory
     if limit is not None:
         x_train, y_train = x_train[:limit], y_train[:limit]
     n_epochs = spec.epochs if epochs is None else epochs
-    xt, yt = torch.from_numpy(x_train.copy()), torch.from_numpy(y_train.copy())
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
 
     with _torch_determinism(torch, seed):
         model = spec.factory()
@@ -603,31 +601,9 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "evoquant"
 
 
-def _load_cached(model_dir: Path, name: str, fingerprint: str) -> ZooModel | None:
-    """Return the cached model in ``model_dir`` if it is complete and matches; else ``None``."""
-    if not all((model_dir / f).is_file() for f in _FILES):
-        return None
-    try:
-        meta = json.loads((model_dir / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if (
-        not isinstance(meta, dict)
-        or meta.get("zoo_version") != ZOO_VERSION
-        or meta.get("name") != name
-        or meta.get("calibration_fingerprint") != fingerprint
-    ):
-        return None
-    return ZooModel(name, meta["task"], model_dir / "fp32.xml", model_dir / "int8.xml", meta)
-
-
-#: What the training run left in ``meta.json``: kept when the model is only re-quantized.
-_TRAINING_KEYS = ("input_name", "output_name", "params", "seed", "epochs", "train_seconds", "export_seconds")
-
-
-def _cached_training(model_dir: Path, name: str) -> dict | None:
-    """The training fields of a complete cached model of this zoo version (its FP32 files are reusable
-    whatever images its INT8 model was calibrated on); ``None`` when there is none."""
+def _cached_meta(model_dir: Path, name: str) -> dict | None:
+    """The ``meta.json`` of a complete cached model ``name`` of this zoo version in ``model_dir`` (whatever
+    images its INT8 model was calibrated on); ``None`` when there is none."""
     if not all((model_dir / f).is_file() for f in _FILES):
         return None
     try:
@@ -636,8 +612,11 @@ def _cached_training(model_dir: Path, name: str) -> dict | None:
         return None
     if not isinstance(meta, dict) or meta.get("zoo_version") != ZOO_VERSION or meta.get("name") != name:
         return None
-    keys = [*_TRAINING_KEYS, *(key for key in ("heldout_accuracy", "heldout_mse") if key in meta)]
-    return {key: meta[key] for key in keys if key in meta}
+    return meta
+
+
+#: What the training run left in ``meta.json``: kept when the model is only re-quantized.
+_TRAINING_KEYS = ("input_name", "output_name", "params", "seed", "epochs", "heldout_accuracy", "heldout_mse", "train_seconds", "export_seconds")
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -752,11 +731,10 @@ def build(
     zoo_dir = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / "zoo"
     final = zoo_dir / name
 
-    if not force:
-        cached = _load_cached(final, name, fingerprint)
-        if cached is not None:
-            log.info("zoo model %s: cache hit in %s", name, final)
-            return cached
+    cached = None if force else _cached_meta(final, name)
+    if cached is not None and cached.get("calibration_fingerprint") == fingerprint:
+        log.info("zoo model %s: cache hit in %s", name, final)
+        return ZooModel(name, cached["task"], final / "fp32.xml", final / "int8.xml", cached)
 
     torch = _import_torch()
     import nncf
@@ -765,7 +743,7 @@ def build(
     metric = "accuracy" if spec.task == "classification" else "mse"
     _, _, x_ho, y_ho = mnist_split(spec.input_shape)
     # Same model, other calibration images: the cached FP32 model is re-quantized, never retrained.
-    trained = None if force else _cached_training(final, name)
+    trained = None if cached is None else {key: cached[key] for key in _TRAINING_KEYS if key in cached}
     zoo_dir.mkdir(parents=True, exist_ok=True)
     # The temporary directory lives next to the final one: same filesystem, so the final rename is atomic.
     tmp = Path(tempfile.mkdtemp(dir=zoo_dir, prefix=f".{name}.tmp-"))
@@ -830,7 +808,7 @@ def build(
             "calibration_size": int(len(calib)),
             "versions": {"torch": torch.__version__, "openvino": ov.__version__, "nncf": nncf.__version__},
         }
-        # meta.json is written last: a directory is only a valid cache entry once it exists (_load_cached).
+        # meta.json is written last: a directory is only a valid cache entry once it exists (_cached_meta).
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         _commit(tmp, final)
     except BaseException:
@@ -883,9 +861,7 @@ def build_gan(
             return directory
         # Another split, or trained past the request: start over. Fewer steps: train on from the checkpoint.
         force = meta.get("zoo_version") != ZOO_VERSION or not isinstance(cached_steps, int) or cached_steps > steps
-    x_train, y_train, _, _ = _split_arrays()
-    if image_size != INPUT_SHAPE[1]:
-        x_train = fit_digits(x_train, (1, image_size, image_size))
+    x_train, y_train, _, _ = mnist_split((1, image_size, image_size))
     directory.parent.mkdir(parents=True, exist_ok=True)
     torch = _import_torch()
     threads = torch.get_num_threads()

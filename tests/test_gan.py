@@ -406,7 +406,7 @@ def test_zoo_gan_is_cached_and_trained_on_when_more_steps_are_asked(tmp_path, mo
     from evoquant import zoo
 
     rng = np.random.default_rng(0)
-    tiny_split = (rng.random((16, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 16), None, None)
+    tiny_split = (rng.random((16, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 16), rng.random((4, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 4))
     monkeypatch.setattr(zoo, "_split_arrays", lambda: tiny_split)
     directory = zoo.build_gan(cache_dir=tmp_path, steps=1)
     assert directory == tmp_path / "gan" / "mnist"
