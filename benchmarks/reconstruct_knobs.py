@@ -51,6 +51,7 @@ def main() -> int:
     parser.add_argument("--models", default="bn_cnn,residual_cnn,dw_separable_cnn")
     parser.add_argument("--bits", default="8,4")
     parser.add_argument("--source", choices=["gan", "fractal"], default="fractal")
+    parser.add_argument("--per-layer", action="store_true", help="add each layer's report (errors on the fit and check images, rows kept) to the row")
     parser.add_argument("--settings", help="a JSON list of ReconstructConfig field dicts (default: the built-in sweep)")
     args = parser.parse_args()
 
@@ -74,7 +75,8 @@ def main() -> int:
         for setting in settings:
             config = dataclasses.replace(base, reconstruct=dataclasses.replace(base.reconstruct, **setting))
             started = time.perf_counter()
-            result = refine(model, reference=built.fp32_xml, data=spec, heldout=heldout, stages="reconstruct", config=config, progress=False)
+            result = refine(model, reference=built.fp32_xml, data=spec, heldout=heldout, stages="reconstruct", config=config, progress=False,
+                            input_shape=(1, *heldout[0].shape[1:]))
             stage = result.stages[0]
             layers = [layer for layer in stage.details["layers"] if layer.get("error_after")]
             print(json.dumps({
@@ -85,6 +87,8 @@ def main() -> int:
                 # summed layer errors after the solve, and with each layer's bias re-fitted too (measured, not applied)
                 "layer_error_after": sum(layer["error_after"] for layer in layers),
                 "layer_error_bias_refit": sum(layer["error_bias_refit"] for layer in layers),
+                "rows_kept": sum(layer.get("rows_kept", 0) for layer in layers),
+                **({"layers": stage.details["layers"]} if args.per_layer else {}),
                 "stage_seconds": round(stage.seconds, 1), "wall_seconds": round(time.perf_counter() - started, 1),
                 "openvino": openvino.__version__.split("-")[0], "nncf": nncf.__version__,
             }), flush=True)

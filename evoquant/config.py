@@ -79,6 +79,14 @@ class ReconstructConfig:
     """The layer-wise reconstruction stage (see :mod:`evoquant.reconstruct`)."""
 
     images: int = 512  # calibration images the layers are fitted on (drawn from the selection pool)
+    # more images, after those, that each solve is checked on: an output row (channel) whose error rises on
+    # them keeps its starting states -- a layer with fewer rows than inputs (a fully-connected layer after
+    # pooling) otherwise fits noise (0: no check)
+    check_images: int = 0
+    # where a layer's input rows come from: "quantized" (the quantized model as the plugin computes it, earlier
+    # layers already solved: the solve also compensates upstream error) or "fp32" (the reference's own layer
+    # inputs: rounding only; not for SmoothQuant'ed models, whose quantized layers see rescaled inputs)
+    inputs: str = "quantized"
     max_rows: int = 65536  # output rows (positions x images) a layer is fitted on at most
     damping: float = 0.01  # pull toward the starting weights, relative to the mean input energy
     max_shift: int | None = 1  # states stay within this many of the start (None: the quantizer's range)
@@ -90,6 +98,10 @@ class ReconstructConfig:
     def __post_init__(self):
         if self.images < 1 or self.max_rows < 1 or self.batch_size < 1:
             raise EvoquantError("reconstruct: images, max_rows and batch_size must be at least 1")
+        if self.inputs not in ("quantized", "fp32"):
+            raise EvoquantError(f"reconstruct: inputs must be 'quantized' or 'fp32', got {self.inputs!r}")
+        if self.check_images < 0:
+            raise EvoquantError(f"reconstruct: check_images must be 0 or more, got {self.check_images}")
         if self.damping <= 0:
             raise EvoquantError(f"reconstruct: damping must be positive, got {self.damping}")
         if self.max_shift is not None and self.max_shift < 1:

@@ -123,6 +123,16 @@ def test_normal_equations_error_matches_the_direct_error():
     assert equations.error(w) == pytest.approx(np.mean((x @ w.T - t) ** 2), rel=1e-5)
 
 
+def test_row_errors_rank_weights_row_by_row_as_the_direct_error_does():
+    rng = np.random.default_rng(4)
+    x, t = rng.normal(size=(30, 6)), rng.normal(size=(30, 4))
+    a, b = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
+    equations = NormalEquations(6, 4)
+    equations.add(x, t)
+    direct = lambda w: np.sum((x @ w.T - t) ** 2, axis=0)  # noqa: E731
+    np.testing.assert_allclose(equations.row_errors(a) - equations.row_errors(b), direct(a) - direct(b), rtol=1e-4, atol=1e-4)
+
+
 def _conv_model(kind: str) -> ov.Model:
     rng = np.random.default_rng(1)
     x = opset.parameter([-1, 4, 9, 9], np.float32, name="input")
@@ -194,6 +204,37 @@ def test_reconstruct_lowers_every_layer_error_within_bounds(tiny_pair):
     assert guided.states.keys() == result.states.keys() and all(np.array_equal(guided.states[i], result.states[i]) for i in result.states)
     assert set(guided.flip_residuals) == set(guided.quadratics) == {w.index for w in table}
     assert all(guided.flip_residuals[w.index].shape == w.shape for w in table)
+
+
+def test_a_layer_fitted_on_fewer_images_than_inputs_is_checked_on_others(tiny_pair):
+    """The fc layer (256 inputs, one row per image) fitted on 16 images fits noise: the check images undo
+    the rows that got worse on them, so no layer's error rises on images it was not fitted on."""
+    teacher, quantized = tiny_pair
+    table = find_quantized_weights(quantized)
+    images = np.random.default_rng(5).random((160, *INPUT_SHAPE), dtype=np.float32)
+    checked = reconstruct(quantized, table, teacher, images, ReconstructConfig(images=16, check_images=144, batch_size=32))
+    unchecked = reconstruct(quantized, table, teacher, images, ReconstructConfig(images=16, check_images=0, batch_size=32))
+    fc = table[[w.consumer for w in table].index("fc")].index
+    layers = {layer.name: layer for layer in checked.layers}
+    assert layers["fc"].check_rows == 144 and layers["fc"].rows == 16
+    assert layers["fc"].rows_kept > 0  # rows whose fitted states were worse on the check images
+    assert not np.array_equal(checked.states.get(fc, table[fc].states), unchecked.states[fc])
+    for layer in checked.layers:
+        assert layer.check_after <= layer.check_before * (1 + 1e-9)
+    assert all(layer.check_rows == 0 and layer.check_before is None for layer in unchecked.layers)
+
+
+def test_reconstruct_can_fit_on_the_references_own_layer_inputs(tiny_pair):
+    """inputs="fp32": rows from the reference's layer inputs (rounding only, no upstream compensation)."""
+    teacher, quantized = tiny_pair
+    table = find_quantized_weights(quantized)
+    images = np.random.default_rng(3).random((160, *INPUT_SHAPE), dtype=np.float32)
+    default = reconstruct(quantized, table, teacher, images, ReconstructConfig(images=160, batch_size=32))
+    rounding = reconstruct(quantized, table, teacher, images, ReconstructConfig(images=160, batch_size=32, inputs="fp32"))
+    assert not rounding.skipped and all(layer.error_after <= layer.error_before for layer in rounding.layers)
+    assert any(not np.array_equal(rounding.states.get(w.index, w.states), default.states.get(w.index, w.states)) for w in table)
+    with pytest.raises(Exception, match="inputs must be"):
+        ReconstructConfig(inputs="teacher")
 
 
 def test_a_registered_solver_gets_each_layer_with_its_fp32_weight(tiny_pair, monkeypatch):

@@ -73,6 +73,11 @@ class NormalEquations:
         """Per output, the mean of ``T − W X`` over the rows: the bias shift that would cancel it."""
         return (self.target_sum - weight @ self.input_sum) / max(self.rows, 1)
 
+    def row_errors(self, weight: np.ndarray) -> np.ndarray:
+        """Per output row, ``‖w_r X − t_r‖²`` up to the row's own constant ``‖t_r‖²``: compares weights row by row."""
+        weight = np.asarray(weight, dtype=np.float64)
+        return np.einsum("rk,kl,rl->r", weight, self.gram, weight) - 2 * np.einsum("rk,rk->r", weight, self.cross)
+
     def error(self, weight: np.ndarray) -> float:
         """Mean squared output error ``‖W X − T‖² / (M R)`` of a weight matrix, from the sums alone."""
         value = np.einsum("rk,kl,rl->", weight, self.gram, weight) - 2 * np.einsum("rk,rk->", weight, self.cross) + self.target_square

@@ -33,6 +33,12 @@ class LayerResult:
     size: int
     skipped: str | None = None  # why the layer was left as it was
     error_bias_refit: float | None = None  # error_after if the layer's bias were re-fitted too (measured, not applied)
+    # on the check images (not fitted on): mean squared error before and after, and how many output rows
+    # (channels) kept their starting states because the solve made them worse there
+    check_rows: int = 0
+    check_before: float | None = None
+    check_after: float | None = None
+    rows_kept: int = 0
 
 
 @dataclass
@@ -91,7 +97,8 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
 
     started = time.perf_counter()
     solver = layer_solver(config.solver)
-    images = np.ascontiguousarray(images[: config.images])
+    fitted = min(config.images, len(images))
+    images = np.ascontiguousarray(images[: fitted + config.check_images])
     layers: list[LayerResult] = []
     plans = []
     for weight in table:
@@ -132,7 +139,8 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
             reference = layer_weight(teacher, weight.consumer, weight.consumer_port)
             if reference is not None and reference.shape != tuple(geometry.weight_shape):
                 reference = None
-            result, states, guide = _solve_layer(model, weight, geometry, images, targets.pop(weight.index), positions[weight.index], config, solver, reference, guides)
+            source = teacher if config.inputs == "fp32" else model
+            result, states, guide = _solve_layer(source, weight, geometry, images, fitted, targets.pop(weight.index), positions[weight.index], config, solver, reference, guides)
             if guide is not None:
                 residuals[weight.index], quadratics[weight.index] = guide
             layers.append(result)
@@ -151,19 +159,35 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
     return ReconstructResult(solved, layers, time.perf_counter() - started, residuals, quadratics)
 
 
-def _solve_layer(model, weight, geometry, images, targets, positions, config: ReconstructConfig, solver, reference, guides: bool):
+def _solve_layer(source, weight, geometry, images, fitted: int, targets, positions, config: ReconstructConfig, solver, reference, guides: bool):
+    """Solve one layer on the rows of the first ``fitted`` images; check each output row on the rest.
+    ``source``: the model whose layer inputs are the rows (the quantized model, or the reference)."""
     data_port = 1 - weight.consumer_port if geometry.kind == "matmul" else 0
-    tap = ActivationTap(model, [("input", weight.consumer, data_port)], f32=False)
+    tap = ActivationTap(source, [("input", weight.consumer, data_port)], f32=config.inputs == "fp32")
     groups = weight_grid(weight, geometry, config.max_shift)
     equations = [NormalEquations(grid.scale.shape[1], grid.scale.shape[0]) for grid in groups]
+    checks = [NormalEquations(grid.scale.shape[1], grid.scale.shape[0]) for grid in groups]
+    per_image = rows_per_image(geometry)
     for chunk, (start, (inputs,)) in enumerate(tap.chunks(images, config.batch_size)):
+        held = start + positions[chunk] // per_image >= fitted
         for group, rows in enumerate(input_rows(inputs, geometry, positions[chunk])):
-            equations[group].add(rows, targets[chunk][group])
+            target = targets[chunk][group]
+            equations[group].add(rows[~held], target[~held])
+            if held.any():
+                checks[group].add(rows[held], target[held])
     start_matrices = weight_matrices(weight.states, geometry)
     references = weight_matrices(reference, geometry) if reference is not None else [None] * len(groups)
     new_matrices, flips, gradients, before, after, refit = [], [], [], 0.0, 0.0, 0.0
-    for grid, start, system, fp32 in zip(groups, start_matrices, equations, references):
+    check_before, check_after, kept = 0.0, 0.0, 0
+    for grid, start, system, check, fp32 in zip(groups, start_matrices, equations, checks, references):
         states = np.clip(solver(LayerProblem(system, grid, start, fp32, config.damping, config.act_order)), grid.low, grid.high).astype(np.int32)
+        if check.rows:
+            moved = np.any(states != start, axis=1)
+            worse = moved & (check.row_errors(grid.values(states)) > check.row_errors(grid.values(start)))
+            states[worse] = start[worse]
+            kept += int(np.count_nonzero(worse))
+            check_before += check.error(grid.values(start))
+            check_after += check.error(grid.values(states))
         error_before, error_after = system.error(grid.values(start)), system.error(grid.values(states))
         new_matrices.append(states)
         if guides:
@@ -175,7 +199,9 @@ def _solve_layer(model, weight, geometry, images, targets, positions, config: Re
     new_states = weight_from_matrices(new_matrices, geometry).reshape(weight.shape).astype(np.int32)
     changed = int(np.count_nonzero(new_states != weight.states))
     count = len(groups)
-    result = LayerResult(weight.consumer, equations[0].rows, before / count, after / count, changed, weight.size, error_bias_refit=refit / count)
+    checked = checks[0].rows
+    result = LayerResult(weight.consumer, equations[0].rows, before / count, after / count, changed, weight.size, error_bias_refit=refit / count,
+                         check_rows=checked, check_before=check_before / count if checked else None, check_after=check_after / count if checked else None, rows_kept=kept)
     if not guides:
         return result, (new_states if changed else None), None
     flip = weight_from_matrices(flips, geometry).reshape(weight.shape)
