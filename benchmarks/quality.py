@@ -53,7 +53,8 @@ def main() -> int:
             for name, bits, built, model, spec, heldout in zoo_models(source, args.models, args.bits, "evoquant-quality-", gan_seed=gan_seed):
                 for seed in seeds:
                     started = time.perf_counter()
-                    result = refine(model, reference=built.fp32_xml, data=spec, heldout=heldout, config=config, seed=seed, jobs=args.jobs, progress=False)
+                    result = refine(model, reference=built.fp32_xml, data=spec, heldout=heldout, config=config, seed=seed, jobs=args.jobs, progress=False,
+                                    input_shape=(1, *heldout[0].shape[1:]))  # a fractal does not fix a dynamic input shape
                     row = {
                         "benchmark": "quality", "model": name, "weight_bits": bits, "source": source,
                         "gan_seed": gan_seed if source == "gan" else None, "seed": seed, "preset": args.preset,

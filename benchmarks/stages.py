@@ -95,7 +95,7 @@ def main() -> int:
             for seed in seeds:
                 started = time.perf_counter()
                 result = refine(model, reference=built.fp32_xml, data=spec, heldout=heldout, stages=stages, config=config,
-                                seed=seed, progress=False)
+                                seed=seed, progress=False, input_shape=(1, *heldout[0].shape[1:]))
                 row = {
                     "benchmark": "stages", "model": name, "weight_bits": bits, "stages": label, "seed": seed, "source": args.source,
                     "preset": args.preset, "chosen_stage": result.chosen_stage, "evaluations": result.evaluations,

@@ -124,6 +124,7 @@ def run_demo(*, models: str = "classic", preset: str = "default", source: str = 
             data=data or model_data,
             output=out / f"{name}_refined.xml",
             heldout=(x_heldout, y_heldout),
+            input_shape=(1, *shape),  # the families' IRs take [?,3,?,?]; a fractal does not fix it
             preset=preset,
             jobs=jobs,
             progress=progress,

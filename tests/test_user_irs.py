@@ -236,3 +236,22 @@ def test_data_with_other_channels_than_one_or_three_does_not_fix_the_shape():
     parameter = opset.parameter(ov.PartialShape([-1, 3, -1, -1]), ov.Type.f32)
     with pytest.raises(EvoquantError, match="--input-shape"):
         input_shape(ov.Model([opset.relu(parameter)], [parameter]), data_shape=(4, 32, 32))
+
+
+def test_demo_on_a_dynamic_shape_zoo_model_with_fractal_data(user_irs, tmp_path, monkeypatch):
+    """The families are saved as users save them ([?,3,?,?]); a fractal does not fix that shape, so the demo
+    gives refine the zoo model's input shape (before: 'input shape is dynamic' on --source fractal)."""
+    from types import SimpleNamespace
+
+    from evoquant import demo, zoo
+
+    rng = np.random.default_rng(7)
+    heldout = (rng.random((40, *INPUT_SHAPE), dtype=np.float32), rng.integers(0, 10, size=40))
+    built = SimpleNamespace(name="family", fp32_xml=user_irs / "fp32.xml", int8_xml=user_irs / "int8.xml", meta={})
+    monkeypatch.setattr(demo, "resolve_models", lambda models: ["family"])
+    monkeypatch.setattr(zoo, "input_shape_of", lambda name: INPUT_SHAPE)
+    monkeypatch.setattr(zoo, "mnist_split", lambda shape: (None, None, *heldout))
+    monkeypatch.setattr(zoo, "build", lambda name, **kwargs: built)
+    results = demo.run_demo(models="family", preset="fast", source="fractal", output_dir=str(tmp_path), progress=False, echo=lambda *_: None)
+    assert results["family"].heldout_after is not None
+    assert "?" in _input_shape(tmp_path / "family_refined.xml")
