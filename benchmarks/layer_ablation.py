@@ -27,7 +27,6 @@ def main() -> int:
     parser.add_argument("--source", choices=["gan", "fractal"], default="gan")
     args = parser.parse_args()
 
-    from evoquant import refine
     from evoquant.api import _write_states
     from evoquant.data.registry import load_source
     from evoquant.fitness.objectives import kl_to_teacher
@@ -35,12 +34,12 @@ def main() -> int:
     from evoquant.ir.weights import find_quantized_weights
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from stages import zoo_models
+    from stages import zoo_models, zoo_refine
 
     work = Path(tempfile.mkdtemp(prefix="evoquant-ablation-"))
     for name, bits, built, model, spec, (x_heldout, y_heldout) in zoo_models(args.source, args.model, str(args.bits), "evoquant-ablation-"):
         run = work / "run"
-        refine(model, reference=built.fp32_xml, data=spec, stages="reconstruct", run_dir=run, progress=False)
+        zoo_refine(model, built, spec, (x_heldout, y_heldout), stages="reconstruct", run_dir=run)
         with np.load(run / "reconstruct.npz") as archive:
             states = {int(key[1:]): archive[key] for key in archive.files if key.startswith("t")}
         original = read_ir(model)

@@ -39,11 +39,10 @@ def main() -> int:
     import nncf
     import openvino
 
-    from evoquant import refine
     from evoquant.config import RefineConfig
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from stages import zoo_models
+    from stages import zoo_models, zoo_refine
 
     config = RefineConfig.from_yaml(args.preset)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -53,8 +52,7 @@ def main() -> int:
             for name, bits, built, model, spec, heldout in zoo_models(source, args.models, args.bits, "evoquant-quality-", gan_seed=gan_seed):
                 for seed in seeds:
                     started = time.perf_counter()
-                    result = refine(model, reference=built.fp32_xml, data=spec, heldout=heldout, config=config, seed=seed, jobs=args.jobs, progress=False,
-                                    input_shape=(1, *heldout[0].shape[1:]))  # a fractal does not fix a dynamic input shape
+                    result = zoo_refine(model, built, spec, heldout, config=config, seed=seed, jobs=args.jobs)
                     row = {
                         "benchmark": "quality", "model": name, "weight_bits": bits, "source": source,
                         "gan_seed": gan_seed if source == "gan" else None, "seed": seed, "preset": args.preset,

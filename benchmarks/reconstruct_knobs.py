@@ -58,12 +58,11 @@ def main() -> int:
     import nncf
     import openvino
 
-    from evoquant import refine
     from evoquant.config import RefineConfig
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from baselines import register
-    from stages import zoo_models
+    from stages import zoo_models, zoo_refine
 
     register()
     from evoquant.reconstruct.solver import register_solver
@@ -75,8 +74,7 @@ def main() -> int:
         for setting in settings:
             config = dataclasses.replace(base, reconstruct=dataclasses.replace(base.reconstruct, **setting))
             started = time.perf_counter()
-            result = refine(model, reference=built.fp32_xml, data=spec, heldout=heldout, stages="reconstruct", config=config, progress=False,
-                            input_shape=(1, *heldout[0].shape[1:]))
+            result = zoo_refine(model, built, spec, heldout, stages="reconstruct", config=config)
             stage = result.stages[0]
             layers = [layer for layer in stage.details["layers"] if layer.get("error_after")]
             print(json.dumps({

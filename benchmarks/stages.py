@@ -53,6 +53,15 @@ def zoo_models(source: str, models: str, bits: str, prefix: str, gan_seed: int =
             yield name, weight_bits, built, model, spec, (x_heldout, y_heldout)
 
 
+def zoo_refine(model, built, spec, heldout, **options):
+    """``evoquant.refine`` on a zoo start from :func:`zoo_models`: against its FP32 model, on ``spec``, scored on
+    the held-out digits, with the zoo model's input shape given (the families' IRs take ``[?,3,?,?]``, which
+    a fractal does not fix)."""
+    from evoquant import refine
+
+    return refine(model, reference=built.fp32_xml, data=spec, heldout=heldout, input_shape=(1, *heldout[0].shape[1:]), progress=False, **options)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="bn_cnn,residual_cnn,dw_separable_cnn")
@@ -69,7 +78,6 @@ def main() -> int:
     import nncf
     import openvino
 
-    from evoquant import refine
     from evoquant.config import RefineConfig
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -94,8 +102,7 @@ def main() -> int:
             seeds = [0] if "evolve" not in stages else [int(s) for s in args.seeds.split(",")]
             for seed in seeds:
                 started = time.perf_counter()
-                result = refine(model, reference=built.fp32_xml, data=spec, heldout=heldout, stages=stages, config=config,
-                                seed=seed, progress=False, input_shape=(1, *heldout[0].shape[1:]))
+                result = zoo_refine(model, built, spec, heldout, stages=stages, config=config, seed=seed)
                 row = {
                     "benchmark": "stages", "model": name, "weight_bits": bits, "stages": label, "seed": seed, "source": args.source,
                     "preset": args.preset, "chosen_stage": result.chosen_stage, "evaluations": result.evaluations,

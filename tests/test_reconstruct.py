@@ -13,6 +13,7 @@ import pytest
 
 from conftest import INPUT_SHAPE, calibration_batches, tiny_fp32_model
 from evoquant.config import ReconstructConfig
+from evoquant.errors import EvoquantError
 from evoquant.ir.layers import ActivationTap, layer_geometry
 from evoquant.ir.weights import find_quantized_weights
 from evoquant.reconstruct import reconstruct
@@ -233,7 +234,7 @@ def test_reconstruct_can_fit_on_the_references_own_layer_inputs(tiny_pair):
     rounding = reconstruct(quantized, table, teacher, images, ReconstructConfig(images=160, batch_size=32, inputs="fp32"))
     assert not rounding.skipped and all(layer.error_after <= layer.error_before for layer in rounding.layers)
     assert any(not np.array_equal(rounding.states.get(w.index, w.states), default.states.get(w.index, w.states)) for w in table)
-    with pytest.raises(Exception, match="inputs must be"):
+    with pytest.raises(EvoquantError, match="inputs must be"):
         ReconstructConfig(inputs="teacher")
 
 

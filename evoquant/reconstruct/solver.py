@@ -80,7 +80,7 @@ class NormalEquations:
 
     def error(self, weight: np.ndarray) -> float:
         """Mean squared output error ``‖W X − T‖² / (M R)`` of a weight matrix, from the sums alone."""
-        value = np.einsum("rk,kl,rl->", weight, self.gram, weight) - 2 * np.einsum("rk,rk->", weight, self.cross) + self.target_square
+        value = float(self.row_errors(weight).sum()) + self.target_square
         return float(max(value, 0.0) / max(self.rows * weight.shape[0], 1))
 
 

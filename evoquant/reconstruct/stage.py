@@ -130,6 +130,7 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
     del teacher_tap
 
     patcher = ConstantPatcher(model, table)
+    source = teacher if config.inputs == "fp32" else model  # whose layer inputs the rows are
     solved: dict[int, np.ndarray] = {}
     residuals: dict[int, np.ndarray] = {}
     quadratics: dict[int, LayerQuadratic] = {}
@@ -139,7 +140,6 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
             reference = layer_weight(teacher, weight.consumer, weight.consumer_port)
             if reference is not None and reference.shape != tuple(geometry.weight_shape):
                 reference = None
-            source = teacher if config.inputs == "fp32" else model
             result, states, guide = _solve_layer(source, weight, geometry, images, fitted, targets.pop(weight.index), positions[weight.index], config, solver, reference, guides)
             if guide is not None:
                 residuals[weight.index], quadratics[weight.index] = guide
