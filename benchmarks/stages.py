@@ -72,6 +72,7 @@ def main() -> int:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--search", default="", metavar="K=V,...", help="search settings to override for every run (e.g. tie_probability=1.0,tie_pool=0.05: "
                         "moves guided by the reconstruction's flip costs); the stage-set label gets '+' and the overrides")
+    parser.add_argument("--compose", default="", metavar="YAML", help="compose settings for every run, a YAML mapping (e.g. '{fits: [{inputs: fp32}, {damping: 0.1}]}')")
     parser.add_argument("--baselines", default="", help="classic layer-wise methods to add, comma-separated (gptq, adaround)")
     args = parser.parse_args()
 
@@ -92,14 +93,15 @@ def main() -> int:
     import yaml
 
     overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.search.split(",") if item)}
-    preset = preset.replace(search=overrides)
+    preset = preset.replace(search=overrides, compose=yaml.safe_load(args.compose) or {})
     suffix = f"+{args.search}" if args.search else ""
     runs = [(stages + (suffix if "evolve" in stages else ""), stages, preset) for stages in args.stages.split(";") if stages]
     runs += [(f"baseline:{name}", "reconstruct", dataclasses.replace(preset, reconstruct=dataclasses.replace(preset.reconstruct, solver=name, max_shift=None))) for name in baselines]
 
     for name, bits, built, model, spec, heldout in zoo_models(args.source, args.models, args.bits, "evoquant-stages-"):
         for label, stages, config in runs:
-            seeds = [0] if "evolve" not in stages else [int(s) for s in args.seeds.split(",")]
+            searched = "evolve" in stages or "compose" in stages  # the reconstruction alone is deterministic
+            seeds = [int(s) for s in args.seeds.split(",")] if searched else [0]
             for seed in seeds:
                 started = time.perf_counter()
                 result = zoo_refine(model, built, spec, heldout, stages=stages, config=config, seed=seed)
@@ -114,6 +116,8 @@ def main() -> int:
                     "stage_heldout_accuracy": {stage.name: stage.heldout.accuracy for stage in result.stages},
                     "verification_fitness_start": result.verification_before.fitness,
                     "engine": result.engine,
+                    "compose": next(({key: stage.details[key] for key in ("layers_per_fit", "uniform_selection", "selection_before", "selection_after", "evaluations", "fit_seconds", "search_seconds", "stop_reason", "history")}
+                                     for stage in result.stages if stage.name == "compose"), None),
                     "openvino": openvino.__version__.split("-")[0], "nncf": nncf.__version__,
                 }
                 for model_label, metrics in (("fp32", result.heldout_reference), ("int8", result.heldout_before), ("refined", result.heldout_after)):

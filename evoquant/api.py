@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evoquant.config import RefineConfig
+from evoquant.config import STAGES, RefineConfig
 from evoquant.errors import EvoquantError, EvoquantWarning
 from evoquant.fitness.objectives import OBJECTIVES, Objective, SampleObjective, accuracy, kl_to_teacher, load_hook, looks_like_classifier, normalized_mse, resolve_objective, top1_agreement
 from evoquant.fitness.sampling import effective_size, importance_sample
@@ -82,7 +82,7 @@ class RefineResult:
     selection_effective_size: float | None = None  # Kish's effective size of their importance weights
     engine: dict | None = None  # the suffix engine's layer decisions and counters (None: the plain path)
     stages: list["StageReport"] = field(default_factory=list)  # what each stage did, in order
-    chosen_stage: str = "start"  # whose result was written: start, reconstruct or evolve
+    chosen_stage: str = "start"  # whose result was written: start, reconstruct, compose or evolve
     input_shape: list[int] | None = None  # per-sample input shape the run used
     unmatched_layers: list[dict] = field(default_factory=list)  # weighted layers not refined, with reasons
 
@@ -164,8 +164,10 @@ def refine(
     """Refine the integer weight states of a quantized OpenVINO model toward its FP32 reference.
 
     A pipeline of stages: ``reconstruct`` (layer by layer, the states that best reproduce each FP32 layer's
-    output on the calibration images) then ``evolve`` (the evolution strategy on the end-to-end objective,
-    starting from the reconstruction), then ``verify``: every stage's result is re-scored on verification
+    output on the calibration images), optionally ``compose`` (a small evolution strategy choosing, per
+    layer, among the start's states, the reconstruction's and other reconstructions', e.g. fitted on the
+    reference's own layer inputs), then ``evolve`` (the evolution strategy on the end-to-end objective,
+    starting from the previous stage's result), then ``verify``: every stage's result is re-scored on verification
     images by plain OpenVINO, and the best of the start and the stages is written: never a worse model.
 
     Args:
@@ -187,7 +189,8 @@ def refine(
             ``(images, labels)``.
         config / preset: a full :class:`RefineConfig`, or a preset name; the keyword arguments below
             override it.
-        stages: ``"reconstruct,evolve"`` (default), ``"reconstruct"`` or ``"evolve"`` (or a sequence).
+        stages: ``"reconstruct,evolve"`` (default), ``"reconstruct,compose,evolve"``, ``"reconstruct"``,
+            ``"evolve"`` ... (or a sequence); they always run in that order.
         input_shape: the model's input shape, batch first (``(1, 3, 224, 224)`` or ``"1,3,224,224"``).
         callback: called with each generation's :class:`GenerationStats`; return True to stop early.
         run_dir: a run directory (:mod:`evoquant.rundir`): each stage's result and each generation's search
@@ -208,8 +211,8 @@ def refine(
         objective=objective,
         stages=stages,
         data=data if isinstance(data, str) else None,
-        search={"seed": seed, "generations": generations, "max_evaluations": max_evaluations, "time_limit": time_limit},
-    )
+        search={"seed": seed},
+    ).with_budget(generations=generations, max_evaluations=max_evaluations, time_limit=time_limit)
     from evoquant.ir.runtime import compile_ir, has_static_sample_shape, infer, output_signature, parse_input_shape, read_ir, with_sample_shape
     from evoquant.ir.runtime import input_shape as sample_shape_of
     from evoquant.ir.weights import attach_reference, find_quantized_weights, find_unmatched_layers, require_quantized_weights
@@ -244,7 +247,7 @@ def refine(
                                 "give the FP32 model the quantized one was made from")
         attach_reference(working_table, teacher_model)
         teacher_compiled = compile_ir(teacher_model, f32=True)
-    run_stages = _runnable_stages(config, stages, teacher_model)
+    run_stages = _runnable_stages(config, stages, teacher_model, island)
     if "reconstruct" in run_stages:
         from evoquant.reconstruct.solver import layer_solver
 
@@ -314,7 +317,8 @@ def refine(
             if saved is not None:  # finished before this run was interrupted
                 states, details, seconds, flip_residuals = saved
             else:
-                guides = "evolve" in run_stages and (config.search.tie_probability > 0 or config.search.layer_penalty > 0)
+                # the guides describe each layer around the reconstruction's states, which compose may replace
+                guides = "evolve" in run_stages and "compose" not in run_stages and (config.search.tie_probability > 0 or config.search.layer_penalty > 0)
                 rebuilt = reconstruct(working, working_table, teacher_model, pool.images, config.reconstruct, progress=config.progress, guides=guides)
                 states, details, flip_residuals, quadratics = dict(rebuilt.states), rebuilt.to_dict(), rebuilt.flip_residuals, rebuilt.quadratics
                 if rebuilt.skipped:
@@ -325,6 +329,20 @@ def refine(
             candidate, metrics = verify(states, "reconstruct")
             candidates.append(("reconstruct", candidate, metrics, dict(states)))
             reports.append(StageReport("reconstruct", seconds, metrics, details))
+
+        if "compose" in run_stages:
+            stage_started = time.perf_counter()
+            saved = run.load_states("compose") if run is not None else None
+            if saved is not None:
+                states, details, seconds, _ = saved
+            else:
+                states, details = _compose_stage(working, working_table, teacher_model, pool, teacher_pool, states, sample_objective, objective_spec, config, workdir, callback)
+                seconds = time.perf_counter() - stage_started
+                if run is not None:
+                    run.save_states("compose", states, details, seconds)
+            candidate, metrics = verify(states, "compose")
+            candidates.append(("compose", candidate, metrics, dict(states)))
+            reports.append(StageReport("compose", seconds, metrics, details))
 
         if "evolve" in run_stages:
             stage_started = time.perf_counter()
@@ -663,16 +681,89 @@ def _open_run_dir(run_dir, island, model_path: Path, reference, data, heldout, f
     return RunDir.open(path, arguments, fingerprint)
 
 
-def _runnable_stages(config: RefineConfig, asked, teacher_model) -> tuple[str, ...]:
-    """The stages to run: reconstruction needs the FP32 reference. Asked for explicitly without one, that is
-    an error; by default, it is dropped with a warning (never silently)."""
-    run = tuple(config.stages)
+def _runnable_stages(config: RefineConfig, asked, teacher_model, island=None) -> tuple[str, ...]:
+    """The stages to run, in pipeline order: reconstruction needs the FP32 reference, compose needs the
+    reconstruction. Asked for explicitly without a reference, that is an error; by default, they are
+    dropped with a warning (never silently)."""
+    run = tuple(stage for stage in STAGES if stage in config.stages)
+    if "compose" in run and "evolve" in run and config.search.layer_penalty > 0:
+        raise EvoquantError("search.layer_penalty measures the layers around the reconstruct stage's states, which compose replaces: use one or the other")
+    if "evolve" not in run and (island is not None or config.search.islands > 1):
+        raise EvoquantError("islands are populations of the evolve stage, which is not among the stages: add it (--stages reconstruct,compose,evolve)")
+    if "compose" in run and "reconstruct" not in run:
+        raise EvoquantError("the compose stage chooses among the reconstruct stage's layer fits: run it with reconstruct (--stages reconstruct,compose,evolve)")
     if "reconstruct" in run and teacher_model is None:
         if asked is not None:
             raise EvoquantError("the reconstruct stage fits layers to the FP32 model's outputs: give --reference fp32.xml, or --stages evolve")
-        _warn("no --reference: the reconstruct stage is skipped (it needs the FP32 model); running evolve only")
-        run = tuple(stage for stage in run if stage != "reconstruct")
+        dropped = [stage for stage in run if stage in ("reconstruct", "compose")]
+        skipped = "the reconstruct and compose stages are skipped (they need" if len(dropped) > 1 else "the reconstruct stage is skipped (it needs"
+        _warn(f"no --reference: {skipped} the FP32 model); running evolve only")
+        run = tuple(stage for stage in run if stage not in dropped) or ("evolve",)
     return run
+
+
+def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstructed: dict[int, np.ndarray], sample_objective, objective_spec,
+                   config: RefineConfig, workdir: Path, callback=None) -> tuple[dict[int, np.ndarray], dict]:
+    """Which fit each layer takes (:mod:`evoquant.search.compose`): the start's states, the reconstruction's, or
+    one of ``config.compose.fits``' reconstructions; scored end to end on the selection images, in this
+    process (candidates differ in whole layers, so each is compiled on the plain path with every core)."""
+    from evoquant.data import Batch
+    from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
+    from evoquant.ir.runtime import read_ir
+    from evoquant.reconstruct import reconstruct
+    from evoquant.search.compose import compose
+
+    names = ["start", "reconstruct"] + [",".join(f"{key}={value}" for key, value in fit.items()) for fit in config.compose.fits]
+    fits: list[dict[int, np.ndarray]] = [{}, reconstructed]
+    fit_seconds = []
+    for overrides in config.compose.fits:
+        fit_started = time.perf_counter()
+        fits.append(dict(reconstruct(working, table, teacher_model, pool.images, dataclasses.replace(config.reconstruct, **overrides), progress=config.progress).states))
+        fit_seconds.append(round(time.perf_counter() - fit_started, 2))
+    layers = sorted(set().union(*fits))  # the tensors some fit changes
+    pieces = [{tensor: _shifts(table[tensor].states, fit[tensor]) for tensor in layers if tensor in fit} for fit in fits]
+
+    start_xml = _write_states(working, table, {}, workdir / "compose_start.xml")
+    reconstructed_model = read_ir(_write_states(working, table, reconstructed, workdir / "compose_reconstruct.xml"))
+    picked, weights = _importance_selection(pool, teacher_pool, reconstructed_model, sample_objective, dataclasses.replace(config, selection_size=min(config.compose.images, len(pool))))
+    selection = Batch(np.ascontiguousarray(pool.images[picked]), None if pool.labels is None else pool.labels[picked])
+    teacher_selection = [np.ascontiguousarray(t[picked]) for t in teacher_pool]
+    evaluator = PlainEvaluator(FitnessContext(str(start_xml), selection.images, teacher_selection, selection.labels, objective_spec, None, None, weights))
+
+    def evaluate_many(genomes):
+        return [evaluator({tensor: pieces[fit][tensor] for tensor, fit in zip(layers, genome) if tensor in pieces[fit]}) for genome in genomes]
+
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=100, desc="compose", unit="%", leave=False, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+
+    def show(stats) -> bool | None:
+        if bar is not None:
+            bar.n = round(100 * stats.progress)
+            bar.set_postfix_str(f"gen {stats.generation}, evals {stats.evaluations}, best {stats.best:.4g}")
+        return callback(stats) if callback is not None else None
+
+    try:
+        result = compose(len(fits), len(layers), evaluate_many, config.compose, seed=config.search.seed, callback=show)
+    finally:
+        if bar is not None:
+            bar.close()
+    states = {tensor: fits[fit][tensor] for tensor, fit in zip(layers, result.best) if tensor in fits[fit]}
+    details = {"fits": names, "fit_seconds": fit_seconds, "layers": {table[tensor].consumer: names[fit] for tensor, fit in zip(layers, result.best)},
+               "layers_per_fit": {name: int(np.count_nonzero(result.best == k)) for k, name in enumerate(names)},
+               "uniform_selection": dict(zip(names, result.uniform_fitness)), "selection_before": result.uniform_fitness[1], "selection_after": result.best_fitness,
+               "evaluations": result.evaluations, "generations": len(result.history) - 1, "stop_reason": result.stop_reason, "search_seconds": round(result.elapsed, 2),
+               "history": [{"generation": h.generation, "evaluations": h.evaluations, "best": h.best, "elapsed": round(h.elapsed, 2)} for h in result.history]}
+    return states, details
+
+
+def _shifts(start: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A tensor's states as the sparse shifts from ``start`` a genome payload holds (flat indices, deltas)."""
+    delta = (np.asarray(states, dtype=np.int32) - start.astype(np.int32)).reshape(-1)
+    indices = np.flatnonzero(delta)
+    return indices.astype(np.int64), delta[indices].astype(np.int8)
 
 
 def _write_states(model, table, states: dict[int, np.ndarray], path: Path) -> Path:

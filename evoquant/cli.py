@@ -16,6 +16,7 @@ examples:
   evoquant refine int8.xml --fitness mypackage.scores:task_loss --data images/ -o refined.xml
   evoquant refine w4a8.xml -r fp32.xml --input-shape 1,3,32,32 -o refined.xml    # a dynamic-shape IR
   evoquant refine int8.xml -r fp32.xml --stages reconstruct -o refined.xml       # layer-wise only (seconds)
+  evoquant refine int8.xml -r fp32.xml --stages reconstruct,compose -o refined.xml  # + a fit chosen per layer
   evoquant refine int8.xml -r fp32.xml --run-dir run1 -o refined.xml             # resumable: after a kill ...
   evoquant refine --resume run1                                                  # ... continue it
   evoquant refine int8.xml -r fp32.xml --islands 4 --jobs 2 -o refined.xml       # 4 cooperating populations
@@ -23,8 +24,11 @@ examples:
   evoquant merge shared -o best.xml                                              # then the best of them
 
 stages: reconstruct (layer by layer, the integer states that best reproduce each FP32 layer's output on the
-calibration images; needs --reference), then evolve (the evolution strategy on the end-to-end objective,
-from the reconstruction). The verification images decide which result is written: never a worse model.
+calibration images; needs --reference), optionally compose (per layer, the start's states, that fit or
+another fit -- config compose.fits, default one fitted on the reference's own layer inputs -- chosen by a
+small evolution strategy on the end-to-end objective), then evolve (the evolution strategy on the
+end-to-end objective, from the previous stage's result). The verification images decide which result is
+written: never a worse model.
 
 data specs (--data, --heldout): a .npz (keys x|images [, y|labels]), a folder of images (a sub-folder per
 class gives labels), or a built-in source NAME[:ARG]: fractal[:K], noise[:uniform|gaussian], gan:GEN_DIR (a
@@ -60,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--reference", "-r", metavar="FP32.xml", help="the FP32 IR the INT8 model was quantized from (the teacher)")
     refine.add_argument("--output", "-o", metavar="OUT.xml", help="where to write the refined IR (.xml + .bin)")
     refine.add_argument("--data", "-d", metavar="SPEC", help=f"calibration and fitness images (default: the preset's, {default.data})")
-    refine.add_argument("--stages", metavar="LIST", help=f"stages to run, in order (default {','.join(default.stages)}): reconstruct fits each layer to the FP32 layer's output, evolve searches the end-to-end objective from there")
+    refine.add_argument("--stages", metavar="LIST", help=f"stages to run, in order (default {','.join(default.stages)}): reconstruct fits each layer to the FP32 layer's output; compose picks, per layer, among the start, that fit and other fits (config compose.fits) on the end-to-end objective; evolve searches the end-to-end objective from there")
     refine.add_argument("--input-shape", "-shape", dest="input_shape", metavar="SHAPE", help="the model's input shape, batch first, as benchmark_app -shape: 1,3,224,224 or [1,3,224,224] (needed for a dynamic input unless --data fixes it)")
     refine.add_argument("--heldout", metavar="SPEC", help="real labelled data, only for the report (never used to select)")
     refine.add_argument("--objective", choices=["auto", "kl", "mse", "ce", "agreement"], help="built-in fitness (default auto: kl for classifiers, mse otherwise)")
@@ -73,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--backend", help="joblib backend for --jobs: loky (default), threading, dask")
     refine.add_argument("--scheduler", metavar="ADDRESS", help="dask scheduler address for --backend dask (default: a local cluster)")
     refine.add_argument("--seed", type=int, help="search seed (a fixed seed reproduces the run)")
-    refine.add_argument("--generations", type=int, help=f"generation budget (default {default.search.generations})")
-    refine.add_argument("--max-evaluations", type=int, help="evaluation budget")
-    refine.add_argument("--time-limit", type=float, metavar="SECONDS", help="wall-time budget of the search")
+    refine.add_argument("--generations", type=int, help=f"generation budget of the last search stage: evolve if it runs (default {default.search.generations}), else compose (default {default.compose.generations})")
+    refine.add_argument("--max-evaluations", type=int, help="evaluation budget of the last search stage (evolve, else compose)")
+    refine.add_argument("--time-limit", type=float, metavar="SECONDS", help="wall-time budget of the last search stage (evolve, else compose)")
     refine.add_argument("--mutation-fraction", type=float, help=f"share of a tensor's weights the first mutations move, then adapted (default {default.search.mutation_fraction:g})")
     refine.add_argument("--mu", type=int, help=f"parents kept per generation (default {default.search.mu})")
     refine.add_argument("--lambda", dest="lambda_", type=int, help=f"offspring per generation (default {default.search.lambda_})")
@@ -196,9 +200,10 @@ def _layout(text):
 def refine_config_from_args(args):
     """Translate flags into a RefineConfig: preset or file first, then every flag that was given."""
     from evoquant.config import RefineConfig
+    from evoquant.errors import EvoquantError
 
     base = RefineConfig.from_yaml(args.config or args.preset)
-    return base.replace(
+    config = base.replace(
         jobs=args.jobs,
         backend=args.backend,
         engine=args.engine,
@@ -215,9 +220,6 @@ def refine_config_from_args(args):
         stages=args.stages,
         search={
             "seed": args.seed,
-            "generations": args.generations,
-            "max_evaluations": args.max_evaluations,
-            "time_limit": args.time_limit,
             "mutation_fraction": args.mutation_fraction,
             "mu": args.mu,
             "lambda_": args.lambda_,
@@ -225,7 +227,14 @@ def refine_config_from_args(args):
             "migration_interval": args.migration_interval,
             "migrants": args.migrants,
         },
-    )
+    ).with_budget(generations=args.generations, max_evaluations=args.max_evaluations, time_limit=args.time_limit)
+    evolve_only = {"--mutation-fraction": args.mutation_fraction, "--mu": args.mu, "--lambda": args.lambda_, "--islands": args.islands,
+                   "--migration-interval": args.migration_interval, "--migrants": args.migrants}
+    given = [flag for flag, value in evolve_only.items() if value is not None]
+    if given and "evolve" not in config.stages:
+        raise EvoquantError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the evolve stage, which is not among the stages ({','.join(config.stages)}): "
+                            "add it (--stages reconstruct,compose,evolve)")
+    return config
 
 
 def run_refine(args) -> int:

@@ -108,7 +108,54 @@ class ReconstructConfig:
             raise EvoquantError(f"reconstruct: max_shift must be at least 1 (or null), got {self.max_shift}")
 
 
-STAGES = ("reconstruct", "evolve")
+@dataclass(frozen=True)
+class ComposeConfig:
+    """The compose stage (:mod:`evoquant.search.compose`): which fit each layer takes, chosen by a small
+    (mu + lambda) evolution strategy on the end-to-end objective. The fits are the starting states, the
+    reconstruct stage's result and one more reconstruction per entry of ``fits`` (reconstruct settings
+    that differ from the stage's, e.g. ``{inputs: fp32}``)."""
+
+    fits: tuple = ({"inputs": "fp32"},)
+    # pool images each candidate is scored on (drawn by importance like the search's selection): a candidate is
+    # compiled anyway (most of its cost), and a few more images are cheap insurance against choosing by chance
+    images: int = 2048
+    mu: int = 4
+    lambda_: int = 8
+    generations: int = 20
+    max_evaluations: int | None = None
+    time_limit: float | None = None
+    patience: int | None = 6
+    min_improvement: float = 1e-4
+    crossover_probability: float = 0.3
+    segment_probability: float = 0.5  # a mutation gives a run of consecutive layers one fit (else one layer another)
+
+    def __post_init__(self):
+        fits = tuple(self.fits)
+        object.__setattr__(self, "fits", fits)
+        known = {f.name for f in dataclasses.fields(ReconstructConfig)}
+        for fit in fits:
+            if not isinstance(fit, dict) or not fit:
+                raise EvoquantError(f"compose: each of fits must be a mapping of reconstruct settings, e.g. {{inputs: fp32}}, got {fit!r}")
+            unknown = set(fit) - known
+            if unknown:
+                raise EvoquantError(f"compose: fits: unknown reconstruct setting(s) {', '.join(sorted(unknown))}")
+            ReconstructConfig(**fit)  # checks the values
+        if self.mu < 1 or self.lambda_ < 1 or self.images < 1:
+            raise EvoquantError("compose: mu, lambda and images must be at least 1")
+        if self.generations < 0:
+            raise EvoquantError("compose: generations must be >= 0")
+        if self.max_evaluations is not None and self.max_evaluations < 1:
+            raise EvoquantError(f"compose: the evaluation budget must be at least 1 (leave it out for none), got {self.max_evaluations}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise EvoquantError(f"compose: the time limit must be a positive number of seconds, got {self.time_limit}")
+        if self.patience is not None and self.patience < 1:
+            raise EvoquantError(f"compose: patience must be at least 1 generation (null: no early stop), got {self.patience}")
+        for name in ("crossover_probability", "segment_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise EvoquantError(f"compose: {name} must be in [0, 1], got {getattr(self, name)}")
+
+
+STAGES = ("reconstruct", "compose", "evolve")
 BACKENDS = ("loky", "threading", "multiprocessing", "dask")
 
 
@@ -128,7 +175,10 @@ class RefineConfig:
 
     search: SearchConfig = field(default_factory=SearchConfig)
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
-    stages: tuple[str, ...] = STAGES  # which of reconstruct, evolve run (in that order)
+    compose: ComposeConfig = field(default_factory=ComposeConfig)
+    # which of reconstruct, compose, evolve run (always in that order); evolve (the search over single weights)
+    # is opt-in: after compose it moved held-out KL within noise at most of the time (docs/reconstruct.md)
+    stages: tuple[str, ...] = ("reconstruct", "compose")
     objective: str = "auto"  # auto | kl | mse | ce | agreement (or a hook given separately)
     data: str = "fractal"  # source spec for selection and verification batches
     selection_size: int = 512  # image draws the fitness is measured on during the search
@@ -178,6 +228,7 @@ class RefineConfig:
         """A copy with top-level fields and/or ``search=`` fields changed; ``None`` values are ignored."""
         search_changes = {k: v for k, v in changes.pop("search", {}).items() if v is not None}
         reconstruct_changes = {k: v for k, v in changes.pop("reconstruct", {}).items() if v is not None}
+        compose_changes = {k: v for k, v in changes.pop("compose", {}).items() if v is not None}
         top = {k: v for k, v in changes.items() if v is not None}
         if "stages" in top:
             top["stages"] = _stage_list(top["stages"])
@@ -185,8 +236,15 @@ class RefineConfig:
             self,
             search=dataclasses.replace(self.search, **search_changes),
             reconstruct=dataclasses.replace(self.reconstruct, **reconstruct_changes),
+            compose=dataclasses.replace(self.compose, **compose_changes),
             **top,
         )
+
+    def with_budget(self, *, generations: int | None = None, max_evaluations: int | None = None, time_limit: float | None = None) -> "RefineConfig":
+        """The budgets given on the command line or to ``refine()``: they belong to the last search stage that
+        runs (evolve when it is among the stages, else compose); ``None`` values are ignored."""
+        budget = {"generations": generations, "max_evaluations": max_evaluations, "time_limit": time_limit}
+        return self.replace(**{"search" if "evolve" in self.stages else "compose": budget})
 
     @classmethod
     def from_yaml(cls, preset: str | Path = "default") -> "RefineConfig":
@@ -209,6 +267,8 @@ class RefineConfig:
         """Plain data (the inverse of :meth:`from_dict`): what a run directory records."""
         data = dataclasses.asdict(self)
         data["search"]["lambda"] = data["search"].pop("lambda_")
+        data["compose"]["lambda"] = data["compose"].pop("lambda_")
+        data["compose"]["fits"] = [dict(fit) for fit in self.compose.fits]
         data["stages"], data["value_range"] = list(self.stages), list(self.value_range)
         for key in ("mean_values", "scale_values"):
             data[key] = None if data[key] is None else list(data[key])
@@ -224,18 +284,22 @@ class RefineConfig:
         raw = dict(raw)
         search_raw = raw.pop("search", {}) or {}
         reconstruct_raw = raw.pop("reconstruct", {}) or {}
-        for section, name in ((search_raw, "search"), (reconstruct_raw, "reconstruct")):
+        compose_raw = raw.pop("compose", {}) or {}
+        for section, name in ((search_raw, "search"), (reconstruct_raw, "reconstruct"), (compose_raw, "compose")):
             if not isinstance(section, dict):
                 raise EvoquantError(f"{path}: {name} must be a mapping of settings, got {type(section).__name__}")
-        search_raw, reconstruct_raw = dict(search_raw), dict(reconstruct_raw)
-        _check_keys(path, raw, cls, skip={"search", "reconstruct"})
+        search_raw, reconstruct_raw, compose_raw = dict(search_raw), dict(reconstruct_raw), dict(compose_raw)
+        _check_keys(path, raw, cls, skip={"search", "reconstruct", "compose"})
         _check_keys(path, search_raw, SearchConfig)
         _check_keys(path, reconstruct_raw, ReconstructConfig)
-        if "lambda" in search_raw:
-            search_raw["lambda_"] = search_raw.pop("lambda")
+        _check_keys(path, compose_raw, ComposeConfig)
+        for section in (search_raw, compose_raw):
+            if "lambda" in section:
+                section["lambda_"] = section.pop("lambda")
         _check_types(path, raw, cls)
         _check_types(path, search_raw, SearchConfig, prefix="search.")
         _check_types(path, reconstruct_raw, ReconstructConfig, prefix="reconstruct.")
+        _check_types(path, compose_raw, ComposeConfig, prefix="compose.")
         if "stages" in raw:
             raw["stages"] = _stage_list(raw["stages"])
         if "value_range" in raw:
@@ -248,7 +312,7 @@ class RefineConfig:
                 if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw[key]):
                     raise EvoquantError(f"{path}: {key} must be a list of numbers, one per channel, got {raw[key]!r}")
                 raw[key] = tuple(float(v) for v in raw[key])
-        return cls(search=SearchConfig(**search_raw), reconstruct=ReconstructConfig(**reconstruct_raw), **raw)
+        return cls(search=SearchConfig(**search_raw), reconstruct=ReconstructConfig(**reconstruct_raw), compose=ComposeConfig(**compose_raw), **raw)
 
 
 def _check_types(path: Path, raw: dict, kind, prefix: str = "") -> None:
@@ -279,7 +343,7 @@ def _stage_list(stages) -> tuple[str, ...]:
 
 def _check_keys(path: Path, raw: dict, kind, skip=frozenset()) -> None:
     known = {f.name for f in dataclasses.fields(kind)} - set(skip)
-    if kind is SearchConfig:
+    if kind in (SearchConfig, ComposeConfig):
         known |= {"lambda"}
     unknown = set(raw) - known
     if unknown:

@@ -62,6 +62,10 @@ def format_refine_table(result) -> str:
         parts = [f"{stage.name} {stage.seconds:.1f} s (verification fitness {_number(stage.verification.fitness)}"
                  + (f", held-out KL {_number(stage.heldout.kl)}" if getattr(stage, "heldout", None) is not None and stage.heldout.kl is not None else "") + ")" for stage in stages]
         verdict += f"\nstages: {', '.join(parts)}; kept: {result.chosen_stage}'s result"
+        for stage in stages:
+            if stage.name == "compose" and "layers_per_fit" in stage.details:
+                counts = ", ".join(f"{count} {name}" for name, count in stage.details["layers_per_fit"].items())
+                verdict += f"\ncompose: {stage.details['evaluations']} evaluations in {stage.details['generations']} generations; layers took: {counts}"
     footer = verdict
     if result.generations:
         footer += (

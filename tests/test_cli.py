@@ -39,7 +39,7 @@ def test_refine_cli_writes_output_and_report(tiny_irs, tmp_path):
     out, report = tmp_path / "refined.xml", tmp_path / "report.json"
     code, stdout, stderr = run_cli(
         "refine", str(tiny_irs.int8), "--reference", str(tiny_irs.fp32), "-o", str(out), "--report", str(report),
-        "--preset", "fast", "--generations", "2", "--selection-size", "16", "--verification-size", "16", "--quiet",
+        "--preset", "fast", "--stages", "reconstruct,evolve", "--generations", "2", "--selection-size", "16", "--verification-size", "16", "--quiet",
     )
     assert code == 0, stderr
     assert "KL(FP32||INT8)" in stdout and out.exists() and out.with_suffix(".bin").exists()
@@ -47,7 +47,7 @@ def test_refine_cli_writes_output_and_report(tiny_irs, tmp_path):
     assert data["evaluations"] >= 1 and data["objective"] == "kl"
     assert 1 <= data["selection_images"] <= 16 and data["selection_effective_size"] is not None  # the fast preset's pool
     code, stdout, stderr = run_cli(
-        "refine", str(tiny_irs.int8), "--reference", str(tiny_irs.fp32), "--report", str(report), "--preset", "fast", "--generations", "1",
+        "refine", str(tiny_irs.int8), "--reference", str(tiny_irs.fp32), "--report", str(report), "--preset", "fast", "--stages", "reconstruct,evolve", "--generations", "1",
         "--selection-size", "16", "--verification-size", "16", "--selection-pool", "0", "--quiet",
     )
     assert code == 0, stderr

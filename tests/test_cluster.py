@@ -18,7 +18,7 @@ import evoquant
 from evoquant import EvoquantError
 from test_cli import run_cli
 
-SMALL = ["--selection-size", "32", "--verification-size", "32", "--selection-pool", "64", "--engine", "plain", "-q"]
+SMALL = ["--selection-size", "32", "--verification-size", "32", "--selection-pool", "64", "--engine", "plain", "-q", "--stages", "reconstruct,evolve"]
 
 
 @pytest.fixture()
@@ -138,8 +138,11 @@ def test_island_jobs_share_migrants_and_merge_picks_the_best(inputs):
 def test_island_flags_are_checked(inputs):
     for flags, words in ((["--island", "2/2", "--run-dir", "x"], "I must be in 0..N-1"), (["--island", "0/2"], "--run-dir"),
                          (["--island", "one"], "I/N"), (["--islands", "0"], "at least 1"), (["--migrants", "9"], "between 0 and mu")):
-        code, _, stderr = run_cli("refine", str(inputs / "int8.xml"), "-r", str(inputs / "fp32.xml"), *flags, "-q")
+        code, _, stderr = run_cli("refine", str(inputs / "int8.xml"), "-r", str(inputs / "fp32.xml"), "--stages", "reconstruct,evolve", *flags, "-q")
         assert code == 2 and words in stderr and stderr.count("\n") == 1, stderr
+    for flags in (["--islands", "2"], ["--mu", "3"]):  # settings of the evolve stage, which the default stages leave out
+        code, _, stderr = run_cli("refine", str(inputs / "int8.xml"), "-r", str(inputs / "fp32.xml"), *flags, "-q")
+        assert code == 2 and "evolve stage" in stderr and stderr.count("\n") == 1, stderr
     listing = sorted(os.listdir(inputs))
     with pytest.raises(EvoquantError, match="run directory"):
         evoquant.merge([inputs], output=inputs / "best.xml")

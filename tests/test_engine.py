@@ -140,7 +140,7 @@ def test_a_tiny_cache_budget_evicts_but_keeps_results(tiny_irs):
 
 def test_refine_with_the_engine_follows_the_same_search(chain_irs):
     int8, fp32 = chain_irs
-    config = RefineConfig(search=SearchConfig(mu=2, lambda_=6, generations=4, patience=None, offspring_groups=2, seed=5), selection_size=32, verification_size=32, progress=False)
+    config = RefineConfig(search=SearchConfig(mu=2, lambda_=6, generations=4, patience=None, offspring_groups=2, seed=5), selection_size=32, verification_size=32, progress=False, stages=("reconstruct", "evolve"))
     assert RefineConfig().engine == "suffix"  # the default
     plain = evoquant.refine(int8, reference=fp32, config=config.replace(engine="plain"))
     engine = evoquant.refine(int8, reference=fp32, config=config)

@@ -13,7 +13,8 @@ from evoquant.errors import EvoquantError
 from evoquant.ir.runtime import read_ir
 from evoquant.ir.weights import find_quantized_weights
 
-SMALL = RefineConfig(search=SearchConfig(mu=2, lambda_=4, generations=4, patience=None, mutation_fraction=0.05, seed=3), selection_size=32, verification_size=32, selection_pool=96, progress=False)
+SMALL = RefineConfig(search=SearchConfig(mu=2, lambda_=4, generations=4, patience=None, mutation_fraction=0.05, seed=3), selection_size=32, verification_size=32, selection_pool=96, progress=False,
+                     stages=("reconstruct", "evolve"))  # these tests are about the weight search
 
 
 def digest(path) -> str:

@@ -35,6 +35,7 @@ def main() -> None:
     else:
         cluster = LocalCluster(n_workers=min(args.islands, 2), threads_per_worker=1, dashboard_address=None)
     config = evoquant.RefineConfig.from_yaml("default").replace(
+        stages="reconstruct,compose,evolve",  # islands are populations of the evolve stage
         jobs=args.islands, backend="dask", search={"islands": args.islands, "generations": args.generations})
     with cluster, Client(cluster):  # joblib's dask backend uses this client
         result = evoquant.refine(args.model, reference=args.reference, output=args.output, config=config)

@@ -1,0 +1,123 @@
+"""The compose stage: the per-layer choice among fits (the search alone, on a known optimum), its
+settings, and the stage inside refine."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from evoquant.config import ComposeConfig, RefineConfig
+from evoquant.errors import EvoquantError
+from evoquant.search.compose import compose, mutate_choices
+
+
+def _separable(costs: np.ndarray, calls: list):
+    """Fitness = Σ layer cost of its fit; records every genome scored."""
+
+    def evaluate_many(genomes):
+        calls.extend(tuple(g) for g in genomes)
+        return [float(costs[np.arange(len(g)), g].sum()) for g in genomes]
+
+    return evaluate_many
+
+
+def test_compose_finds_the_best_fit_of_every_layer_and_scores_no_genome_twice():
+    rng = np.random.default_rng(0)
+    costs = rng.uniform(size=(12, 3))  # 12 layers, fits 0..2, the best fit differs from layer to layer
+    calls: list = []
+    result = compose(3, 12, _separable(costs, calls), ComposeConfig(generations=200, patience=None), seed=1)
+    assert np.array_equal(result.best, costs.argmin(axis=1))
+    assert result.best_fitness == pytest.approx(costs.min(axis=1).sum())
+    assert len(calls) == len(set(calls)) == result.evaluations
+    # every uniform genome is scored first, the reconstruction's (fit 1) first of all
+    assert calls[:3] == [(1,) * 12, (0,) * 12, (2,) * 12]
+    assert result.uniform_fitness == pytest.approx([costs[:, k].sum() for k in range(3)])
+    assert [h.best for h in result.history] == sorted((h.best for h in result.history), reverse=True)
+
+
+def test_compose_keeps_the_reconstruction_on_ties_and_stops_on_its_budget():
+    costs = np.zeros((5, 3))  # every genome scores the same: nothing beats the reconstruction
+    result = compose(3, 5, _separable(costs, []), ComposeConfig(max_evaluations=20, patience=None), seed=0)
+    assert np.array_equal(result.best, np.ones(5)) and result.stop_reason == "evaluations"
+    assert result.evaluations <= 20
+
+
+def test_compose_is_reproducible_for_a_seed():
+    costs = np.random.default_rng(3).uniform(size=(8, 2))
+    first = compose(2, 8, _separable(costs, []), ComposeConfig(generations=3, patience=None), seed=5)
+    again = compose(2, 8, _separable(costs, []), ComposeConfig(generations=3, patience=None), seed=5)
+    assert np.array_equal(first.best, again.best) and first.evaluations == again.evaluations
+
+
+@pytest.mark.parametrize("segment_probability", [0.0, 1.0])
+def test_a_mutation_always_changes_the_genome(segment_probability):
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        genome = list(rng.integers(0, 3, size=6))
+        child = mutate_choices(list(genome), 3, rng, segment_probability)
+        changed = np.flatnonzero(np.asarray(child) != np.asarray(genome))
+        assert changed.size >= 1 and all(0 <= gene < 3 for gene in child)
+        if segment_probability == 0.0:
+            assert changed.size == 1
+        else:  # one run of consecutive layers, now all one fit (or a single layer moved)
+            run = child[changed[0] : changed[-1] + 1]
+            assert len(set(run)) == 1 or changed.size == 1
+
+
+def test_compose_settings_are_checked_and_read_from_yaml(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("stages: reconstruct,compose\ncompose:\n  fits: [{inputs: fp32}, {damping: 0.1}]\n  lambda: 6\n  images: 256\n")
+    config = RefineConfig.from_yaml(path)
+    assert config.stages == ("reconstruct", "compose")
+    assert config.compose.fits == ({"inputs": "fp32"}, {"damping": 0.1}) and config.compose.lambda_ == 6 and config.compose.images == 256
+    assert RefineConfig.from_dict(config.to_dict()).compose == config.compose
+    for bad, message in (("compose:\n  fits: [{colour: red}]\n", "unknown reconstruct setting"),
+                         ("compose:\n  fits: [{damping: -1}]\n", "damping"),
+                         ("compose:\n  fits: {inputs: fp32}\n", "compose.fits"),
+                         ("compose:\n  segment_probability: 2\n", "segment_probability"),
+                         ("compose:\n  speed: 3\n", "unknown setting")):
+        path.write_text(bad)
+        with pytest.raises(EvoquantError, match=message):
+            RefineConfig.from_yaml(path)
+
+
+def _small_config(**compose):
+    return RefineConfig().replace(selection_size=64, verification_size=64, selection_pool=128, engine="plain", progress=False,
+                                  search={"generations": 2}, compose={"generations": 3, "images": 64, **compose})
+
+
+def test_refine_runs_compose_between_reconstruct_and_evolve(tiny_irs, tmp_path):
+    from evoquant import refine
+
+    result = refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), output=tmp_path / "out.xml",
+                    stages="evolve,compose,reconstruct", config=_small_config())
+    assert [stage.name for stage in result.stages] == ["reconstruct", "compose", "evolve"]  # pipeline order, whatever the listing
+    reconstruct_stage, compose_stage, _ = result.stages
+    details = compose_stage.details
+    assert details["fits"] == ["start", "reconstruct", "inputs=fp32"]
+    assert sum(details["layers_per_fit"].values()) == len(details["layers"]) == len(reconstruct_stage.details["layers"])
+    assert details["selection_after"] <= details["selection_before"] == details["uniform_selection"]["reconstruct"]
+    assert details["evaluations"] >= 3 and len(details["fit_seconds"]) == 1
+    report = json.loads(json.dumps(result.to_dict()))
+    assert [stage["name"] for stage in report["stages"]] == ["reconstruct", "compose", "evolve"]
+    assert result.verification_after.fitness <= result.verification_before.fitness
+
+
+def test_compose_needs_the_reconstruct_stage(tiny_irs):
+    from evoquant import refine
+
+    with pytest.raises(EvoquantError, match="reconstruct,compose"):
+        refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), stages="compose,evolve", config=_small_config())
+    with pytest.raises(EvoquantError, match="--reference"):
+        refine(tiny_irs.int8, data=str(tiny_irs.data), objective="mse", stages="reconstruct,compose", config=_small_config())
+
+
+def test_a_compose_without_alternatives_chooses_between_start_and_reconstruction(tiny_irs):
+    from evoquant import refine
+
+    result = refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), stages="reconstruct,compose", config=_small_config(fits=()))
+    details = result.stages[1].details
+    assert details["fits"] == ["start", "reconstruct"] and details["fit_seconds"] == []
+    assert set(details["layers"].values()) <= {"start", "reconstruct"}
