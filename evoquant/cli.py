@@ -16,19 +16,19 @@ examples:
   evoquant refine int8.xml --fitness mypackage.scores:task_loss --data images/ -o refined.xml
   evoquant refine w4a8.xml -r fp32.xml --input-shape 1,3,32,32 -o refined.xml    # a dynamic-shape IR
   evoquant refine int8.xml -r fp32.xml --stages reconstruct -o refined.xml       # layer-wise only (seconds)
-  evoquant refine int8.xml -r fp32.xml --stages reconstruct,compose -o refined.xml  # + a fit chosen per layer
+  evoquant refine int8.xml -r fp32.xml --stages reconstruct,compose,evolve -o refined.xml  # + the weight search
   evoquant refine int8.xml -r fp32.xml --run-dir run1 -o refined.xml             # resumable: after a kill ...
   evoquant refine --resume run1                                                  # ... continue it
-  evoquant refine int8.xml -r fp32.xml --islands 4 --jobs 2 -o refined.xml       # 4 cooperating populations
-  evoquant refine int8.xml -r fp32.xml --island $I/4 --run-dir shared -o r$I.xml # one job of a job array,
-  evoquant merge shared -o best.xml                                              # then the best of them
+  evoquant refine int8.xml -r fp32.xml --stages reconstruct,compose,evolve --islands 4 --jobs 2 -o refined.xml
+  evoquant refine int8.xml -r fp32.xml --stages reconstruct,compose,evolve --island $I/4 --run-dir shared -o r$I.xml
+  evoquant merge shared -o best.xml          # islands: populations of evolve; a job array's jobs, then the best
 
-stages: reconstruct (layer by layer, the integer states that best reproduce each FP32 layer's output on the
-calibration images; needs --reference), optionally compose (per layer, the start's states, that fit or
-another fit -- config compose.fits, default one fitted on the reference's own layer inputs -- chosen by a
-small evolution strategy on the end-to-end objective), then evolve (the evolution strategy on the
-end-to-end objective, from the previous stage's result). The verification images decide which result is
-written: never a worse model.
+stages (default reconstruct,compose): reconstruct (layer by layer, the integer states that best reproduce
+each FP32 layer's output on the calibration images; needs --reference), compose (per layer, NNCF's states,
+that fit, or another fit -- config compose.fits, default one fitted on the reference's own layer inputs --
+chosen by a small evolution strategy on the end-to-end objective), and, opt-in, evolve (the evolution
+strategy over single weights on the end-to-end objective, from the previous stage's result; without
+--reference, the one stage that runs). The verification images decide which result is written: never a worse model.
 
 data specs (--data, --heldout): a .npz (keys x|images [, y|labels]), a folder of images (a sub-folder per
 class gives labels), or a built-in source NAME[:ARG]: fractal[:K], noise[:uniform|gaussian], gan:GEN_DIR (a

@@ -121,3 +121,16 @@ def test_a_compose_without_alternatives_chooses_between_start_and_reconstruction
     details = result.stages[1].details
     assert details["fits"] == ["start", "reconstruct"] and details["fit_seconds"] == []
     assert set(details["layers"].values()) <= {"start", "reconstruct"}
+
+
+def test_a_finished_compose_is_taken_from_the_run_directory(tiny_irs, tmp_path):
+    from evoquant import refine
+
+    run_dir = tmp_path / "run"
+    first = refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), output=tmp_path / "a.xml", stages="reconstruct,compose",
+                   config=_small_config(), run_dir=run_dir)
+    assert (run_dir / "compose.npz").is_file()
+    again = refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), output=tmp_path / "b.xml", stages="reconstruct,compose",
+                   config=_small_config(), run_dir=run_dir)
+    assert again.stages[1].details["layers"] == first.stages[1].details["layers"]
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
