@@ -716,9 +716,10 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
     names = ["start", "reconstruct"] + [",".join(f"{key}={value}" for key, value in fit.items()) for fit in config.compose.fits]
     fits: list[dict[int, np.ndarray]] = [{}, reconstructed]
     fit_seconds = []
-    for overrides in config.compose.fits:
+    for name, overrides in zip(names[2:], config.compose.fits):
         fit_started = time.perf_counter()
-        fits.append(dict(reconstruct(working, table, teacher_model, pool.images, dataclasses.replace(config.reconstruct, **overrides), progress=config.progress).states))
+        fitted = reconstruct(working, table, teacher_model, pool.images, dataclasses.replace(config.reconstruct, **overrides), progress=config.progress, label=f"compose: fit {name}")
+        fits.append(dict(fitted.states))
         fit_seconds.append(round(time.perf_counter() - fit_started, 2))
     layers = sorted(set().union(*fits))  # the tensors some fit changes
     pieces = [{tensor: _shifts(table[tensor].states, fit[tensor]) for tensor in layers if tensor in fit} for fit in fits]

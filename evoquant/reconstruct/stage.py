@@ -85,13 +85,15 @@ def weight_grid(weight, geometry, max_shift: int | None) -> list[Grid]:
     return [Grid(*group) for group in zip(*parts)]
 
 
-def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructConfig, *, progress: bool = False, guides: bool = False) -> ReconstructResult:
+def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructConfig, *, progress: bool = False, guides: bool = False,
+                label: str = "reconstruct") -> ReconstructResult:
     """Reconstruct every quantized layer of ``model`` (a static-shape ``ov.Model``) against ``teacher``.
 
     ``images`` are the calibration images (already shaped and scaled for the model). The model object is
     patched while the stage runs and restored at the end; the returned states are applied by the caller.
     ``guides`` also keeps what the evolve stage's guided moves and layer penalty need (``flip_residuals``,
-    ``quadratics``: a float per weight and each layer's ``XᵀX``, so only when asked).
+    ``quadratics``: a float per weight and each layer's ``XᵀX``, so only when asked). ``label`` names the
+    progress bar.
     """
     from evoquant.ir.patch import ConstantPatcher
 
@@ -134,7 +136,7 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
     solved: dict[int, np.ndarray] = {}
     residuals: dict[int, np.ndarray] = {}
     quadratics: dict[int, LayerQuadratic] = {}
-    bar = _bar(progress, len(plans))
+    bar = _bar(progress, len(plans), label)
     try:
         for weight, geometry in plans:
             reference = layer_weight(teacher, weight.consumer, weight.consumer_port)
@@ -239,9 +241,9 @@ def _change(result: LayerResult) -> str:
     return f"{100 * (result.error_after - result.error_before) / result.error_before:+.0f}%"
 
 
-def _bar(progress: bool, total: int):
+def _bar(progress: bool, total: int, label: str):
     if not progress:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="reconstruct", unit="layer", leave=False)
+    return tqdm(total=total, desc=label, unit="layer", leave=False)
