@@ -248,6 +248,9 @@ def refine(
         attach_reference(working_table, teacher_model)
         teacher_compiled = compile_ir(teacher_model, f32=True)
     run_stages = _runnable_stages(config, stages, teacher_model, island)
+    if "evolve" not in run_stages and (config.jobs > 1 or config.backend == "dask"):
+        _warn(f"--jobs {config.jobs} / --backend {config.backend} spread the evolve stage's candidates over workers, and evolve is not among the stages "
+              f"({','.join(run_stages)}): compose scores its candidates in this process, with every core")
     if "reconstruct" in run_stages:
         from evoquant.reconstruct.solver import layer_solver
 

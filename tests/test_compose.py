@@ -134,3 +134,10 @@ def test_a_finished_compose_is_taken_from_the_run_directory(tiny_irs, tmp_path):
                    config=_small_config(), run_dir=run_dir)
     assert again.stages[1].details["layers"] == first.stages[1].details["layers"]
     assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
+
+
+def test_workers_without_the_evolve_stage_are_not_ignored_silently(tiny_irs):
+    from evoquant import EvoquantWarning, refine
+
+    with pytest.warns(EvoquantWarning, match="compose scores its candidates in this process"):
+        refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), stages="reconstruct,compose", config=_small_config().replace(jobs=2))
