@@ -117,7 +117,7 @@ def main() -> int:
                     "verification_fitness_start": result.verification_before.fitness,
                     "engine": result.engine,
                     "compose_settings": {"fits": [dict(fit) for fit in config.compose.fits], "generations": config.compose.generations, "images": config.compose.images},
-                    "compose": next(({key: stage.details[key] for key in ("layers_per_fit", "uniform_selection", "selection_before", "selection_after", "evaluations", "fit_seconds", "search_seconds", "stop_reason", "history")}
+                    "compose": next(({key: stage.details[key] for key in ("layers_per_fit", "uniform_selection", "selection_before", "selection_after", "evaluations", "fit_seconds", "fit_layers_skipped", "search_seconds", "stop_reason", "history")}
                                      for stage in result.stages if stage.name == "compose"), None),
                     "openvino": openvino.__version__.split("-")[0], "nncf": nncf.__version__,
                 }

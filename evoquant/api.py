@@ -718,11 +718,12 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
 
     names = ["start", "reconstruct"] + [",".join(f"{key}={value}" for key, value in fit.items()) for fit in config.compose.fits]
     fits: list[dict[int, np.ndarray]] = [{}, reconstructed]
-    fit_seconds = []
+    fit_seconds, fit_skipped = [], []
     for name, overrides in zip(names[2:], config.compose.fits):
         fit_started = time.perf_counter()
         fitted = reconstruct(working, table, teacher_model, pool.images, dataclasses.replace(config.reconstruct, **overrides), progress=config.progress, label=f"compose: fit {name}")
         fits.append(dict(fitted.states))
+        fit_skipped.append(len(fitted.skipped))
         fit_seconds.append(round(time.perf_counter() - fit_started, 2))
     layers = sorted(set().union(*fits))  # the tensors some fit changes
     pieces = [{tensor: _shifts(table[tensor].states, fit[tensor]) for tensor in layers if tensor in fit} for fit in fits]
@@ -755,7 +756,7 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
         if bar is not None:
             bar.close()
     states = {tensor: fits[fit][tensor] for tensor, fit in zip(layers, result.best) if tensor in fits[fit]}
-    details = {"fits": names, "fit_seconds": fit_seconds, "layers": {table[tensor].consumer: names[fit] for tensor, fit in zip(layers, result.best)},
+    details = {"fits": names, "fit_seconds": fit_seconds, "fit_layers_skipped": dict(zip(names[2:], fit_skipped)), "layers": {table[tensor].consumer: names[fit] for tensor, fit in zip(layers, result.best)},
                "layers_per_fit": {name: int(np.count_nonzero(result.best == k)) for k, name in enumerate(names)},
                "uniform_selection": dict(zip(names, result.uniform_fitness)), "selection_before": result.uniform_fitness[1], "selection_after": result.best_fitness,
                "evaluations": result.evaluations, "generations": len(result.history) - 1, "stop_reason": result.stop_reason, "search_seconds": round(result.elapsed, 2),

@@ -85,7 +85,8 @@ class ReconstructConfig:
     check_images: int = 0
     # where a layer's input rows come from: "quantized" (the quantized model as the plugin computes it, earlier
     # layers already solved: the solve also compensates upstream error) or "fp32" (the reference's own layer
-    # inputs: rounding only; not for SmoothQuant'ed models, whose quantized layers see rescaled inputs)
+    # inputs: rounding only; a layer whose quantized inputs SmoothQuant rescaled is left as it was, and the
+    # report says so)
     inputs: str = "quantized"
     max_rows: int = 65536  # output rows (positions x images) a layer is fitted on at most
     damping: float = 0.01  # pull toward the starting weights, relative to the mean input energy

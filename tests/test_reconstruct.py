@@ -295,6 +295,10 @@ def test_reconstruct_matches_layers_by_output_under_smoothquant():
     result = reconstruct(quantized, table, model, images, ReconstructConfig(images=256))
     assert {layer.name for layer in result.layers} == {"mlp_in", "mlp_out"} and not result.skipped
     assert all(layer.error_after < layer.error_before for layer in result.layers)
+    # the reference's own inputs are not what a SmoothQuant'ed layer computes with: that fit leaves it alone, and says why
+    rounding = reconstruct(quantized, table, model, images, ReconstructConfig(images=256, inputs="fp32"))
+    smoothed = {layer.name: layer.skipped for layer in rounding.skipped}
+    assert "mlp_in" in smoothed and all("SmoothQuant" in why for why in smoothed.values())
 
 
 def test_refine_reports_stages_and_reconstruct_alone_changes_the_model(tiny_irs, tmp_path):

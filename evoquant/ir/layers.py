@@ -210,3 +210,9 @@ def _pads(attributes: dict, spatial_in, spatial_out, kernel, strides, dilations)
         begin.append(low)
         end.append(total - low)
     return tuple(begin), tuple(end)
+
+
+def has_smooth_quant(model: ov.Model) -> bool:
+    """Whether NNCF's SmoothQuant rescaled some layer's inputs (its Multiply nodes are named ``*smooth_quant*``;
+    the transformer model type applies it)."""
+    return any(op.get_type_name() == "Multiply" and "smooth" in op.get_friendly_name().lower() for op in model.get_ordered_ops())

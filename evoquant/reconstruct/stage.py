@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from evoquant.config import ReconstructConfig
-from evoquant.ir.layers import ActivationTap, UnsupportedLayer, layer_bias, layer_geometry, layer_output_shape, layer_weight
+from evoquant.ir.layers import ActivationTap, UnsupportedLayer, has_smooth_quant, layer_bias, layer_geometry, layer_output_shape, layer_weight
 from evoquant.reconstruct.rows import input_rows, output_rows, rows_per_image, weight_from_matrices, weight_matrices
 from evoquant.reconstruct.solver import Grid, LayerProblem, LayerQuadratic, NormalEquations, error_gradient, flip_residual, layer_solver
 
@@ -133,6 +133,9 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
 
     patcher = ConstantPatcher(model, table)
     source = teacher if config.inputs == "fp32" else model  # whose layer inputs the rows are
+    # with SmoothQuant in the graph, the reference's inputs are checked against the layer's own (measured per layer;
+    # without it the two differ by quantization error only, which can be large in a few quiet layers)
+    check_scaling = source is not model and has_smooth_quant(model)
     solved: dict[int, np.ndarray] = {}
     residuals: dict[int, np.ndarray] = {}
     quadratics: dict[int, LayerQuadratic] = {}
@@ -142,6 +145,11 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
             reference = layer_weight(teacher, weight.consumer, weight.consumer_port)
             if reference is not None and reference.shape != tuple(geometry.weight_shape):
                 reference = None
+            if check_scaling and _inputs_rescaled(model, teacher, weight, geometry, images[: config.batch_size], positions[weight.index][0]):
+                targets.pop(weight.index)
+                layers.append(LayerResult(weight.consumer, 0, None, None, 0, weight.size, skipped="its quantized inputs are rescaled (SmoothQuant): "
+                                          "the reference's own layer inputs are not what it computes with"))
+                continue
             result, states, guide = _solve_layer(source, weight, geometry, images, fitted, targets.pop(weight.index), positions[weight.index], config, solver, reference, guides)
             if guide is not None:
                 residuals[weight.index], quadratics[weight.index] = guide
@@ -209,6 +217,33 @@ def _solve_layer(source, weight, geometry, images, fitted: int, targets, positio
     flip = weight_from_matrices(flips, geometry).reshape(weight.shape)
     quadratic = LayerQuadratic.around(equations, groups, new_matrices, positions_in_groups(geometry, weight.shape), gradients)
     return result, (new_states if changed else None), (flip, quadratic)
+
+
+#: An input column whose RMS differs by more than this factor between the reference and the quantized model
+#: is rescaled; a layer with more than RESCALED_SHARE of such columns has SmoothQuant'ed inputs (8-bit
+#: activation noise moves a column's RMS by a few percent; SmoothQuant's per-channel factors by far more).
+RESCALED_FACTOR = 1.25
+RESCALED_SHARE = 0.25
+
+
+def _inputs_rescaled(quantized, teacher, weight, geometry, images: np.ndarray, positions: np.ndarray) -> bool:
+    """Whether the quantized layer sees inputs rescaled per channel against the reference's own (SmoothQuant
+    divides them and multiplies the weights): compared column by column on one batch of images."""
+    data_port = 1 - weight.consumer_port if geometry.kind == "matmul" else 0
+    rms = []
+    for model, f32 in ((quantized, False), (teacher, True)):
+        (inputs,) = ActivationTap(model, [("input", weight.consumer, data_port)], f32=f32).run(images)
+        rms.append(np.concatenate([np.sqrt(np.mean(np.square(rows, dtype=np.float64), axis=0)) for rows in input_rows(inputs, geometry, positions)]))
+    quantized_rms, reference_rms = rms
+    # columns far quieter than the typical one are left out: 8-bit activations can zero them (ratio 0) while
+    # SmoothQuant rescales every channel
+    typical = float(np.median(reference_rms))
+    alive = reference_rms > 0.1 * typical
+    if typical <= 0 or not alive.any():
+        return False
+    ratio = quantized_rms[alive] / reference_rms[alive]
+    off = np.abs(np.log(np.maximum(ratio, 1e-30))) > np.log(RESCALED_FACTOR)
+    return float(np.mean(off)) > RESCALED_SHARE
 
 
 def positions_in_groups(geometry, shape) -> np.ndarray:
