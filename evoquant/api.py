@@ -24,7 +24,7 @@ from evoquant.errors import EvoquantError, EvoquantWarning
 from evoquant.fitness.objectives import OBJECTIVES, Objective, SampleObjective, accuracy, kl_to_teacher, load_hook, looks_like_classifier, normalized_mse, resolve_objective, top1_agreement
 from evoquant.fitness.sampling import effective_size, importance_sample
 from evoquant.paths import copy_ir, save_ir
-from evoquant.search.genome import SearchSpace, apply_shifts
+from evoquant.search.genome import SearchSpace, apply_shifts, shifts_between
 from evoquant.search.strategy import GenerationStats
 
 ModelLike = str | os.PathLike
@@ -726,7 +726,7 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
         fit_skipped.append(len(fitted.skipped))
         fit_seconds.append(round(time.perf_counter() - fit_started, 2))
     layers = sorted(set().union(*fits))  # the tensors some fit changes
-    pieces = [{tensor: _shifts(table[tensor].states, fit[tensor]) for tensor in layers if tensor in fit} for fit in fits]
+    pieces = [{tensor: shifts_between(table[tensor].states, fit[tensor]) for tensor in layers if tensor in fit} for fit in fits]
 
     start_xml = _write_states(working, table, {}, workdir / "compose_start.xml")
     reconstructed_model = read_ir(_write_states(working, table, reconstructed, workdir / "compose_reconstruct.xml"))
@@ -762,13 +762,6 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
                "evaluations": result.evaluations, "generations": len(result.history) - 1, "stop_reason": result.stop_reason, "search_seconds": round(result.elapsed, 2),
                "history": [{"generation": h.generation, "evaluations": h.evaluations, "best": h.best, "elapsed": round(h.elapsed, 2)} for h in result.history]}
     return states, details
-
-
-def _shifts(start: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A tensor's states as the sparse shifts from ``start`` a genome payload holds (flat indices, deltas)."""
-    delta = (np.asarray(states, dtype=np.int32) - start.astype(np.int32)).reshape(-1)
-    indices = np.flatnonzero(delta)
-    return indices.astype(np.int64), delta[indices].astype(np.int8)
 
 
 def _write_states(model, table, states: dict[int, np.ndarray], path: Path) -> Path:

@@ -17,6 +17,19 @@ from evoquant.errors import EvoquantError
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
+def _check_budget(config, prefix: str = "") -> None:
+    """The budgets a search's termination reads (generations, evaluations, wall time, patience), checked
+    alike for the evolve and compose stages; ``prefix`` names the section in the message."""
+    if config.generations < 0:
+        raise EvoquantError(f"{prefix}generations must be >= 0")
+    if config.max_evaluations is not None and config.max_evaluations < 1:
+        raise EvoquantError(f"{prefix}the evaluation budget must be at least 1 (leave it out for none), got {config.max_evaluations}")
+    if config.time_limit is not None and not config.time_limit > 0:
+        raise EvoquantError(f"{prefix}the time limit must be a positive number of seconds, got {config.time_limit}")
+    if config.patience is not None and config.patience < 1:
+        raise EvoquantError(f"{prefix}patience must be at least 1 generation (null: no early stop), got {config.patience}")
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """The evolution strategy: (mu + lambda) with elitism, sparse ±step mutations, budgets."""
@@ -54,16 +67,9 @@ class SearchConfig:
             raise EvoquantError(f"mutation fraction must be in (0, 1], got {self.mutation_fraction}")
         if self.mutation_step < 1 or self.max_shift < 1:
             raise EvoquantError("mutation step and max shift must be at least 1")
-        if self.generations < 0:
-            raise EvoquantError("generations must be >= 0")
+        _check_budget(self)
         if self.seed < 0:
             raise EvoquantError(f"the seed must be 0 or more, got {self.seed}")
-        if self.max_evaluations is not None and self.max_evaluations < 1:
-            raise EvoquantError(f"the evaluation budget must be at least 1 (leave it out for none), got {self.max_evaluations}")
-        if self.time_limit is not None and not self.time_limit > 0:
-            raise EvoquantError(f"the time limit must be a positive number of seconds, got {self.time_limit}")
-        if self.patience is not None and self.patience < 1:
-            raise EvoquantError(f"patience must be at least 1 generation (null: no early stop), got {self.patience}")
         if not self.layer_penalty >= 0:
             raise EvoquantError(f"layer_penalty must be 0 or more, got {self.layer_penalty}")
         if self.offspring_groups < 0:
@@ -143,14 +149,7 @@ class ComposeConfig:
             ReconstructConfig(**fit)  # checks the values
         if self.mu < 1 or self.lambda_ < 1 or self.images < 1:
             raise EvoquantError("compose: mu, lambda and images must be at least 1")
-        if self.generations < 0:
-            raise EvoquantError("compose: generations must be >= 0")
-        if self.max_evaluations is not None and self.max_evaluations < 1:
-            raise EvoquantError(f"compose: the evaluation budget must be at least 1 (leave it out for none), got {self.max_evaluations}")
-        if self.time_limit is not None and not self.time_limit > 0:
-            raise EvoquantError(f"compose: the time limit must be a positive number of seconds, got {self.time_limit}")
-        if self.patience is not None and self.patience < 1:
-            raise EvoquantError(f"compose: patience must be at least 1 generation (null: no early stop), got {self.patience}")
+        _check_budget(self, "compose: ")
         for name in ("crossover_probability", "segment_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise EvoquantError(f"compose: {name} must be in [0, 1], got {getattr(self, name)}")

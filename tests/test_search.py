@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from evoquant.config import SearchConfig
-from evoquant.search.genome import Genome, SearchSpace, TensorSpace, apply_shifts
+from evoquant.search.genome import Genome, SearchSpace, TensorSpace, apply_shifts, shifts_between
 from evoquant.search.operators import crossover_tensorwise, mutate_random, mutate_tie, tie_pools
 from evoquant.search.strategy import evolve
 
@@ -239,3 +239,12 @@ def test_islands_reproduce_whatever_runs_their_epochs():
     assert len(first.history) == 12 and first.best_fitness < first.start_fitness
     one = run_islands(SearchConfig(**{**config.__dict__, "islands": 1}), epoch)  # one island is the plain search
     assert one[0].population[0][1] == evolve(space, quadratic_fitness(target, space), config).best_fitness
+
+
+def test_shifts_between_states_are_what_apply_shifts_undoes():
+    rng = np.random.default_rng(0)
+    start = rng.integers(-7, 8, size=(4, 3, 2)).astype(np.int8)
+    states = np.clip(start + rng.integers(-2, 3, size=start.shape), -7, 7)
+    indices, deltas = shifts_between(start, states)
+    assert np.all(deltas != 0) and np.all(np.diff(indices) > 0)  # sparse and sorted, as a payload holds them
+    assert np.array_equal(apply_shifts(start, indices, deltas), states)

@@ -131,6 +131,14 @@ def apply_shifts(states: np.ndarray, indices: np.ndarray, deltas: np.ndarray) ->
     return shifted
 
 
+def shifts_between(start: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of :func:`apply_shifts`: ``states`` as flat indices and deltas from ``start`` (any shape),
+    the form a genome payload holds."""
+    delta = (np.asarray(states, dtype=np.int32) - np.asarray(start, dtype=np.int32)).reshape(-1)
+    indices = np.flatnonzero(delta)
+    return indices.astype(np.int64), delta[indices].astype(np.int8)
+
+
 def members_to_arrays(members: list[tuple[Payload, float]]) -> dict[str, np.ndarray]:
     """Genomes with their fitness as named arrays for an .npz (no pickle): ``fitness`` and, per member n
     and tensor t, ``g{n}_t{t}_indices`` / ``g{n}_t{t}_deltas``. :func:`members_from_arrays` reverses it."""
