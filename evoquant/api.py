@@ -731,12 +731,22 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
     start_xml = _write_states(working, table, {}, workdir / "compose_start.xml")
     reconstructed_model = read_ir(_write_states(working, table, reconstructed, workdir / "compose_reconstruct.xml"))
     picked, weights = _importance_selection(pool, teacher_pool, reconstructed_model, sample_objective, dataclasses.replace(config, selection_size=min(config.compose.images, len(pool))))
+    order = np.random.default_rng([config.data_seed, 11]).permutation(len(picked))  # any first images are a random subset (racing)
+    picked, weights = np.asarray(picked)[order], None if weights is None else np.asarray(weights)[order]
     selection = Batch(np.ascontiguousarray(pool.images[picked]), None if pool.labels is None else pool.labels[picked])
     teacher_selection = [np.ascontiguousarray(t[picked]) for t in teacher_pool]
     evaluator = PlainEvaluator(FitnessContext(str(start_xml), selection.images, teacher_selection, selection.labels, objective_spec, None, None, weights))
 
+    def payload(genome):
+        return {tensor: pieces[fit][tensor] for tensor, fit in zip(layers, genome) if tensor in pieces[fit]}
+
     def evaluate_many(genomes):
-        return [evaluator({tensor: pieces[fit][tensor] for tensor, fit in zip(layers, genome) if tensor in pieces[fit]}) for genome in genomes]
+        return [evaluator(payload(genome)) for genome in genomes]
+
+    race_images = config.compose.race_images if 0 < config.compose.race_images < len(picked) else 0
+
+    def race(genomes, bound):
+        return [evaluator.race(payload(genome), race_images, bound) for genome in genomes]
 
     bar = None
     if config.progress:
@@ -751,7 +761,7 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
         return callback(stats) if callback is not None else None
 
     try:
-        result = compose(len(fits), len(layers), evaluate_many, config.compose, seed=config.search.seed, callback=show)
+        result = compose(len(fits), len(layers), evaluate_many, config.compose, seed=config.search.seed, callback=show, race=race if race_images else None)
     finally:
         if bar is not None:
             bar.close()
@@ -759,7 +769,7 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
     details = {"fits": names, "fit_seconds": fit_seconds, "fit_layers_skipped": dict(zip(names[2:], fit_skipped)), "layers": {table[tensor].consumer: names[fit] for tensor, fit in zip(layers, result.best)},
                "layers_per_fit": {name: int(np.count_nonzero(result.best == k)) for k, name in enumerate(names)},
                "uniform_selection": dict(zip(names, result.uniform_fitness)), "selection_before": result.uniform_fitness[1], "selection_after": result.best_fitness,
-               "evaluations": result.evaluations, "generations": len(result.history) - 1, "stop_reason": result.stop_reason, "search_seconds": round(result.elapsed, 2),
+               "evaluations": result.evaluations, "raced": result.raced, "race_images": race_images, "generations": len(result.history) - 1, "stop_reason": result.stop_reason, "search_seconds": round(result.elapsed, 2),
                "history": [{"generation": h.generation, "evaluations": h.evaluations, "best": h.best, "elapsed": round(h.elapsed, 2)} for h in result.history]}
     return states, details
 

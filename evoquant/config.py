@@ -135,6 +135,10 @@ class ComposeConfig:
     min_improvement: float = 1e-4
     crossover_probability: float = 0.3
     segment_probability: float = 0.5  # a mutation gives a run of consecutive layers one fit (else one layer another)
+    # racing: each child is scored on race_images of the images first and stops there when it is worse than
+    # the worst parent there by more than race_margin (relative); 0 images: every child sees every image
+    race_images: int = 512
+    race_margin: float = 0.05
 
     def __post_init__(self):
         fits = tuple(self.fits)
@@ -149,6 +153,8 @@ class ComposeConfig:
             ReconstructConfig(**fit)  # checks the values
         if self.mu < 1 or self.lambda_ < 1 or self.images < 1:
             raise EvoquantError("compose: mu, lambda and images must be at least 1")
+        if self.race_images < 0 or self.race_margin < 0:
+            raise EvoquantError(f"compose: race_images and race_margin must be 0 or more, got {self.race_images} and {self.race_margin}")
         _check_budget(self, "compose: ")
         for name in ("crossover_probability", "segment_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:

@@ -3,6 +3,7 @@ settings, and the stage inside refine."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -49,6 +50,59 @@ def test_compose_is_reproducible_for_a_seed():
     first = compose(2, 8, _separable(costs, []), ComposeConfig(generations=3, patience=None), seed=5)
     again = compose(2, 8, _separable(costs, []), ComposeConfig(generations=3, patience=None), seed=5)
     assert np.array_equal(first.best, again.best) and first.evaluations == again.evaluations
+
+
+def _racing(costs: np.ndarray, calls: list, bounds: list, noise: float):
+    """Racing over the separable problem: the subset score is the full one plus seeded noise of relative
+    size ``noise``; records every genome scored and every bound."""
+    rng = np.random.default_rng(9)
+
+    def race(genomes, bound):
+        bounds.append(bound)
+        results = []
+        for genome in genomes:
+            calls.append(tuple(genome))
+            full = float(costs[np.arange(len(genome)), genome].sum())
+            subset = full * (1 + noise * rng.standard_normal())
+            results.append((None if subset > bound else full, subset))
+        return results
+
+    return race
+
+
+def test_racing_stops_losers_on_the_subset_and_still_finds_the_optimum():
+    costs = np.random.default_rng(0).uniform(size=(12, 3))
+    calls, bounds = [], []
+    config = ComposeConfig(generations=200, patience=None, race_margin=0.05)
+    result = compose(3, 12, _separable(costs, []), config, seed=1, race=_racing(costs, calls, bounds, noise=0.01))
+    assert np.array_equal(result.best, costs.argmin(axis=1)) and np.isfinite(result.best_fitness)
+    assert 0 < result.raced < result.evaluations == len(calls) == len(set(calls))  # a stopped genome is never scored again
+    assert bounds[0] == np.inf and all(np.isfinite(bound) for bound in bounds[1:])  # the uniform genomes are never raced
+    # a looser margin stops fewer
+    looser = compose(3, 12, _separable(costs, []), dataclasses.replace(config, race_margin=1.0), seed=1, race=_racing(costs, [], [], noise=0.01))
+    assert looser.raced < result.raced
+
+
+def test_the_bound_is_the_worst_parents_subset_score_with_the_margin():
+    costs = np.random.default_rng(1).uniform(size=(6, 2))
+    finished: list[float] = []  # full scores of the genomes not stopped (the parents are the best two of them)
+    checked = []
+
+    def race(genomes, bound):
+        if finished:
+            worst_parent = sorted(finished)[1]
+            checked.append(bound == pytest.approx(2 * worst_parent * 1.1))  # subset score: twice the full one
+        results = []
+        for genome in genomes:
+            full = float(costs[np.arange(6), genome].sum())
+            stopped = 2 * full > bound
+            results.append((None if stopped else full, 2 * full))
+            if not stopped:
+                finished.append(full)
+        return results
+
+    compose(2, 6, _separable(costs, []), ComposeConfig(generations=5, patience=None, mu=2, race_margin=0.1), seed=0, race=race)
+    assert len(checked) == 5 and all(checked)
 
 
 @pytest.mark.parametrize("segment_probability", [0.0, 1.0])
@@ -141,3 +195,28 @@ def test_workers_without_the_evolve_stage_are_not_ignored_silently(tiny_irs):
 
     with pytest.warns(EvoquantWarning, match="compose scores its candidates in this process"):
         refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), stages="reconstruct,compose", config=_small_config().replace(jobs=2))
+
+
+def test_an_evaluator_races_on_the_first_images(tiny_irs):
+    from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
+    from evoquant.ir.runtime import compile_ir, infer, read_ir
+
+    images = np.ascontiguousarray(np.load(tiny_irs.data)["x"][:64])
+    teacher = infer(compile_ir(read_ir(tiny_irs.fp32), f32=True), images)
+    weights = np.random.default_rng(0).uniform(0.5, 1.5, size=64)
+    evaluator = PlainEvaluator(FitnessContext(str(tiny_irs.int8), images, teacher, None, "kl", weights=weights))
+    outputs = evaluator.outputs({})
+    full, early = evaluator.race({}, 16, np.inf)
+    assert full == pytest.approx(evaluator({})) and early == pytest.approx(evaluator.score([o[:16] for o in outputs], 16))
+    assert early != pytest.approx(full)  # the subset is scored on its own images and weights
+    assert evaluator.race({}, 16, early * 0.99) == (None, pytest.approx(early))  # worse than the bound: stops there
+
+
+def test_refine_races_compose_children_on_a_subset(tiny_irs):
+    from evoquant import refine
+
+    result = refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), stages="reconstruct,compose", config=_small_config(race_images=16, race_margin=0.0))
+    details = result.stages[1].details
+    assert details["race_images"] == 16 and 0 <= details["raced"] < details["evaluations"]
+    unraced = refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), stages="reconstruct,compose", config=_small_config(race_images=0))
+    assert unraced.stages[1].details["race_images"] == 0 and unraced.stages[1].details["raced"] == 0

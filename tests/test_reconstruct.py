@@ -238,6 +238,28 @@ def test_reconstruct_can_fit_on_the_references_own_layer_inputs(tiny_pair):
         ReconstructConfig(inputs="teacher")
 
 
+def test_the_fp32_input_fit_is_the_same_in_one_pass_or_one_pass_per_layer(tiny_pair, monkeypatch):
+    """inputs="fp32" gathers many layers per forward pass, as many as MEMORY_PER_PASS allows: the states
+    do not depend on how the layers are grouped."""
+    from evoquant.reconstruct import stage
+
+    teacher, quantized = tiny_pair
+    table = find_quantized_weights(quantized)
+    images = np.random.default_rng(4).random((96, *INPUT_SHAPE), dtype=np.float32)
+    config = ReconstructConfig(images=64, check_images=32, batch_size=32, inputs="fp32")
+    together = reconstruct(quantized, table, teacher, images, config)
+    monkeypatch.setattr(stage, "MEMORY_PER_PASS", 1)
+    apart = reconstruct(quantized, table, teacher, images, config)
+    assert len(stage._passes([(w, stage.layer_geometry(quantized, w)) for w in table])) == len(table) > 1
+    assert together.states.keys() == apart.states.keys() and together.states
+    assert all(np.array_equal(together.states[i], apart.states[i]) for i in together.states)
+    assert [layer.error_after for layer in together.layers] == [layer.error_after for layer in apart.layers]
+    # a tensor tapped twice (the input of Q, K and V) is one output, returned for each tap
+    name = table[0].consumer
+    first, second, output = ActivationTap(teacher, [("input", name, 0), ("input", name, 0), ("output", name, 0)], f32=True).run(images[:8])
+    assert np.array_equal(first, second) and len(output) == 8
+
+
 def test_a_registered_solver_gets_each_layer_with_its_fp32_weight(tiny_pair, monkeypatch):
     """The solver is pluggable (the benchmarks' baselines use it): it receives every layer's equations, grid,
     start states and the reference's own weight in the same [R, K] layout; an unknown name is one error."""

@@ -123,30 +123,51 @@ class PlainEvaluator:
         self.patcher = ConstantPatcher(self.model, self.table)
         self.objective, self.objective_name = context.resolve_objective()
 
-    def outputs(self, payload: Payload) -> list[np.ndarray]:
-        """The candidate's outputs on the context's images."""
+    def compiled(self, payload: Payload) -> ov.CompiledModel:
+        """The candidate, compiled (the model object itself is left as it was)."""
         states = {tensor: apply_shifts(self.table[tensor].states, indices, deltas) for tensor, (indices, deltas) in payload.items()}
         self.patcher.apply(states)
         try:
-            compiled = compile_ir(self.model, threads=self.context.threads)
+            return compile_ir(self.model, threads=self.context.threads)
         finally:
             self.patcher.restore()
-        return infer(compiled, self.context.images)
 
-    def score(self, outputs: Sequence[np.ndarray]) -> float:
-        """Apply the objective to outputs, checking the result is a finite number."""
+    def outputs(self, payload: Payload) -> list[np.ndarray]:
+        """The candidate's outputs on the context's images."""
+        return infer(self.compiled(payload), self.context.images)
+
+    def score(self, outputs: Sequence[np.ndarray], count: int | None = None) -> float:
+        """Apply the objective to outputs (of the first ``count`` images only, when given), checking the
+        result is a finite number."""
         context = self.context
-        keywords = {} if context.weights is None else {"weights": context.weights}
+        teacher, labels, weights = context.teacher, context.labels, context.weights
+        if count is not None:
+            teacher = None if teacher is None else [t[:count] for t in teacher]
+            labels = None if labels is None else labels[:count]
+            weights = None if weights is None else weights[:count]
+        keywords = {} if weights is None else {"weights": weights}
         if self.objective_name.startswith("objective "):  # a built-in: its errors are evoquant's bugs, not the user's
-            return checked(self.objective(list(outputs), context.teacher, context.labels, **keywords), self.objective_name)
+            return checked(self.objective(list(outputs), teacher, labels, **keywords), self.objective_name)
         try:
-            value = self.objective(list(outputs), context.teacher, context.labels, **keywords)
+            value = self.objective(list(outputs), teacher, labels, **keywords)
         except SystemExit as exit_:  # a hook must not end the run (and with it, the result) by itself
             raise EvoquantError(f"the fitness {self.objective_name} called sys.exit({exit_.code!r}); a hook must return a number") from None
         except Exception as error:
             message = " ".join(str(error).split()) or "no message"
             raise EvoquantError(f"the fitness {self.objective_name} raised {type(error).__name__}: {message}") from None
         return checked(value, self.objective_name)
+
+    def race(self, payload: Payload, count: int, bound: float) -> tuple[float | None, float]:
+        """Score on the first ``count`` images; go on to the rest only when that score is at most ``bound``.
+        Returns (the fitness on every image, or None when stopped early; the score on the first ``count``)."""
+        images = self.context.images
+        compiled = self.compiled(payload)
+        head = infer(compiled, images[:count])
+        early = self.score(head, count)
+        if early > bound or count >= len(images):
+            return (None if early > bound else early), early
+        tail = infer(compiled, images[count:])
+        return self.score([np.concatenate([h, t]) for h, t in zip(head, tail)]), early
 
     def __call__(self, payload: Payload) -> float:
         return self.score(self.outputs(payload))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import openvino as ov
+import openvino.opset13 as opset
 
 from evoquant.ir.runtime import compile_ir
 from evoquant.ir.weights import QuantizedWeight, constant_value, consumers
@@ -124,16 +125,22 @@ def layer_weight(model: ov.Model, name: str, port: int) -> np.ndarray | None:
 
 class ActivationTap:
     """Runs a model and returns chosen intermediate tensors: layer inputs (as the plugin feeds them) and
-    layer outputs (after the bias add, when there is one). The model itself is not modified."""
+    layer outputs (after the bias add, when there is one). The model itself is not modified; only the part
+    of the graph the taps depend on is compiled and run (a tap near the input costs a fraction of a forward)."""
 
     def __init__(self, model: ov.Model, taps: Sequence[tuple[str, str, int]], *, f32: bool, threads: int | None = None):
         """``taps``: ``("input", layer, port)`` or ``("output", layer, 0)``."""
         copy = model.clone()
-        outputs = [_tap_output(copy, *tap) for tap in taps]
-        results = copy.add_outputs(outputs)  # one per tap; an output that already is one is not added twice
-        positions = {o.get_node().get_friendly_name(): i for i, o in enumerate(copy.outputs)}
-        self.compiled = compile_ir(copy, threads=threads, f32=f32)
-        self.targets = [self.compiled.outputs[positions[result.get_node().get_friendly_name()]] for result in results]
+        outputs, order = [], []
+        for tap in taps:  # a tensor tapped twice (e.g. the input of Q, K and V) is one output
+            output = _tap_output(copy, *tap)
+            key = (output.get_node().get_friendly_name(), output.get_index())
+            if key not in [k for k, _ in outputs]:
+                outputs.append((key, output))
+            order.append([k for k, _ in outputs].index(key))
+        pruned = ov.Model([opset.result(output) for _, output in outputs], copy.get_parameters(), "taps")
+        self.compiled = compile_ir(pruned, threads=threads, f32=f32)
+        self.targets = [self.compiled.outputs[position] for position in order]
 
     def run(self, images: np.ndarray) -> list[np.ndarray]:
         request = self.compiled.create_infer_request()

@@ -132,34 +132,62 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
     del teacher_tap
 
     patcher = ConstantPatcher(model, table)
-    source = teacher if config.inputs == "fp32" else model  # whose layer inputs the rows are
-    # with SmoothQuant in the graph, the reference's inputs are checked against the layer's own (measured per layer;
-    # without it the two differ by quantization error only, which can be large in a few quiet layers)
-    check_scaling = source is not model and has_smooth_quant(model)
     solved: dict[int, np.ndarray] = {}
     residuals: dict[int, np.ndarray] = {}
     quadratics: dict[int, LayerQuadratic] = {}
     bar = _bar(progress, len(plans), label)
+
+    def finish(fit: "_LayerFit") -> None:
+        result, states, guide = fit.solve(config, solver, guides)
+        if guide is not None:
+            residuals[fit.weight.index], quadratics[fit.weight.index] = guide
+        layers.append(result)
+        if states is not None:
+            solved[fit.weight.index] = states
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{fit.weight.consumer}: error {_change(result)}")
+
+    def fit_for(weight, geometry) -> "_LayerFit":
+        reference = layer_weight(teacher, weight.consumer, weight.consumer_port)
+        if reference is not None and reference.shape != tuple(geometry.weight_shape):
+            reference = None
+        return _LayerFit(weight, geometry, fitted, targets.pop(weight.index), positions[weight.index], config.max_shift, reference)
+
     try:
-        for weight, geometry in plans:
-            reference = layer_weight(teacher, weight.consumer, weight.consumer_port)
-            if reference is not None and reference.shape != tuple(geometry.weight_shape):
-                reference = None
-            if check_scaling and _inputs_rescaled(model, teacher, weight, geometry, images[: config.batch_size], positions[weight.index][0]):
-                targets.pop(weight.index)
-                layers.append(LayerResult(weight.consumer, 0, None, None, 0, weight.size, skipped="its quantized inputs are rescaled (SmoothQuant): "
-                                          "the reference's own layer inputs are not what it computes with"))
-                continue
-            result, states, guide = _solve_layer(source, weight, geometry, images, fitted, targets.pop(weight.index), positions[weight.index], config, solver, reference, guides)
-            if guide is not None:
-                residuals[weight.index], quadratics[weight.index] = guide
-            layers.append(result)
-            if states is not None:
-                solved[weight.index] = states
-                patcher.apply({weight.index: states})
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(f"{weight.consumer}: error {_change(result)}")
+        if config.inputs == "fp32":
+            # the reference's own layer inputs do not depend on any solve: every layer is gathered in a few
+            # passes (as many layers per pass as MEMORY_PER_PASS allows), then solved. With SmoothQuant in the
+            # graph, each layer's quantized inputs are first compared with the reference's (without it the two
+            # differ by quantization error only, which can be large in a few quiet layers)
+            rescaled = _rescaled_layers(model, teacher, plans, images[: config.batch_size], positions) if has_smooth_quant(model) else set()
+            for weight, _ in plans:
+                if weight.index in rescaled:
+                    targets.pop(weight.index)
+                    layers.append(LayerResult(weight.consumer, 0, None, None, 0, weight.size, skipped="its quantized inputs are rescaled (SmoothQuant): "
+                                              "the reference's own layer inputs are not what it computes with"))
+                    if bar is not None:
+                        bar.update(1)
+            for group in _passes([plan for plan in plans if plan[0].index not in rescaled]):
+                fits = [fit_for(weight, geometry) for weight, geometry in group]
+                tap = ActivationTap(teacher, [fit.tap for fit in fits], f32=True)
+                for chunk, (start, inputs) in enumerate(tap.chunks(images, config.batch_size)):
+                    for fit, rows in zip(fits, inputs):
+                        fit.add(rows, start, chunk)
+                del tap
+                for fit in fits:
+                    finish(fit)
+        else:
+            # the quantized model's layer inputs, as the plugin computes them with the layers before already solved
+            for weight, geometry in plans:
+                fit = fit_for(weight, geometry)
+                tap = ActivationTap(model, [fit.tap], f32=False)
+                for chunk, (start, (rows,)) in enumerate(tap.chunks(images, config.batch_size)):
+                    fit.add(rows, start, chunk)
+                del tap
+                finish(fit)
+                if weight.index in solved:
+                    patcher.apply({weight.index: solved[weight.index]})
     finally:
         patcher.restore()
         if bar is not None:
@@ -169,54 +197,89 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
     return ReconstructResult(solved, layers, time.perf_counter() - started, residuals, quadratics)
 
 
-def _solve_layer(source, weight, geometry, images, fitted: int, targets, positions, config: ReconstructConfig, solver, reference, guides: bool):
-    """Solve one layer on the rows of the first ``fitted`` images; check each output row on the rest.
-    ``source``: the model whose layer inputs are the rows (the quantized model, or the reference)."""
-    data_port = 1 - weight.consumer_port if geometry.kind == "matmul" else 0
-    tap = ActivationTap(source, [("input", weight.consumer, data_port)], f32=config.inputs == "fp32")
-    groups = weight_grid(weight, geometry, config.max_shift)
-    equations = [NormalEquations(grid.scale.shape[1], grid.scale.shape[0]) for grid in groups]
-    checks = [NormalEquations(grid.scale.shape[1], grid.scale.shape[0]) for grid in groups]
-    per_image = rows_per_image(geometry)
-    for chunk, (start, (inputs,)) in enumerate(tap.chunks(images, config.batch_size)):
-        held = start + positions[chunk] // per_image >= fitted
-        for group, rows in enumerate(input_rows(inputs, geometry, positions[chunk])):
-            target = targets[chunk][group]
-            equations[group].add(rows[~held], target[~held])
+class _LayerFit:
+    """One layer's normal equations, fed chunk by chunk of its input rows, then solved.
+
+    Rows of the first ``fitted`` images are fitted on; the rest check each output row of the solve (a row
+    whose error rises there keeps its starting states)."""
+
+    def __init__(self, weight, geometry, fitted: int, targets, positions, max_shift: int | None, reference):
+        self.weight, self.geometry, self.fitted, self.targets, self.positions, self.reference = weight, geometry, fitted, targets, positions, reference
+        self.data_port = 1 - weight.consumer_port if geometry.kind == "matmul" else 0
+        self.grids = weight_grid(weight, geometry, max_shift)
+        self.equations = [NormalEquations(grid.scale.shape[1], grid.scale.shape[0]) for grid in self.grids]
+        self.checks = [NormalEquations(grid.scale.shape[1], grid.scale.shape[0]) for grid in self.grids]
+        self.per_image = rows_per_image(geometry)
+
+    @property
+    def tap(self) -> tuple[str, str, int]:
+        return ("input", self.weight.consumer, self.data_port)
+
+    def add(self, inputs: np.ndarray, start: int, chunk: int) -> None:
+        """The layer's inputs for the chunk of images that begins at image ``start``."""
+        positions = self.positions[chunk]
+        held = start + positions // self.per_image >= self.fitted
+        for group, rows in enumerate(input_rows(inputs, self.geometry, positions)):
+            target = self.targets[chunk][group]
+            self.equations[group].add(rows[~held], target[~held])
             if held.any():
-                checks[group].add(rows[held], target[held])
-    start_matrices = weight_matrices(weight.states, geometry)
-    references = weight_matrices(reference, geometry) if reference is not None else [None] * len(groups)
-    new_matrices, flips, gradients, before, after, refit = [], [], [], 0.0, 0.0, 0.0
-    check_before, check_after, kept = 0.0, 0.0, 0
-    for grid, start, system, check, fp32 in zip(groups, start_matrices, equations, checks, references):
-        states = np.clip(solver(LayerProblem(system, grid, start, fp32, config.damping, config.act_order)), grid.low, grid.high).astype(np.int32)
-        if check.rows:
-            moved = np.any(states != start, axis=1)
-            worse = moved & (check.row_errors(grid.values(states)) > check.row_errors(grid.values(start)))
-            states[worse] = start[worse]
-            kept += int(np.count_nonzero(worse))
-            check_before += check.error(grid.values(start))
-            check_after += check.error(grid.values(states))
-        error_before, error_after = system.error(grid.values(start)), system.error(grid.values(states))
-        new_matrices.append(states)
-        if guides:
-            gradients.append(error_gradient(system, grid, states))
-            flips.append(flip_residual(system, grid, states, gradients[-1]))
-        refit += error_after - float(np.mean(np.square(system.mean_residual(grid.values(states)))))
-        before += error_before
-        after += error_after
-    new_states = weight_from_matrices(new_matrices, geometry).reshape(weight.shape).astype(np.int32)
-    changed = int(np.count_nonzero(new_states != weight.states))
-    count = len(groups)
-    checked = checks[0].rows
-    result = LayerResult(weight.consumer, equations[0].rows, before / count, after / count, changed, weight.size, error_bias_refit=refit / count,
-                         check_rows=checked, check_before=check_before / count if checked else None, check_after=check_after / count if checked else None, rows_kept=kept)
-    if not guides:
-        return result, (new_states if changed else None), None
-    flip = weight_from_matrices(flips, geometry).reshape(weight.shape)
-    quadratic = LayerQuadratic.around(equations, groups, new_matrices, positions_in_groups(geometry, weight.shape), gradients)
-    return result, (new_states if changed else None), (flip, quadratic)
+                self.checks[group].add(rows[held], target[held])
+
+    def solve(self, config: ReconstructConfig, solver, guides: bool):
+        """The layer's report, its new states (None when unchanged) and, with ``guides``, its (flip residual, quadratic)."""
+        weight, geometry, groups = self.weight, self.geometry, self.grids
+        start_matrices = weight_matrices(weight.states, geometry)
+        references = weight_matrices(self.reference, geometry) if self.reference is not None else [None] * len(groups)
+        new_matrices, flips, gradients, before, after, refit = [], [], [], 0.0, 0.0, 0.0
+        check_before, check_after, kept = 0.0, 0.0, 0
+        for grid, start, system, check, fp32 in zip(groups, start_matrices, self.equations, self.checks, references):
+            states = np.clip(solver(LayerProblem(system, grid, start, fp32, config.damping, config.act_order)), grid.low, grid.high).astype(np.int32)
+            if check.rows:
+                moved = np.any(states != start, axis=1)
+                worse = moved & (check.row_errors(grid.values(states)) > check.row_errors(grid.values(start)))
+                states[worse] = start[worse]
+                kept += int(np.count_nonzero(worse))
+                check_before += check.error(grid.values(start))
+                check_after += check.error(grid.values(states))
+            error_before, error_after = system.error(grid.values(start)), system.error(grid.values(states))
+            new_matrices.append(states)
+            if guides:
+                gradients.append(error_gradient(system, grid, states))
+                flips.append(flip_residual(system, grid, states, gradients[-1]))
+            refit += error_after - float(np.mean(np.square(system.mean_residual(grid.values(states)))))
+            before += error_before
+            after += error_after
+        new_states = weight_from_matrices(new_matrices, geometry).reshape(weight.shape).astype(np.int32)
+        changed = int(np.count_nonzero(new_states != weight.states))
+        count = len(groups)
+        checked = self.checks[0].rows
+        result = LayerResult(weight.consumer, self.equations[0].rows, before / count, after / count, changed, weight.size, error_bias_refit=refit / count,
+                             check_rows=checked, check_before=check_before / count if checked else None, check_after=check_after / count if checked else None, rows_kept=kept)
+        if not guides:
+            return result, (new_states if changed else None), None
+        flip = weight_from_matrices(flips, geometry).reshape(weight.shape)
+        quadratic = LayerQuadratic.around(self.equations, groups, new_matrices, positions_in_groups(geometry, weight.shape), gradients)
+        return result, (new_states if changed else None), (flip, quadratic)
+
+
+#: How much memory the normal equations of the layers gathered in one pass (inputs=fp32) may take: each
+#: layer holds K² + R·K float64 per group, twice (fit and check).
+MEMORY_PER_PASS = 1 << 30
+
+
+def _passes(plans: list) -> list[list]:
+    """``plans`` (graph order) cut into runs whose normal equations fit in :data:`MEMORY_PER_PASS` together."""
+    passes, current, used = [], [], 0
+    for weight, geometry in plans:
+        need = sum(16 * grid.scale.shape[1] * (grid.scale.shape[0] + grid.scale.shape[1]) for grid in weight_grid(weight, geometry, None))
+        if current and used + need > MEMORY_PER_PASS:
+            passes.append(current)
+            current, used = [], 0
+        current.append((weight, geometry))
+        used += need
+    if current:
+        passes.append(current)
+    return passes
 
 
 #: An input column whose RMS differs by more than this factor between the reference and the quantized model
@@ -226,15 +289,20 @@ RESCALED_FACTOR = 1.25
 RESCALED_SHARE = 0.25
 
 
-def _inputs_rescaled(quantized, teacher, weight, geometry, images: np.ndarray, positions: np.ndarray) -> bool:
-    """Whether the quantized layer sees inputs rescaled per channel against the reference's own (SmoothQuant
-    divides them and multiplies the weights): compared column by column on one batch of images."""
-    data_port = 1 - weight.consumer_port if geometry.kind == "matmul" else 0
-    rms = []
-    for model, f32 in ((quantized, False), (teacher, True)):
-        (inputs,) = ActivationTap(model, [("input", weight.consumer, data_port)], f32=f32).run(images)
-        rms.append(np.concatenate([np.sqrt(np.mean(np.square(rows, dtype=np.float64), axis=0)) for rows in input_rows(inputs, geometry, positions)]))
-    quantized_rms, reference_rms = rms
+def _rescaled_layers(quantized, teacher, plans: list, images: np.ndarray, positions: dict) -> set[int]:
+    """The weight-table indices of the layers whose quantized inputs are rescaled per channel against the
+    reference's own (SmoothQuant divides them and multiplies the weights): column by column on one batch."""
+    taps = [("input", weight.consumer, 1 - weight.consumer_port if geometry.kind == "matmul" else 0) for weight, geometry in plans]
+    quantized_inputs = ActivationTap(quantized, taps, f32=False).run(images)
+    reference_inputs = ActivationTap(teacher, taps, f32=True).run(images)
+    return {weight.index for (weight, geometry), mine, theirs in zip(plans, quantized_inputs, reference_inputs)
+            if _columns_rescaled(*(input_rows(inputs, geometry, positions[weight.index][0]) for inputs in (mine, theirs)))}
+
+
+def _columns_rescaled(quantized_rows: list[np.ndarray], reference_rows: list[np.ndarray]) -> bool:
+    """Whether more than RESCALED_SHARE of the non-quiet input columns differ in RMS by more than RESCALED_FACTOR."""
+    quantized_rms, reference_rms = (np.concatenate([np.sqrt(np.mean(np.square(rows, dtype=np.float64), axis=0)) for rows in groups])
+                                    for groups in (quantized_rows, reference_rows))
     # columns far quieter than the typical one are left out: 8-bit activations can zero them (ratio 0) while
     # SmoothQuant rescales every channel
     typical = float(np.median(reference_rms))

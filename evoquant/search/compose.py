@@ -12,10 +12,17 @@ Operators: uniform crossover; a mutation either gives one layer another fit or g
 consecutive layers (in graph order) one fit, since compounding follows the graph. The first population
 is every uniform genome (all layers the same fit: the start, the reconstruction, each alternative).
 The search never sees OpenVINO: ``evaluate_many`` maps genomes (numpy int arrays) to fitness values.
+
+Racing: a child enters the parents only if it beats the worst of them, and a child differs from its
+parents in a few layers, so its score on a subset of the images already says, most of the time, that it
+will not. With ``race``, every genome is first scored on the subset; a child whose subset score exceeds
+the worst parent's by more than ``race_margin`` stops there (its fitness is +inf: never selected, never
+scored again), so a loser costs its compile and a fraction of the images.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +48,7 @@ class ComposeResult:
     uniform_fitness: list[float]  # all layers fit k, for each fit k (0: the start)
     evaluations: int
     stop_reason: str
+    raced: int = 0  # genomes stopped on the racing subset
     history: list[GenerationStats] = field(default_factory=list)
     elapsed: float = 0.0
 
@@ -64,14 +72,20 @@ def mutate_choices(genome: list, fits: int, rng: np.random.Generator, segment_pr
     return genome
 
 
+#: ``race(genomes, bound)``: per genome, (its fitness, or None when its score on the racing subset exceeds
+#: ``bound``; that subset score).
+Race = Callable[[Sequence[np.ndarray], float], Sequence[tuple[float | None, float]]]
+
+
 def compose(fits: int, layers: int, evaluate_many: Callable[[Sequence[np.ndarray]], Sequence[float]], config: ComposeConfig, *,
-            seed: int = 0, callback: Callable[[GenerationStats], bool | None] | None = None) -> ComposeResult:
+            seed: int = 0, callback: Callable[[GenerationStats], bool | None] | None = None, race: Race | None = None) -> ComposeResult:
     """Search one fit index in ``[0, fits)`` per layer (``layers`` genes) for the lowest fitness.
 
     ``evaluate_many`` scores a list of genomes; genomes already scored are never scored again. Stops on
     ``config``'s budgets (generations, evaluations, time) or patience; ``callback`` gets each
     generation's stats and may return True to stop. Ties keep the earlier genome, so fit 1 (the
-    reconstruction) wins over an alternative that scores the same.
+    reconstruction) wins over an alternative that scores the same. With ``race``, genomes are scored
+    through it instead (see the module's docstring).
     """
     started = time.perf_counter()
     rng = np.random.default_rng([seed, 7])
@@ -81,14 +95,20 @@ def compose(fits: int, layers: int, evaluate_many: Callable[[Sequence[np.ndarray
     toolbox.register("mutate", mutate_choices, fits=fits, rng=rng, segment_probability=config.segment_probability)
     toolbox.register("select", tools.selBest)
     seen: dict[tuple, float] = {}
-    evaluations = 0
+    early: dict[tuple, float] = {}  # scores on the racing subset
+    evaluations = raced = 0
 
-    def score(individuals: list) -> None:
-        nonlocal evaluations
+    def score(individuals: list, bound: float = math.inf) -> None:
+        nonlocal evaluations, raced
         fresh = [ind for ind in dict.fromkeys(tuple(ind) for ind in individuals) if ind not in seen]
         if fresh:
-            for key, value in zip(fresh, evaluate_many([np.asarray(key, dtype=np.int64) for key in fresh])):
-                seen[key] = float(value)
+            genomes = [np.asarray(key, dtype=np.int64) for key in fresh]
+            results = [(float(value), None) for value in evaluate_many(genomes)] if race is None else race(genomes, bound)
+            for key, (value, subset) in zip(fresh, results):
+                seen[key] = math.inf if value is None else float(value)
+                raced += value is None
+                if subset is not None:
+                    early[key] = float(subset)
             evaluations += len(fresh)
         for ind in individuals:
             ind.fitness.values = (seen[tuple(ind)],)
@@ -123,12 +143,16 @@ def compose(fits: int, layers: int, evaluate_many: Callable[[Sequence[np.ndarray
                 if tuple(child) not in seen:
                     break
             offspring.append(child)
-        score(offspring)
+        bound = math.inf
+        if race is not None:  # a child must beat the worst parent to enter: on the subset, with a margin
+            bound = max(early.get(tuple(p), math.inf) for p in parents) * (1.0 + config.race_margin)
+        score(offspring, bound)
         parents = _best(parents + offspring, config.mu)
         termination.update(parents[0].fitness.values[0])
         generation += 1
     best = parents[0]
-    return ComposeResult(np.asarray(best, dtype=np.int64), best.fitness.values[0], uniform, evaluations, reason, history, time.perf_counter() - started)
+    return ComposeResult(np.asarray(best, dtype=np.int64), best.fitness.values[0], uniform, evaluations, reason,
+                         raced=raced, history=history, elapsed=time.perf_counter() - started)
 
 
 def _best(individuals: list, mu: int) -> list:
