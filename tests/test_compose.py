@@ -220,3 +220,20 @@ def test_refine_races_compose_children_on_a_subset(tiny_irs):
     assert details["race_images"] == 16 and 0 <= details["raced"] < details["evaluations"]
     unraced = refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), stages="reconstruct,compose", config=_small_config(race_images=0))
     assert unraced.stages[1].details["race_images"] == 0 and unraced.stages[1].details["raced"] == 0
+
+
+def test_compiling_ahead_scores_candidates_as_one_at_a_time_does(tiny_irs):
+    from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
+    from evoquant.ir.runtime import compile_ir, infer, read_ir
+    from evoquant.ir.weights import find_quantized_weights
+
+    images = np.ascontiguousarray(np.load(tiny_irs.data)["x"][:64])
+    teacher = infer(compile_ir(read_ir(tiny_irs.fp32), f32=True), images)
+    evaluator = PlainEvaluator(FitnessContext(str(tiny_irs.int8), images, teacher, None, "kl"))
+    weight = find_quantized_weights(read_ir(tiny_irs.int8))[0]
+    inside = np.flatnonzero((weight.states.reshape(-1) > weight.low) & (weight.states.reshape(-1) < weight.high))
+    rng = np.random.default_rng(2)
+    payloads = [{}] + [{0: (np.sort(rng.choice(inside, 5, replace=False)), rng.choice([-1, 1], 5).astype(np.int8))} for _ in range(3)]
+    one_by_one = [evaluator.race(payload, 16, np.inf) for payload in payloads]
+    assert evaluator.race_many(payloads, 16, np.inf, compile_ahead=True) == one_by_one
+    assert len({full for full, _ in one_by_one}) > 1

@@ -160,8 +160,28 @@ class PlainEvaluator:
     def race(self, payload: Payload, count: int, bound: float) -> tuple[float | None, float]:
         """Score on the first ``count`` images; go on to the rest only when that score is at most ``bound``.
         Returns (the fitness on every image, or None when stopped early; the score on the first ``count``)."""
+        return self.race_compiled(self.compiled(payload), count, bound)
+
+    def race_many(self, payloads: Sequence[Payload], count: int, bound: float, *, compile_ahead: bool = False) -> list[tuple[float | None, float]]:
+        """:meth:`race` for each payload; with ``compile_ahead`` the next candidate is compiled in a thread
+        while this one runs (OpenVINO compiles on one core, so this pays where compiling costs as much as
+        inferring; where inference dominates it only takes a core from it)."""
+        if not compile_ahead or len(payloads) < 2:
+            return [self.race(payload, count, bound) for payload in payloads]
+        from concurrent.futures import ThreadPoolExecutor
+
+        results = []
+        with ThreadPoolExecutor(1) as pool:  # one compile at a time: the patcher is not shared
+            pending = pool.submit(self.compiled, payloads[0])
+            for position in range(len(payloads)):
+                compiled = pending.result()
+                if position + 1 < len(payloads):
+                    pending = pool.submit(self.compiled, payloads[position + 1])
+                results.append(self.race_compiled(compiled, count, bound))
+        return results
+
+    def race_compiled(self, compiled: ov.CompiledModel, count: int, bound: float) -> tuple[float | None, float]:
         images = self.context.images
-        compiled = self.compiled(payload)
         head = infer(compiled, images[:count])
         early = self.score(head, count)
         if early > bound or count >= len(images):

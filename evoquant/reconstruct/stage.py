@@ -168,7 +168,7 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
                                               "the reference's own layer inputs are not what it computes with"))
                     if bar is not None:
                         bar.update(1)
-            for group in _passes([plan for plan in plans if plan[0].index not in rescaled]):
+            for group in _passes([plan for plan in plans if plan[0].index not in rescaled], config.batch_size):
                 fits = [fit_for(weight, geometry) for weight, geometry in group]
                 tap = ActivationTap(teacher, [fit.tap for fit in fits], f32=True)
                 for chunk, (start, inputs) in enumerate(tap.chunks(images, config.batch_size)):
@@ -262,16 +262,17 @@ class _LayerFit:
         return result, (new_states if changed else None), (flip, quadratic)
 
 
-#: How much memory the normal equations of the layers gathered in one pass (inputs=fp32) may take: each
-#: layer holds K² + R·K float64 per group, twice (fit and check).
+#: How much memory the layers gathered in one pass (inputs=fp32) may take: each holds its normal equations
+#: (K² + R·K float64 per group, twice: fit and check) and one batch of its inputs (float32).
 MEMORY_PER_PASS = 1 << 30
 
 
-def _passes(plans: list) -> list[list]:
-    """``plans`` (graph order) cut into runs whose normal equations fit in :data:`MEMORY_PER_PASS` together."""
+def _passes(plans: list, batch_size: int = 64) -> list[list]:
+    """``plans`` (graph order) cut into runs that fit in :data:`MEMORY_PER_PASS` together."""
     passes, current, used = [], [], 0
     for weight, geometry in plans:
         need = sum(16 * grid.scale.shape[1] * (grid.scale.shape[0] + grid.scale.shape[1]) for grid in weight_grid(weight, geometry, None))
+        need += 4 * batch_size * int(np.prod(geometry.input_shape))
         if current and used + need > MEMORY_PER_PASS:
             passes.append(current)
             current, used = [], 0
