@@ -65,7 +65,9 @@ def format_refine_table(result) -> str:
         for stage in stages:
             if stage.name == "compose" and "layers_per_fit" in stage.details:
                 counts = ", ".join(f"{count} {name}" for name, count in stage.details["layers_per_fit"].items())
-                verdict += f"\ncompose: {stage.details['evaluations']} evaluations in {stage.details['generations']} generations; layers took: {counts}"
+                raced = (f" ({stage.details['raced']} stopped after {stage.details['race_images']} images)"
+                         if stage.details.get("race_images") else "")
+                verdict += f"\ncompose: {stage.details['evaluations']} evaluations{raced} in {stage.details['generations']} generations; layers took: {counts}"
     footer = verdict
     if result.generations:
         footer += (

@@ -218,8 +218,10 @@ def test_refine_races_compose_children_on_a_subset(tiny_irs):
     result = refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), stages="reconstruct,compose", config=_small_config(race_images=16, race_margin=0.0))
     details = result.stages[1].details
     assert details["race_images"] == 16 and 0 <= details["raced"] < details["evaluations"]
+    assert f"{details['raced']} stopped after 16 images" in result.table()
     unraced = refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), stages="reconstruct,compose", config=_small_config(race_images=0))
     assert unraced.stages[1].details["race_images"] == 0 and unraced.stages[1].details["raced"] == 0
+    assert "stopped after" not in unraced.table()
 
 
 def test_compiling_ahead_scores_candidates_as_one_at_a_time_does(tiny_irs):
