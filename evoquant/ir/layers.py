@@ -131,14 +131,15 @@ class ActivationTap:
     def __init__(self, model: ov.Model, taps: Sequence[tuple[str, str, int]], *, f32: bool, threads: int | None = None):
         """``taps``: ``("input", layer, port)`` or ``("output", layer, 0)``."""
         copy = model.clone()
-        outputs, order = [], []
+        outputs, positions, order = [], {}, []
         for tap in taps:  # a tensor tapped twice (e.g. the input of Q, K and V) is one output
             output = _tap_output(copy, *tap)
             key = (output.get_node().get_friendly_name(), output.get_index())
-            if key not in [k for k, _ in outputs]:
-                outputs.append((key, output))
-            order.append([k for k, _ in outputs].index(key))
-        pruned = ov.Model([opset.result(output) for _, output in outputs], copy.get_parameters(), "taps")
+            if key not in positions:
+                positions[key] = len(outputs)
+                outputs.append(output)
+            order.append(positions[key])
+        pruned = ov.Model([opset.result(output) for output in outputs], copy.get_parameters(), "taps")
         self.compiled = compile_ir(pruned, threads=threads, f32=f32)
         self.targets = [self.compiled.outputs[position] for position in order]
 

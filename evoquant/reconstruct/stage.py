@@ -131,7 +131,7 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
             targets[weight.index].append(output_rows(output, geometry, positions[weight.index][chunk]))
     del teacher_tap
 
-    patcher = ConstantPatcher(model, table)
+    patcher = None if config.inputs == "fp32" else ConstantPatcher(model, table)  # only the quantized-input path patches
     solved: dict[int, np.ndarray] = {}
     residuals: dict[int, np.ndarray] = {}
     quadratics: dict[int, LayerQuadratic] = {}
@@ -189,7 +189,8 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
                 if weight.index in solved:
                     patcher.apply({weight.index: solved[weight.index]})
     finally:
-        patcher.restore()
+        if patcher is not None:
+            patcher.restore()
         if bar is not None:
             bar.close()
     order = {weight.consumer: i for i, weight in enumerate(table)}
@@ -205,7 +206,6 @@ class _LayerFit:
 
     def __init__(self, weight, geometry, fitted: int, targets, positions, max_shift: int | None, reference):
         self.weight, self.geometry, self.fitted, self.targets, self.positions, self.reference = weight, geometry, fitted, targets, positions, reference
-        self.data_port = 1 - weight.consumer_port if geometry.kind == "matmul" else 0
         self.grids = weight_grid(weight, geometry, max_shift)
         self.equations = [NormalEquations(grid.scale.shape[1], grid.scale.shape[0]) for grid in self.grids]
         self.checks = [NormalEquations(grid.scale.shape[1], grid.scale.shape[0]) for grid in self.grids]
@@ -213,7 +213,7 @@ class _LayerFit:
 
     @property
     def tap(self) -> tuple[str, str, int]:
-        return ("input", self.weight.consumer, self.data_port)
+        return _input_tap(self.weight, self.geometry)
 
     def add(self, inputs: np.ndarray, start: int, chunk: int) -> None:
         """The layer's inputs for the chunk of images that begins at image ``start``."""
@@ -262,6 +262,11 @@ class _LayerFit:
         return result, (new_states if changed else None), (flip, quadratic)
 
 
+def _input_tap(weight, geometry) -> tuple[str, str, int]:
+    """The :class:`ActivationTap` spec of the layer's data input (a MatMul's other operand than the weight)."""
+    return ("input", weight.consumer, 1 - weight.consumer_port if geometry.kind == "matmul" else 0)
+
+
 #: How much memory the layers gathered in one pass (inputs=fp32) may take: each holds its normal equations
 #: (K² + R·K float64 per group, twice: fit and check) and one batch of its inputs (float32).
 MEMORY_PER_PASS = 1 << 30
@@ -271,7 +276,7 @@ def _passes(plans: list, batch_size: int = 64) -> list[list]:
     """``plans`` (graph order) cut into runs that fit in :data:`MEMORY_PER_PASS` together."""
     passes, current, used = [], [], 0
     for weight, geometry in plans:
-        need = sum(16 * grid.scale.shape[1] * (grid.scale.shape[0] + grid.scale.shape[1]) for grid in weight_grid(weight, geometry, None))
+        need = sum(16 * columns * (rows + columns) for rows, columns in (matrix.shape for matrix in weight_matrices(weight.states, geometry)))
         need += 4 * batch_size * int(np.prod(geometry.input_shape))
         if current and used + need > MEMORY_PER_PASS:
             passes.append(current)
@@ -293,7 +298,7 @@ RESCALED_SHARE = 0.25
 def _rescaled_layers(quantized, teacher, plans: list, images: np.ndarray, positions: dict) -> set[int]:
     """The weight-table indices of the layers whose quantized inputs are rescaled per channel against the
     reference's own (SmoothQuant divides them and multiplies the weights): column by column on one batch."""
-    taps = [("input", weight.consumer, 1 - weight.consumer_port if geometry.kind == "matmul" else 0) for weight, geometry in plans]
+    taps = [_input_tap(weight, geometry) for weight, geometry in plans]
     quantized_inputs = ActivationTap(quantized, taps, f32=False).run(images)
     reference_inputs = ActivationTap(teacher, taps, f32=True).run(images)
     return {weight.index for (weight, geometry), mine, theirs in zip(plans, quantized_inputs, reference_inputs)
