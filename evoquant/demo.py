@@ -63,19 +63,36 @@ def synthetic_source(source: str, *, shape: tuple[int, int, int] | None = None, 
     raise EvoquantError(f"unknown demo source {source!r}; choose gan or fractal")
 
 
+def _option_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def data_free_source(built, method: str, *, progress: bool = True, echo=print) -> str:
     """The data spec of ``method``'s data for zoo model ``built``, made from its FP32 program alone (cached
-    beside the zoo; an interrupted run resumes)."""
-    from evoquant.dfq import datafree
+    beside the zoo; an interrupted run resumes). ``method`` may carry generator options after a colon,
+    e.g. ``qimera:embedding=classifier`` (each variant has its own cache entry)."""
+    from evoquant.dfq import MethodOptions, datafree
     from evoquant.zoo import default_cache_dir
 
+    method, _, settings = method.partition(":")
+    options = {key: _option_value(value) for key, _, value in (item.partition("=") for item in settings.split(",") if item)}
+    try:
+        method_options = MethodOptions(**options)
+    except TypeError as error:
+        raise EvoquantError(f"data-free method options {settings!r}: {error}") from None
+    label = "-".join([method, *(f"{key}{value}" if not isinstance(value, str) else value for key, value in sorted(options.items()))])
     folder = default_cache_dir() / "datafree"
     folder.mkdir(parents=True, exist_ok=True)
-    output = folder / (f"{built.name}-{method}.npz" if method == "zeroq" else f"{built.name}-{method}")
+    output = folder / (f"{built.name}-{label}.npz" if method == "zeroq" else f"{built.name}-{label}")
     ready = output.is_file() if method == "zeroq" else (output / "generator.json").is_file()
     if not ready:
-        echo(f"== {built.name}: {method} data from the FP32 model alone (its BatchNorm statistics; cached after the first run)")
-        datafree(built.fp32_program, method=method, output=output, resume=True, progress=progress)
+        echo(f"== {built.name}: {label} data from the FP32 model alone (its BatchNorm statistics; cached after the first run)")
+        datafree(built.fp32_program, method=method, output=output, resume=True, progress=progress, options=method_options)
     return str(output) if method == "zeroq" else f"gan:{output}"
 
 

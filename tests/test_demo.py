@@ -18,3 +18,21 @@ def test_demo_refines_a_zoo_classifier_without_losing_heldout_accuracy(tmp_path,
     # refine never hands back a model that is worse on its verification images
     assert result.verification_after.kl <= result.verification_before.kl
     assert result.heldout_reference.accuracy > 0.95
+
+
+def test_data_free_source_names_each_variant_and_refuses_unknown_options(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from evoquant import demo
+    from evoquant.errors import EvoquantError
+
+    monkeypatch.setenv("EVOQUANT_CACHE", str(tmp_path))
+    made = []
+    monkeypatch.setattr("evoquant.dfq.datafree", lambda program, **kwargs: made.append(kwargs))
+    built = SimpleNamespace(name="bn_cnn", fp32_program=tmp_path / "fp32.pt2")
+    spec = demo.data_free_source(built, "qimera:embedding=classifier,latent_size=32", echo=lambda *_: None)
+    assert spec == f"gan:{tmp_path / 'datafree' / 'bn_cnn-qimera-classifier-latent_size32'}"
+    assert made[0]["method"] == "qimera" and made[0]["options"].embedding == "classifier" and made[0]["options"].latent_size == 32
+    assert demo.data_free_source(built, "gdfq", echo=lambda *_: None) == f"gan:{tmp_path / 'datafree' / 'bn_cnn-gdfq'}"
+    with pytest.raises(EvoquantError, match="bogus"):
+        demo.data_free_source(built, "qimera:bogus=1", echo=lambda *_: None)
