@@ -706,13 +706,6 @@ def _runnable_stages(config: RefineConfig, asked, teacher_model, island=None) ->
     return run
 
 
-#: Compose compiles the next candidate while the current one runs when compiling takes at least this share
-#: of inferring the compose images (OpenVINO compiles on one core; where inference dominates, compiling
-#: alongside only takes a core from it): MobileNetV3-small 0.9 (compile ahead: 8 candidates 2.7 → 1.8 s),
-#: resnet18 0.35 (2.3 → 2.1 s), the ViT 0.2 (8.6 → 9.3 s).
-COMPILE_AHEAD = 0.5
-
-
 def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstructed: dict[int, np.ndarray], sample_objective, objective_spec,
                    config: RefineConfig, workdir: Path, callback=None) -> tuple[dict[int, np.ndarray], dict]:
     """Which fit each layer takes (:mod:`evoquant.search.compose`): the start's states, the reconstruction's, or
@@ -749,19 +742,9 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
         return {tensor: pieces[fit][tensor] for tensor, fit in zip(layers, genome) if tensor in pieces[fit]}
 
     race_images = config.compose.race_images if 0 < config.compose.race_images < len(picked) else 0
-    ahead: list[bool] = []  # whether to compile the next candidate while this one runs: timed on the first
 
     def race(genomes, bound, count=race_images or len(picked)):
-        payloads = [payload(genome) for genome in genomes]
-        results = []
-        if not ahead:
-            started = time.perf_counter()
-            compiled = evaluator.compiled(payloads[0])
-            compiling = time.perf_counter() - started
-            results.append(evaluator.race_compiled(compiled, count, bound))  # the first call: the uniform genomes, never stopped
-            ahead.append(compiling >= COMPILE_AHEAD * (time.perf_counter() - started - compiling))
-            payloads = payloads[1:]
-        return results + evaluator.race_many(payloads, count, bound, compile_ahead=ahead[0])
+        return evaluator.race_many([payload(genome) for genome in genomes], count, bound)
 
     def evaluate_many(genomes):
         return [full for full, _ in race(genomes, math.inf, len(picked))]
@@ -787,7 +770,7 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
     details = {"fits": names, "fit_seconds": fit_seconds, "fit_layers_skipped": dict(zip(names[2:], fit_skipped)), "layers": {table[tensor].consumer: names[fit] for tensor, fit in zip(layers, result.best)},
                "layers_per_fit": {name: int(np.count_nonzero(result.best == k)) for k, name in enumerate(names)},
                "uniform_selection": dict(zip(names, result.uniform_fitness)), "selection_before": result.uniform_fitness[1], "selection_after": result.best_fitness,
-               "evaluations": result.evaluations, "raced": result.raced, "race_images": race_images, "compile_ahead": bool(ahead and ahead[0]), "generations": len(result.history) - 1, "stop_reason": result.stop_reason, "search_seconds": round(result.elapsed, 2),
+               "evaluations": result.evaluations, "raced": result.raced, "race_images": race_images, "compile_ahead": bool(evaluator.compile_ahead), "generations": len(result.history) - 1, "stop_reason": result.stop_reason, "search_seconds": round(result.elapsed, 2),
                "history": [{"generation": h.generation, "evaluations": h.evaluations, "best": h.best, "elapsed": round(h.elapsed, 2)} for h in result.history]}
     return states, details
 

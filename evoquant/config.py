@@ -139,6 +139,10 @@ class ComposeConfig:
     # the worst parent there by more than race_margin (relative); 0 images: every child sees every image
     race_images: int = 512
     race_margin: float = 0.05
+    # a search that finds nothing stops early: after scout_generations, unless the best genome beats the best
+    # uniform genome by scout_gain (relative); 0 generations: never (docs/reconstruct.md, "Stopping early")
+    scout_generations: int = 4
+    scout_gain: float = 0.02
 
     def __post_init__(self):
         fits = tuple(self.fits)
@@ -155,6 +159,8 @@ class ComposeConfig:
             raise EvoquantError("compose: mu, lambda and images must be at least 1")
         if self.race_images < 0 or self.race_margin < 0:
             raise EvoquantError(f"compose: race_images and race_margin must be 0 or more, got {self.race_images} and {self.race_margin}")
+        if self.scout_generations < 0 or not 0 <= self.scout_gain < 1:
+            raise EvoquantError(f"compose: scout_generations must be 0 or more and scout_gain in [0, 1), got {self.scout_generations} and {self.scout_gain}")
         _check_budget(self, "compose: ")
         for name in ("crossover_probability", "segment_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:

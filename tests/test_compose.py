@@ -45,6 +45,23 @@ def test_compose_keeps_the_reconstruction_on_ties_and_stops_on_its_budget():
     assert result.evaluations <= 20
 
 
+def test_a_search_that_finds_nothing_stops_after_its_scout_generations():
+    # every non-uniform genome is 1 % better than the best uniform one: less than the 2 % scouting asks
+    costs = np.zeros((6, 3))
+
+    def evaluate_many(genomes):
+        return [1.0 if len(set(g)) == 1 else 0.99 for g in genomes]
+
+    result = compose(3, 6, evaluate_many, ComposeConfig(generations=50, patience=None, scout_generations=4, scout_gain=0.02), seed=0)
+    assert result.stop_reason == "no gain" and len(result.history) - 1 == 4 and result.evaluations <= 3 + 4 * 8
+    assert result.best_fitness == 0.99  # what it found is still kept; verification decides whether it is worth writing
+    # a 2 % gain is enough to go on; scout_generations 0 never stops this way
+    kept_on = compose(3, 6, lambda genomes: [1.0 if len(set(g)) == 1 else 0.98 for g in genomes], ComposeConfig(generations=6, patience=None), seed=0)
+    assert kept_on.stop_reason == "generations"
+    never = compose(3, 6, _separable(costs, []), ComposeConfig(generations=6, patience=None, scout_generations=0), seed=0)
+    assert never.stop_reason == "generations"
+
+
 def test_compose_is_reproducible_for_a_seed():
     costs = np.random.default_rng(3).uniform(size=(8, 2))
     first = compose(2, 8, _separable(costs, []), ComposeConfig(generations=3, patience=None), seed=5)
@@ -131,6 +148,8 @@ def test_compose_settings_are_checked_and_read_from_yaml(tmp_path):
                          ("compose:\n  fits: [{damping: -1}]\n", "damping"),
                          ("compose:\n  fits: {inputs: fp32}\n", "compose.fits"),
                          ("compose:\n  segment_probability: 2\n", "segment_probability"),
+                         ("compose:\n  scout_gain: 1.5\n", "scout_gain"),
+                         ("compose:\n  scout_generations: -1\n", "scout_generations"),
                          ("compose:\n  speed: 3\n", "unknown setting")):
         path.write_text(bad)
         with pytest.raises(EvoquantError, match=message):
@@ -239,3 +258,9 @@ def test_compiling_ahead_scores_candidates_as_one_at_a_time_does(tiny_irs):
     one_by_one = [evaluator.race(payload, 16, np.inf) for payload in payloads]
     assert evaluator.race_many(payloads, 16, np.inf, compile_ahead=True) == one_by_one
     assert len({full for full, _ in one_by_one}) > 1
+    # undecided: the first candidate is timed, the decision kept for the evaluator's later calls, scores unchanged
+    assert evaluator.compile_ahead is None
+    assert evaluator.race_many(payloads, 16, np.inf) == one_by_one
+    assert isinstance(evaluator.compile_ahead, bool)
+    decided = evaluator.compile_ahead
+    assert evaluator.race_many(payloads[1:], 16, np.inf) == one_by_one[1:] and evaluator.compile_ahead is decided

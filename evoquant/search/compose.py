@@ -13,6 +13,10 @@ consecutive layers (in graph order) one fit, since compounding follows the graph
 is every uniform genome (all layers the same fit: the start, the reconstruction, each alternative).
 The search never sees OpenVINO: ``evaluate_many`` maps genomes (numpy int arrays) to fitness values.
 
+Stopping early: a search whose first ``scout_generations`` find no genome better than the best uniform
+one by ``scout_gain`` stops there ("no gain"): on the zoo, what a search found after such a start moved
+the synthetic objective by a few percent and did not carry over to held-out data (docs/reconstruct.md).
+
 Racing: a child enters the parents only if it beats the worst of them, and a child differs from its
 parents in a few layers, so its score on a subset of the images already says, most of the time, that it
 will not. With ``race``, every genome is first scored on the subset; a child whose subset score exceeds
@@ -130,6 +134,8 @@ def compose(fits: int, layers: int, evaluate_many: Callable[[Sequence[np.ndarray
             reason = "callback"
             break
         reason = termination.reason(generation, evaluations)
+        if reason is None and config.scout_generations and generation >= config.scout_generations and stats.best > (1.0 - config.scout_gain) * min(uniform):
+            reason = "no gain"  # the first generations found nothing worth the rest of the budget
         if reason is not None or layers == 0 or fits < 2:
             reason = reason or "nothing to choose"
             break
