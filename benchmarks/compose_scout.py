@@ -10,7 +10,7 @@ against the reconstruction on the held-out digits, and the seconds saved.
 
     python benchmarks/stages.py --models families --bits 4,8 --source gan --stages reconstruct,compose \\
         --compose '{scout_generations: 0}' --seeds 0 > runs.jsonl
-    python benchmarks/compose_scout.py runs.jsonl --generations 4 --gain 0.02 > benchmarks/results/compose_scout.jsonl
+    python benchmarks/compose_scout.py runs.jsonl --generations 6 --gain 0.02 > benchmarks/results/compose_scout.jsonl
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def replay(row: dict, generations: int, gain: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rows", nargs="+", help="stages.py JSON lines with compose histories")
-    parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--generations", type=int, default=6)
     parser.add_argument("--gain", type=float, default=0.02)
     args = parser.parse_args(argv)
     for path in args.rows:

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "families (ResNet-18, MobileNetV3-small, ViT at 32x32, saved as users save them), all (default: %(default)s)")
     demo.add_argument("--preset", default="default", help="refine preset (default: %(default)s)")
     demo.add_argument("--source", choices=["gan", "fractal"], default="gan", help="synthetic data for calibration and refinement (default: %(default)s; gan trains a GAN once, ~10 min, then caches it)")
-    demo.add_argument("--data-free", nargs="?", const="gdfq", choices=["zeroq", "gdfq", "qimera", "clusterq"], metavar="METHOD",
+    demo.add_argument("--data-free", nargs="?", const="clusterq", choices=["zeroq", "gdfq", "qimera", "clusterq"], metavar="METHOD",
                       help="make the data from each FP32 model alone, no real image before the report (default method: %(const)s; see 'evoquant datafree')")
     demo.add_argument("--data", default=None, help="override the refinement data spec only")
     demo.add_argument("--jobs", "-j", type=int, help="parallel evaluation processes")

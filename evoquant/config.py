@@ -141,7 +141,7 @@ class ComposeConfig:
     race_margin: float = 0.05
     # a search that finds nothing stops early: after scout_generations, unless the best genome beats the best
     # uniform genome by scout_gain (relative); 0 generations: never (docs/reconstruct.md, "Stopping early")
-    scout_generations: int = 4
+    scout_generations: int = 6
     scout_gain: float = 0.02
 
     def __post_init__(self):
