@@ -264,3 +264,14 @@ def test_compiling_ahead_scores_candidates_as_one_at_a_time_does(tiny_irs):
     assert isinstance(evaluator.compile_ahead, bool)
     decided = evaluator.compile_ahead
     assert evaluator.race_many(payloads[1:], 16, np.inf) == one_by_one[1:] and evaluator.compile_ahead is decided
+
+
+def test_refine_reports_a_compose_search_stopped_after_scouting(tiny_irs):
+    from evoquant import refine
+
+    # a 99 % gain is never found: the search stops after its one scouting generation, and says so
+    result = refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), stages="reconstruct,compose",
+                    config=_small_config(scout_generations=1, scout_gain=0.99))
+    details = result.stages[1].details
+    assert details["stop_reason"] == "no gain" and details["generations"] == 1
+    assert "stopped: no better composition in the first generations" in result.table()

@@ -8,6 +8,7 @@ file path) and genomes as plain payloads; each builds its own OpenVINO objects, 
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,8 +181,6 @@ class PlainEvaluator:
         results = []
         if compile_ahead is None:
             if self.compile_ahead is None and payloads:
-                import time
-
                 started = time.perf_counter()
                 compiled = self.compiled(payloads.pop(0))
                 compiling = time.perf_counter() - started
