@@ -63,15 +63,6 @@ def synthetic_source(source: str, *, shape: tuple[int, int, int] | None = None, 
     raise EvoquantError(f"unknown demo source {source!r}; choose gan or fractal")
 
 
-def _option_value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def data_free_source(built, method: str, *, progress: bool = True, echo=print) -> str:
     """The data spec of ``method``'s data for zoo model ``built``, made from its FP32 program alone (cached
     beside the zoo; an interrupted run resumes). ``method`` may carry generator options after a colon,
@@ -79,12 +70,14 @@ def data_free_source(built, method: str, *, progress: bool = True, echo=print) -
     from evoquant.dfq import MethodOptions, datafree
     from evoquant.zoo import default_cache_dir
 
+    import yaml
+
     method, _, settings = method.partition(":")
-    options = {key: _option_value(value) for key, _, value in (item.partition("=") for item in settings.split(",") if item)}
-    try:
+    try:  # each value read as YAML, as the benchmarks' K=V overrides are (32 is a number, classifier a string)
+        options = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in settings.split(",") if item)}
         method_options = MethodOptions(**options)
-    except TypeError as error:
-        raise EvoquantError(f"data-free method options {settings!r}: {error}") from None
+    except (TypeError, yaml.YAMLError) as error:
+        raise EvoquantError(f"data-free method options {settings!r}: {' '.join(str(error).split())}") from None
     label = "-".join([method, *(f"{key}{value}" if not isinstance(value, str) else value for key, value in sorted(options.items()))])
     folder = default_cache_dir() / "datafree"
     folder.mkdir(parents=True, exist_ok=True)
