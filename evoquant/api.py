@@ -770,7 +770,7 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
     details = {"fits": names, "fit_seconds": fit_seconds, "fit_layers_skipped": dict(zip(names[2:], fit_skipped)), "layers": {table[tensor].consumer: names[fit] for tensor, fit in zip(layers, result.best)},
                "layers_per_fit": {name: int(np.count_nonzero(result.best == k)) for k, name in enumerate(names)},
                "uniform_selection": dict(zip(names, result.uniform_fitness)), "selection_before": result.uniform_fitness[1], "selection_after": result.best_fitness,
-               "evaluations": result.evaluations, "raced": result.raced, "race_images": race_images, "compile_ahead": bool(evaluator.compile_ahead), "generations": len(result.history) - 1, "stop_reason": result.stop_reason, "search_seconds": round(result.elapsed, 2),
+               "evaluations": result.evaluations, "raced": result.raced, "race_images": race_images, "compile_ahead": bool(evaluator.compile_ahead), "batch_size": evaluator.batch_size, "generations": len(result.history) - 1, "stop_reason": result.stop_reason, "search_seconds": round(result.elapsed, 2),
                "history": [{"generation": h.generation, "evaluations": h.evaluations, "best": h.best, "elapsed": round(h.elapsed, 2)} for h in result.history]}
     return states, details
 

@@ -62,6 +62,21 @@ def test_a_search_that_finds_nothing_stops_after_its_scout_generations():
     assert never.stop_reason == "generations"
 
 
+def test_gains_below_min_improvement_do_not_keep_a_search_going():
+    # every layer moved to fit 2 gains 0.04 %: the search keeps improving, by less than 1 % in all
+    def evaluate_many(genomes):
+        return [1.0 if len(set(g)) == 1 else 0.999 - 0.0004 * int(np.count_nonzero(g == 2)) for g in genomes]
+
+    settings = {"generations": 40, "patience": 3, "scout_generations": 0}
+    assert ComposeConfig().min_improvement == 0.01
+    stopped = compose(3, 20, evaluate_many, ComposeConfig(**settings), seed=0)
+    assert stopped.stop_reason == "converged" and len(stopped.history) - 1 == 3
+    assert stopped.best_fitness < 1.0  # what it found is kept
+    # every gain counting, the same search goes on past those generations
+    patient = compose(3, 20, evaluate_many, ComposeConfig(**settings, min_improvement=1e-4), seed=0)
+    assert len(patient.history) - 1 > 3 and patient.evaluations > stopped.evaluations and patient.best_fitness <= stopped.best_fitness
+
+
 def test_compose_is_reproducible_for_a_seed():
     costs = np.random.default_rng(3).uniform(size=(8, 2))
     first = compose(2, 8, _separable(costs, []), ComposeConfig(generations=3, patience=None), seed=5)
@@ -264,6 +279,44 @@ def test_compiling_ahead_scores_candidates_as_one_at_a_time_does(tiny_irs):
     assert isinstance(evaluator.compile_ahead, bool)
     decided = evaluator.compile_ahead
     assert evaluator.race_many(payloads[1:], 16, np.inf) == one_by_one[1:] and evaluator.compile_ahead is decided
+
+
+def test_the_evaluator_picks_its_batch_size_once_and_scores_do_not_depend_on_it(tiny_irs):
+    from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
+    from evoquant.ir.runtime import BATCH_SIZES, compile_ir, infer, read_ir
+
+    images = np.ascontiguousarray(np.load(tiny_irs.data)["x"][:80])
+    teacher = infer(compile_ir(read_ir(tiny_irs.fp32), f32=True), images)
+    evaluator = PlainEvaluator(FitnessContext(str(tiny_irs.int8), images, teacher, None, "kl"))
+    assert not evaluator.batch_decided
+    scores = evaluator.race_many([{}], 80, np.inf)
+    assert evaluator.batch_decided and evaluator.batch_size in BATCH_SIZES
+    for size in (256, 64, 7):  # 7: batches that do not divide the images
+        evaluator.batch_size = size
+        assert evaluator.race_many([{}], 80, np.inf) == scores and evaluator.race({}, 16, np.inf) == evaluator.race({}, 16, np.inf)
+        assert evaluator({}) == scores[0][0]
+
+
+def test_fastest_batch_takes_the_quickest_size_and_the_first_on_ties(monkeypatch):
+    import time
+
+    from evoquant.ir import runtime
+
+    calls = []
+
+    def timed_infer(seconds_per_call):
+        def fake(compiled, images, *, batch_size=256):
+            calls.append(batch_size)
+            time.sleep(seconds_per_call[batch_size])
+            return [images]
+        return fake
+
+    images = np.zeros((256, 1, 4, 4), np.float32)
+    monkeypatch.setattr(runtime, "infer", timed_infer({256: 0.03, 64: 0.005}))
+    assert runtime.fastest_batch(None, images, (256, 64), rounds=2) == 64 and sorted(calls) == [64, 64, 256, 256]
+    monkeypatch.setattr(runtime, "infer", timed_infer({256: 0.0, 64: 0.02}))
+    assert runtime.fastest_batch(None, images, (256, 64)) == 256
+    assert runtime.fastest_batch(None, images, (64,)) == 64 and runtime.fastest_batch(None, images[:0]) == runtime.BATCH_SIZES[0]
 
 
 def test_refine_reports_a_compose_search_stopped_after_scouting(tiny_irs):

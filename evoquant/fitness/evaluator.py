@@ -20,7 +20,7 @@ from evoquant.data.preprocess import InputSpec
 from evoquant.errors import EvoquantError
 from evoquant.fitness.objectives import OBJECTIVES, Objective, checked, load_hook
 from evoquant.ir.patch import ConstantPatcher
-from evoquant.ir.runtime import compile_ir, infer, read_ir
+from evoquant.ir.runtime import compile_ir, fastest_batch, infer, read_ir
 from evoquant.ir.weights import find_quantized_weights
 from evoquant.search.genome import Payload, apply_shifts
 
@@ -131,6 +131,8 @@ class PlainEvaluator:
         self.patcher = ConstantPatcher(self.model, self.table)
         self.objective, self.objective_name = context.resolve_objective()
         self.compile_ahead: bool | None = None  # race_many's decision, once it has timed a candidate
+        self.batch_size = 256  # images per inference call; race_many times the choices on its first candidate
+        self.batch_decided = False
 
     def compiled(self, payload: Payload) -> ov.CompiledModel:
         """The candidate, compiled (the model object itself is left as it was)."""
@@ -143,7 +145,7 @@ class PlainEvaluator:
 
     def outputs(self, payload: Payload) -> list[np.ndarray]:
         """The candidate's outputs on the context's images."""
-        return infer(self.compiled(payload), self.context.images)
+        return infer(self.compiled(payload), self.context.images, batch_size=self.batch_size)
 
     def score(self, outputs: Sequence[np.ndarray], count: int | None = None) -> float:
         """Apply the objective to outputs (of the first ``count`` images only, when given), checking the
@@ -176,16 +178,21 @@ class PlainEvaluator:
         while this one runs (OpenVINO compiles on one core, so this pays where compiling costs as much as
         inferring; where inference dominates it only takes a core from it). ``None`` decides once per
         evaluator, on the first candidate it scores: compile ahead when compiling took at least
-        :data:`COMPILE_AHEAD` of the time inferring did (:attr:`compile_ahead` holds the decision)."""
+        :data:`COMPILE_AHEAD` of the time inferring did (:attr:`compile_ahead` holds the decision). The first
+        candidate race_many compiles also decides :attr:`batch_size` (:func:`~evoquant.ir.runtime.fastest_batch`
+        on up to 256 of the images; scores do not depend on it)."""
         payloads = list(payloads)
         results = []
-        if compile_ahead is None:
-            if self.compile_ahead is None and payloads:
-                started = time.perf_counter()
-                compiled = self.compiled(payloads.pop(0))
-                compiling = time.perf_counter() - started
-                results.append(self.race_compiled(compiled, count, bound))
+        if payloads and (not self.batch_decided or (compile_ahead is None and self.compile_ahead is None)):
+            started = time.perf_counter()
+            compiled = self.compiled(payloads.pop(0))
+            compiling = time.perf_counter() - started
+            results.append(self.race_compiled(compiled, count, bound))
+            if compile_ahead is None and self.compile_ahead is None:  # timed cold, as every candidate runs
                 self.compile_ahead = compiling >= COMPILE_AHEAD * (time.perf_counter() - started - compiling)
+            if not self.batch_decided:
+                self.batch_size, self.batch_decided = fastest_batch(compiled, self.context.images[: min(count, 256)]), True
+        if compile_ahead is None:
             compile_ahead = bool(self.compile_ahead)
         if not compile_ahead or len(payloads) < 2:
             return results + [self.race(payload, count, bound) for payload in payloads]
@@ -202,11 +209,11 @@ class PlainEvaluator:
 
     def race_compiled(self, compiled: ov.CompiledModel, count: int, bound: float) -> tuple[float | None, float]:
         images = self.context.images
-        head = infer(compiled, images[:count])
+        head = infer(compiled, images[:count], batch_size=self.batch_size)
         early = self.score(head, count)
         if early > bound or count >= len(images):
             return (None if early > bound else early), early
-        tail = infer(compiled, images[count:])
+        tail = infer(compiled, images[count:], batch_size=self.batch_size)
         return self.score([np.concatenate([h, t]) for h, t in zip(head, tail)]), early
 
     def __call__(self, payload: Payload) -> float:
