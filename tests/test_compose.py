@@ -38,6 +38,31 @@ def test_compose_finds_the_best_fit_of_every_layer_and_scores_no_genome_twice():
     assert [h.best for h in result.history] == sorted((h.best for h in result.history), reverse=True)
 
 
+def test_equivalent_fits_are_one_model_and_never_scored_twice():
+    from evoquant.search.compose import canonical_fits
+
+    rng = np.random.default_rng(4)
+    start = [rng.integers(-8, 8, size=5) for _ in range(10)]
+    # fit 2 skipped every layer but 3 (the start's states there); fit 1 left layer 0 as it was
+    states = [[w, w + 1 if layer else w.copy(), w - 1 if layer == 3 else w.copy()] for layer, w in enumerate(start)]
+    canonical = canonical_fits(states)
+    assert canonical[0].tolist() == [0, 0, 0] and canonical[3].tolist() == [0, 1, 2] and canonical[5].tolist() == [0, 1, 0]
+    costs = rng.uniform(size=(10, 3))
+    costs[np.arange(10), 2] = np.where(np.arange(10) == 3, costs[3, 2], costs[:, 0])  # a model's cost follows its states
+    costs[0, 1] = costs[0, 0]
+    models: list = []
+
+    def evaluate_many(genomes):
+        models.extend(tuple(tuple(states[layer][fit]) for layer, fit in enumerate(g)) for g in genomes)
+        return [float(costs[np.arange(10), g].sum()) for g in genomes]
+
+    result = compose(3, 10, evaluate_many, ComposeConfig(generations=60, patience=None, scout_generations=0), seed=0, canonical=canonical)
+    assert len(models) == len(set(models)) == result.evaluations  # no model compiled twice under two genomes
+    assert result.best_fitness == pytest.approx(costs.min(axis=1).sum())
+    assert all(canonical[layer, fit] == fit for layer, fit in enumerate(result.best))
+    assert result.uniform_fitness[2] == pytest.approx(costs[np.arange(10), canonical[np.arange(10), 2]].sum())
+
+
 def test_compose_keeps_the_reconstruction_on_ties_and_stops_on_its_budget():
     costs = np.zeros((5, 3))  # every genome scores the same: nothing beats the reconstruction
     result = compose(3, 5, _separable(costs, []), ComposeConfig(max_evaluations=20, patience=None), seed=0)
@@ -281,42 +306,24 @@ def test_compiling_ahead_scores_candidates_as_one_at_a_time_does(tiny_irs):
     assert evaluator.race_many(payloads[1:], 16, np.inf) == one_by_one[1:] and evaluator.compile_ahead is decided
 
 
-def test_the_evaluator_picks_its_batch_size_once_and_scores_do_not_depend_on_it(tiny_irs):
-    from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
+def test_the_evaluator_times_its_batch_sizes_on_the_first_candidates_and_scores_do_not_depend_on_them(tiny_irs):
+    from evoquant.fitness.evaluator import BATCH_TRIALS, FitnessContext, PlainEvaluator
     from evoquant.ir.runtime import BATCH_SIZES, compile_ir, infer, read_ir
 
-    images = np.ascontiguousarray(np.load(tiny_irs.data)["x"][:80])
+    images = np.ascontiguousarray(np.load(tiny_irs.data)["x"][:300])
     teacher = infer(compile_ir(read_ir(tiny_irs.fp32), f32=True), images)
     evaluator = PlainEvaluator(FitnessContext(str(tiny_irs.int8), images, teacher, None, "kl"))
-    assert not evaluator.batch_decided
-    scores = evaluator.race_many([{}], 80, np.inf)
-    assert evaluator.batch_decided and evaluator.batch_size in BATCH_SIZES
-    for size in (256, 64, 7):  # 7: batches that do not divide the images
+    reference = evaluator({})  # batches of the first size, undecided
+    results = [evaluator.race({}, 150, np.inf) for _ in range(BATCH_TRIALS)]  # two timed calls each (head, tail)
+    assert evaluator.batch_size in BATCH_SIZES and all(len(times) == BATCH_TRIALS for times in evaluator._batch_trials.values())
+    assert all(full == reference for full, _ in results) and len({early for _, early in results}) == 1
+    for size in (*BATCH_SIZES, 7):  # 7: batches that do not divide the images
         evaluator.batch_size = size
-        assert evaluator.race_many([{}], 80, np.inf) == scores and evaluator.race({}, 16, np.inf) == evaluator.race({}, 16, np.inf)
-        assert evaluator({}) == scores[0][0]
-
-
-def test_fastest_batch_takes_the_quickest_size_and_the_first_on_ties(monkeypatch):
-    import time
-
-    from evoquant.ir import runtime
-
-    calls = []
-
-    def timed_infer(seconds_per_call):
-        def fake(compiled, images, *, batch_size=256):
-            calls.append(batch_size)
-            time.sleep(seconds_per_call[batch_size])
-            return [images]
-        return fake
-
-    images = np.zeros((256, 1, 4, 4), np.float32)
-    monkeypatch.setattr(runtime, "infer", timed_infer({256: 0.03, 64: 0.005}))
-    assert runtime.fastest_batch(None, images, (256, 64), rounds=2) == 64 and sorted(calls) == [64, 64, 256, 256]
-    monkeypatch.setattr(runtime, "infer", timed_infer({256: 0.0, 64: 0.02}))
-    assert runtime.fastest_batch(None, images, (256, 64)) == 256
-    assert runtime.fastest_batch(None, images, (64,)) == 64 and runtime.fastest_batch(None, images[:0]) == runtime.BATCH_SIZES[0]
+        assert evaluator({}) == reference and evaluator.race({}, 150, np.inf) == results[0]
+    # too few images to time: the first size, undecided
+    small = PlainEvaluator(FitnessContext(str(tiny_irs.int8), images[:100], [t[:100] for t in teacher], None, "kl"))
+    small.race({}, 50, np.inf)
+    assert small.batch_size is None and not any(small._batch_trials.values())
 
 
 def test_refine_reports_a_compose_search_stopped_after_scouting(tiny_irs):

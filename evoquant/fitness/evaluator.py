@@ -20,7 +20,7 @@ from evoquant.data.preprocess import InputSpec
 from evoquant.errors import EvoquantError
 from evoquant.fitness.objectives import OBJECTIVES, Objective, checked, load_hook
 from evoquant.ir.patch import ConstantPatcher
-from evoquant.ir.runtime import compile_ir, fastest_batch, infer, read_ir
+from evoquant.ir.runtime import BATCH_SIZES, compile_ir, infer, read_ir
 from evoquant.ir.weights import find_quantized_weights
 from evoquant.search.genome import Payload, apply_shifts
 
@@ -115,6 +115,10 @@ class FitnessContext:
 #: resnet18 0.35 (2.3 → 2.1 s), the ViT 0.2 (8.6 → 9.3 s), compose images 2,048.
 COMPILE_AHEAD = 0.5
 
+#: Timed inference calls per batch size before :class:`PlainEvaluator` keeps the fastest
+#: (:data:`~evoquant.ir.runtime.BATCH_SIZES`).
+BATCH_TRIALS = 3
+
 
 class PlainEvaluator:
     """Fitness of sparse genomes by patch → compile → infer → objective, on one model object.
@@ -131,8 +135,10 @@ class PlainEvaluator:
         self.patcher = ConstantPatcher(self.model, self.table)
         self.objective, self.objective_name = context.resolve_objective()
         self.compile_ahead: bool | None = None  # race_many's decision, once it has timed a candidate
-        self.batch_size = 256  # images per inference call; race_many times the choices on its first candidate
-        self.batch_decided = False
+        # images per inference call: the first candidates raced alternate between BATCH_SIZES, timed; then
+        # the fastest per image is kept (the candidates have to be run anyway, so choosing costs nothing)
+        self.batch_size: int | None = None
+        self._batch_trials: dict[int, list[float]] = {size: [] for size in BATCH_SIZES}
 
     def compiled(self, payload: Payload) -> ov.CompiledModel:
         """The candidate, compiled (the model object itself is left as it was)."""
@@ -145,7 +151,7 @@ class PlainEvaluator:
 
     def outputs(self, payload: Payload) -> list[np.ndarray]:
         """The candidate's outputs on the context's images."""
-        return infer(self.compiled(payload), self.context.images, batch_size=self.batch_size)
+        return infer(self.compiled(payload), self.context.images, batch_size=self.batch_size or BATCH_SIZES[0])
 
     def score(self, outputs: Sequence[np.ndarray], count: int | None = None) -> float:
         """Apply the objective to outputs (of the first ``count`` images only, when given), checking the
@@ -178,21 +184,16 @@ class PlainEvaluator:
         while this one runs (OpenVINO compiles on one core, so this pays where compiling costs as much as
         inferring; where inference dominates it only takes a core from it). ``None`` decides once per
         evaluator, on the first candidate it scores: compile ahead when compiling took at least
-        :data:`COMPILE_AHEAD` of the time inferring did (:attr:`compile_ahead` holds the decision). The first
-        candidate race_many compiles also decides :attr:`batch_size` (:func:`~evoquant.ir.runtime.fastest_batch`
-        on up to 256 of the images; scores do not depend on it)."""
+        :data:`COMPILE_AHEAD` of the time inferring did (:attr:`compile_ahead` holds the decision)."""
         payloads = list(payloads)
         results = []
-        if payloads and (not self.batch_decided or (compile_ahead is None and self.compile_ahead is None)):
-            started = time.perf_counter()
-            compiled = self.compiled(payloads.pop(0))
-            compiling = time.perf_counter() - started
-            results.append(self.race_compiled(compiled, count, bound))
-            if compile_ahead is None and self.compile_ahead is None:  # timed cold, as every candidate runs
-                self.compile_ahead = compiling >= COMPILE_AHEAD * (time.perf_counter() - started - compiling)
-            if not self.batch_decided:
-                self.batch_size, self.batch_decided = fastest_batch(compiled, self.context.images[: min(count, 256)]), True
         if compile_ahead is None:
+            if self.compile_ahead is None and payloads:
+                started = time.perf_counter()
+                compiled = self.compiled(payloads.pop(0))
+                compiling = time.perf_counter() - started
+                results.append(self.race_compiled(compiled, count, bound))
+                self.compile_ahead = compiling >= COMPILE_AHEAD * (time.perf_counter() - started - compiling)
             compile_ahead = bool(self.compile_ahead)
         if not compile_ahead or len(payloads) < 2:
             return results + [self.race(payload, count, bound) for payload in payloads]
@@ -207,13 +208,27 @@ class PlainEvaluator:
                 results.append(self.race_compiled(compiled, count, bound))
         return results
 
+    def _infer_timed(self, compiled: ov.CompiledModel, images: np.ndarray) -> list[np.ndarray]:
+        """Infer in batches of :attr:`batch_size`; until that is decided, alternate between the candidate
+        sizes, timing each call, and decide once every size has :data:`BATCH_TRIALS` calls of at least 128
+        images: the size with the lowest time per image (the best of its calls: noise only slows a call)."""
+        if self.batch_size is not None or len(images) < 128:
+            return infer(compiled, images, batch_size=self.batch_size or BATCH_SIZES[0])
+        size = min(self._batch_trials, key=lambda candidate: len(self._batch_trials[candidate]))
+        started = time.perf_counter()
+        outputs = infer(compiled, images, batch_size=size)
+        self._batch_trials[size].append((time.perf_counter() - started) / len(images))
+        if all(len(times) >= BATCH_TRIALS for times in self._batch_trials.values()):
+            self.batch_size = min(self._batch_trials, key=lambda candidate: min(self._batch_trials[candidate]))
+        return outputs
+
     def race_compiled(self, compiled: ov.CompiledModel, count: int, bound: float) -> tuple[float | None, float]:
         images = self.context.images
-        head = infer(compiled, images[:count], batch_size=self.batch_size)
+        head = self._infer_timed(compiled, images[:count])
         early = self.score(head, count)
         if early > bound or count >= len(images):
             return (None if early > bound else early), early
-        tail = infer(compiled, images[count:], batch_size=self.batch_size)
+        tail = self._infer_timed(compiled, images[count:])
         return self.score([np.concatenate([h, t]) for h, t in zip(head, tail)]), early
 
     def __call__(self, payload: Payload) -> float:

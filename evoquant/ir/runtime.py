@@ -102,27 +102,11 @@ def infer(compiled: ov.CompiledModel, images: np.ndarray, *, batch_size: int = 2
     return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(compiled.outputs))]
 
 
-#: Batch sizes :func:`fastest_batch` chooses from: 256 suits the convolutional zoo models; the ViT runs 2,048
-#: images 15-25 % faster in batches of 64 (its attention and MLP activations stay in cache), the CNNs 2-10 %
-#: slower. Outputs do not depend on the batch size (checked exactly on the families, W8A8 and W4A8).
+#: Batch sizes the plain evaluator tries (:class:`~evoquant.fitness.evaluator.PlainEvaluator`): 256 suits the
+#: convolutional zoo models; the ViT runs 2,048 images 15-25 % faster in batches of 64 (its attention and MLP
+#: activations stay in cache), the CNNs 2-10 % slower. Outputs do not depend on the batch size (checked
+#: exactly on the families, W8A8 and W4A8).
 BATCH_SIZES = (256, 64)
-
-
-def fastest_batch(compiled: ov.CompiledModel, images: np.ndarray, sizes: Sequence[int] = BATCH_SIZES, *, rounds: int = 3) -> int:
-    """The batch size in ``sizes`` with which ``compiled`` runs ``images`` fastest: each size timed ``rounds``
-    times, interleaved, the best of each counting (a size's first run also builds the plugin's kernels for
-    its shapes; noise only slows a run down). Ties keep the first size."""
-    import time
-
-    if len(sizes) < 2 or len(images) == 0:
-        return sizes[0]
-    best = {size: float("inf") for size in sizes}
-    for _ in range(rounds):
-        for size in sizes:
-            started = time.perf_counter()
-            infer(compiled, images, batch_size=size)
-            best[size] = min(best[size], time.perf_counter() - started)
-    return min(sizes, key=lambda size: (best[size], sizes.index(size)))
 
 
 def input_shape(model: ov.Model, override: "tuple[int, ...] | None" = None, *, data_shape: "tuple[int, ...] | None" = None, role: str = "the model") -> tuple[int, ...]:
