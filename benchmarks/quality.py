@@ -65,7 +65,7 @@ def main() -> int:
                         "stage_heldout_kl": {stage.name: stage.heldout.kl for stage in result.stages},
                         "stage_heldout_mse": {stage.name: stage.heldout.mse for stage in result.stages},
                         "stage_heldout_accuracy": {stage.name: stage.heldout.accuracy for stage in result.stages},
-                        "compose": next(({key: stage.details[key] for key in ("layers_per_fit", "uniform_selection", "selection_before", "selection_after", "evaluations", "raced", "batch_size", "stop_reason",
+                        "compose": next(({key: stage.details[key] for key in ("layers_per_fit", "equivalent_fits", "uniform_selection", "selection_before", "selection_after", "evaluations", "raced", "batch_size", "stop_reason",
                                                                                    "fit_seconds", "search_seconds", "history")}
                                          for stage in result.stages if stage.name == "compose"), None),
                         "wall_seconds": round(time.perf_counter() - started, 1),

@@ -715,7 +715,7 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
     from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
     from evoquant.ir.runtime import read_ir
     from evoquant.reconstruct import reconstruct
-    from evoquant.search.compose import compose
+    from evoquant.search.compose import canonical_fits, compose
 
     names = ["start", "reconstruct"] + [",".join(f"{key}={value}" for key, value in fit.items()) for fit in config.compose.fits]
     fits: list[dict[int, np.ndarray]] = [{}, reconstructed]
@@ -728,6 +728,7 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
         fit_seconds.append(round(time.perf_counter() - fit_started, 2))
     layers = sorted(set().union(*fits))  # the tensors some fit changes
     pieces = [{tensor: shifts_between(table[tensor].states, fit[tensor]) for tensor in layers if tensor in fit} for fit in fits]
+    canonical = canonical_fits([[fit.get(tensor, table[tensor].states) for fit in fits] for tensor in layers])  # a skipped layer is the start's
 
     start_xml = _write_states(working, table, {}, workdir / "compose_start.xml")
     reconstructed_model = read_ir(_write_states(working, table, reconstructed, workdir / "compose_reconstruct.xml"))
@@ -762,14 +763,16 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
         return callback(stats) if callback is not None else None
 
     try:
-        result = compose(len(fits), len(layers), evaluate_many, config.compose, seed=config.search.seed, callback=show, race=race if race_images else None)
+        result = compose(len(fits), len(layers), evaluate_many, config.compose, seed=config.search.seed, callback=show, race=race if race_images else None,
+                         canonical=canonical)
     finally:
         if bar is not None:
             bar.close()
     states = {tensor: fits[fit][tensor] for tensor, fit in zip(layers, result.best) if tensor in fits[fit]}
     details = {"fits": names, "fit_seconds": fit_seconds, "fit_layers_skipped": dict(zip(names[2:], fit_skipped)), "layers": {table[tensor].consumer: names[fit] for tensor, fit in zip(layers, result.best)},
                "layers_per_fit": {name: int(np.count_nonzero(result.best == k)) for k, name in enumerate(names)},
-               "uniform_selection": dict(zip(names, result.uniform_fitness)), "selection_before": result.uniform_fitness[1], "selection_after": result.best_fitness,
+               "uniform_selection": dict(zip(names, result.uniform_fitness)),
+               "equivalent_fits": {name: int(np.count_nonzero(canonical[:, k] != k)) for k, name in enumerate(names) if k}, "selection_before": result.uniform_fitness[1], "selection_after": result.best_fitness,
                "evaluations": result.evaluations, "raced": result.raced, "race_images": race_images, "compile_ahead": bool(evaluator.compile_ahead), "batch_size": evaluator.batch_size, "generations": len(result.history) - 1, "stop_reason": result.stop_reason, "search_seconds": round(result.elapsed, 2),
                "history": [{"generation": h.generation, "evaluations": h.evaluations, "best": h.best, "elapsed": round(h.elapsed, 2)} for h in result.history]}
     return states, details

@@ -17,6 +17,11 @@ Stopping early: a search whose first ``scout_generations`` find no genome better
 one by ``scout_gain`` stops there ("no gain"): on the zoo, what a search found after such a start moved
 the synthetic objective by a few percent and did not carry over to held-out data (docs/reconstruct.md).
 
+Equivalent fits: where two fits give a layer the same states (a fit that skipped the layer leaves it at
+the start's), genomes that differ only there are one model. With ``canonical`` every genome is rewritten
+to the lowest fit index with the same states per layer before it is looked up or scored, so no model is
+compiled twice under two names and the search's budget goes to models it has not seen.
+
 Racing: a child enters the parents only if it beats the worst of them, and a child differs from its
 parents in a few layers, so its score on a subset of the images already says, most of the time, that it
 will not. With ``race``, every genome is first scored on the subset; a child whose subset score exceeds
@@ -81,16 +86,35 @@ def mutate_choices(genome: list, fits: int, rng: np.random.Generator, segment_pr
 Race = Callable[[Sequence[np.ndarray], float], Sequence[tuple[float | None, float]]]
 
 
+def canonical_fits(states: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    """``states[layer][fit]``, each fit's states for each layer: per (layer, fit), the lowest fit index whose
+    states for that layer are the same array values."""
+    table = np.zeros((len(states), len(states[0]) if states else 0), dtype=np.int64)
+    for layer, options in enumerate(states):
+        for fit, value in enumerate(options):
+            table[layer, fit] = next(other for other in range(fit + 1) if other == fit or np.array_equal(options[other], value))
+    return table
+
+
 def compose(fits: int, layers: int, evaluate_many: Callable[[Sequence[np.ndarray]], Sequence[float]], config: ComposeConfig, *,
-            seed: int = 0, callback: Callable[[GenerationStats], bool | None] | None = None, race: Race | None = None) -> ComposeResult:
+            seed: int = 0, callback: Callable[[GenerationStats], bool | None] | None = None, race: Race | None = None,
+            canonical: np.ndarray | None = None) -> ComposeResult:
     """Search one fit index in ``[0, fits)`` per layer (``layers`` genes) for the lowest fitness.
 
     ``evaluate_many`` scores a list of genomes; genomes already scored are never scored again. Stops on
     ``config``'s budgets (generations, evaluations, time) or patience; ``callback`` gets each
     generation's stats and may return True to stop. Ties keep the earlier genome, so fit 1 (the
     reconstruction) wins over an alternative that scores the same. With ``race``, genomes are scored
-    through it instead (see the module's docstring).
+    through it instead (see the module's docstring). ``canonical`` (layers x fits, from
+    :func:`canonical_fits`) names equivalent fits: every genome is rewritten to its canonical form.
     """
+    rows = np.arange(layers)
+
+    def canon(genome: list) -> list:
+        if canonical is not None:
+            genome[:] = canonical[rows, np.asarray(genome, dtype=np.int64)].tolist()
+        return genome
+
     started = time.perf_counter()
     rng = np.random.default_rng([seed, 7])
     termination = Termination(config)
@@ -119,9 +143,9 @@ def compose(fits: int, layers: int, evaluate_many: Callable[[Sequence[np.ndarray
 
     # every uniform genome; the reconstruction's (fit 1) first among equals
     order = [1, 0, *range(2, fits)] if fits > 1 else [0]
-    population = [creator.EvoquantComposition([fit] * layers) for fit in order]
+    population = [canon(creator.EvoquantComposition([fit] * layers)) for fit in order]
     score(population)
-    uniform = [seen[(fit,) * layers] for fit in range(fits)]
+    uniform = [seen[tuple(canon([fit] * layers))] for fit in range(fits)]
     parents = _best(population, config.mu)
     termination.update(parents[0].fitness.values[0])
     history: list[GenerationStats] = []
@@ -145,7 +169,7 @@ def compose(fits: int, layers: int, evaluate_many: Callable[[Sequence[np.ndarray
                 child = creator.EvoquantComposition(parents[int(rng.integers(len(parents)))])
                 if len(parents) > 1 and rng.random() < config.crossover_probability:
                     child = toolbox.mate(child, parents[int(rng.integers(len(parents)))])
-                toolbox.mutate(child)
+                canon(toolbox.mutate(child))
                 if tuple(child) not in seen:
                     break
             offspring.append(child)
