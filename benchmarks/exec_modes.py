@@ -7,6 +7,8 @@ deploy with several streams (``PERFORMANCE_HINT: THROUGHPUT`` is benchmark_app's
 model, NNCF's W8A8 / W4A8 IR (calibrated on 300 GAN images, as benchmarks/quality.py does) and -- with
 ``--refined`` -- evoquant's reconstruct-only result of it are compiled under each setting and run on the
 1,000 held-out digits: accuracy, KL(FP32 || model), and the largest logit difference from the default.
+Each IR with 4-bit weights is also run "widened": the same integer states in 8-bit constants (same grid,
+same scales and zero points; only the container differs), in memory.
 
     python benchmarks/exec_modes.py > benchmarks/results/exec_modes.jsonl
     python benchmarks/exec_modes.py --models mobilenet_v3_small --bits 4 --refined
@@ -45,6 +47,7 @@ def main() -> int:
 
     from evoquant.fitness.objectives import kl_to_teacher
     from evoquant.ir.runtime import compile_ir, core, infer, read_ir
+    from evoquant.ir.weights import find_quantized_weights
 
     for name, bits, built, model, spec, (x_heldout, y_heldout) in zoo_models("gan", args.models, args.bits, "evoquant-modes-"):
         images = np.ascontiguousarray(x_heldout, dtype=np.float32)
@@ -54,8 +57,13 @@ def main() -> int:
             output = Path(tempfile.mkdtemp(prefix="evoquant-modes-")) / f"{name}_w{bits}_refined.xml"
             zoo_refine(model, built, spec, (x_heldout, y_heldout), stages="reconstruct", output=output)
             irs.append(("refined", output))
+        variants = []
         for label, xml in irs:
-            ir = read_ir(xml)
+            variants.append((label, read_ir(xml)))
+            widened = _widened(read_ir(xml), find_quantized_weights)
+            if widened is not None:
+                variants.append((f"{label} widened", widened))
+        for label, ir in variants:
             default = None
             for setting, config in SETTINGS.items():
                 outputs = infer(core().compile_model(ir, "CPU", {"ENABLE_CPU_PINNING": False, **config}), images)
@@ -64,6 +72,21 @@ def main() -> int:
                                   "accuracy": float(np.mean(outputs[0].argmax(1) == y_heldout)), "kl": float(kl_to_teacher(outputs, teacher)),
                                   "max_logit_difference": float(np.abs(outputs[0] - default).max()), "openvino": openvino.__version__.split("-")[0]}), flush=True)
     return 0
+
+
+def _widened(model, find_quantized_weights):
+    """``model`` with every 4-bit weight constant replaced by an 8-bit one holding the same states; None when
+    it has none."""
+    from openvino import opset13 as opset
+
+    ops = model.get_ordered_ops()
+    four_bit = [weight for weight in find_quantized_weights(model) if weight.element_type in ("i4", "u4")]
+    for weight in four_bit:
+        constant = opset.constant(weight.states.astype(np.int8 if weight.element_type == "i4" else np.uint8))
+        for target in ops[weight.constant_position].output(0).get_target_inputs():
+            target.replace_source_output(constant.output(0))
+    model.validate_nodes_and_infer_types()
+    return model if four_bit else None
 
 
 if __name__ == "__main__":
