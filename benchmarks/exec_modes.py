@@ -47,7 +47,6 @@ def main() -> int:
 
     from evoquant.fitness.objectives import kl_to_teacher
     from evoquant.ir.runtime import compile_ir, core, infer, read_ir
-    from evoquant.ir.weights import find_quantized_weights
 
     for name, bits, built, model, spec, (x_heldout, y_heldout) in zoo_models("gan", args.models, args.bits, "evoquant-modes-"):
         images = np.ascontiguousarray(x_heldout, dtype=np.float32)
@@ -59,8 +58,9 @@ def main() -> int:
             irs.append(("refined", output))
         variants = []
         for label, xml in irs:
-            variants.append((label, read_ir(xml)))
-            widened = _widened(read_ir(xml), find_quantized_weights)
+            ir = read_ir(xml)
+            variants.append((label, ir))
+            widened = _widened(ir.clone())
             if widened is not None:
                 variants.append((f"{label} widened", widened))
         for label, ir in variants:
@@ -74,10 +74,12 @@ def main() -> int:
     return 0
 
 
-def _widened(model, find_quantized_weights):
-    """``model`` with every 4-bit weight constant replaced by an 8-bit one holding the same states; None when
-    it has none."""
+def _widened(model):
+    """``model`` (changed in place) with every 4-bit weight constant replaced by an 8-bit one holding the
+    same states; None when it has none."""
     from openvino import opset13 as opset
+
+    from evoquant.ir.weights import find_quantized_weights
 
     ops = model.get_ordered_ops()
     four_bit = [weight for weight in find_quantized_weights(model) if weight.element_type in ("i4", "u4")]
