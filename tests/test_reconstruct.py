@@ -318,9 +318,23 @@ def test_reconstruct_matches_layers_by_output_under_smoothquant():
     assert {layer.name for layer in result.layers} == {"mlp_in", "mlp_out"} and not result.skipped
     assert all(layer.error_after < layer.error_before for layer in result.layers)
     # the reference's own inputs are not what a SmoothQuant'ed layer computes with: that fit leaves it alone, and says why
-    rounding = reconstruct(quantized, table, model, images, ReconstructConfig(images=256, inputs="fp32"))
+    from evoquant.reconstruct import stage
+
+    tapped = []
+
+    class RecordingTap(stage.ActivationTap):
+        def __init__(self, model, taps, **options):
+            tapped.extend(taps)
+            super().__init__(model, taps, **options)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stage, "ActivationTap", RecordingTap)
+        rounding = reconstruct(quantized, table, model, images, ReconstructConfig(images=256, inputs="fp32"))
     smoothed = {layer.name: layer.skipped for layer in rounding.skipped}
     assert "mlp_in" in smoothed and all("SmoothQuant" in why for why in smoothed.values())
+    # ... and is dropped before any target is gathered: no layer left out has its output tapped
+    assert not [tap for tap in tapped if tap[0] == "output" and tap[1] in smoothed]
+    assert {layer.name for layer in rounding.layers} == {"mlp_in", "mlp_out"}
 
 
 def test_refine_reports_stages_and_reconstruct_alone_changes_the_model(tiny_irs, tmp_path):

@@ -119,6 +119,17 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
 
     chunks = list(range(0, len(images), config.batch_size))
     positions = {weight.index: _positions(geometry, len(images), chunks, config, weight.index) for weight, geometry in plans}
+    if config.inputs == "fp32" and has_smooth_quant(model):
+        # the reference's own layer inputs are what the fit uses: with SmoothQuant in the graph, each layer's
+        # quantized inputs are first compared with the reference's (without it the two differ by quantization
+        # error only, which can be large in a few quiet layers), and a rescaled layer is left out before any
+        # target is gathered (a transformer: all but a few layers)
+        rescaled = _rescaled_layers(model, teacher, plans, images[: config.batch_size], positions)
+        layers += [LayerResult(weight.consumer, 0, None, None, 0, weight.size, skipped="its quantized inputs are rescaled (SmoothQuant): "
+                               "the reference's own layer inputs are not what it computes with") for weight, _ in plans if weight.index in rescaled]
+        plans = [plan for plan in plans if plan[0].index not in rescaled]
+        if not plans:
+            return ReconstructResult({}, layers, time.perf_counter() - started)
 
     # Targets: the FP32 layer outputs (bias included) minus the quantized layer's bias, at the sampled rows.
     teacher_tap = ActivationTap(teacher, [("output", weight.consumer, 0) for weight, _ in plans], f32=True)
@@ -157,18 +168,8 @@ def reconstruct(model, table, teacher, images: np.ndarray, config: ReconstructCo
     try:
         if config.inputs == "fp32":
             # the reference's own layer inputs do not depend on any solve: every layer is gathered in a few
-            # passes (as many layers per pass as MEMORY_PER_PASS allows), then solved. With SmoothQuant in the
-            # graph, each layer's quantized inputs are first compared with the reference's (without it the two
-            # differ by quantization error only, which can be large in a few quiet layers)
-            rescaled = _rescaled_layers(model, teacher, plans, images[: config.batch_size], positions) if has_smooth_quant(model) else set()
-            for weight, _ in plans:
-                if weight.index in rescaled:
-                    targets.pop(weight.index)
-                    layers.append(LayerResult(weight.consumer, 0, None, None, 0, weight.size, skipped="its quantized inputs are rescaled (SmoothQuant): "
-                                              "the reference's own layer inputs are not what it computes with"))
-                    if bar is not None:
-                        bar.update(1)
-            for group in _passes([plan for plan in plans if plan[0].index not in rescaled], config.batch_size):
+            # passes (as many layers per pass as MEMORY_PER_PASS allows), then solved
+            for group in _passes(plans, config.batch_size):
                 fits = [fit_for(weight, geometry) for weight, geometry in group]
                 tap = ActivationTap(teacher, [fit.tap for fit in fits], f32=True)
                 for chunk, (start, inputs) in enumerate(tap.chunks(images, config.batch_size)):
