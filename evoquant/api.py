@@ -86,6 +86,7 @@ class RefineResult:
     chosen_stage: str = "start"  # whose result was written: start, reconstruct, compose or evolve
     input_shape: list[int] | None = None  # per-sample input shape the run used
     unmatched_layers: list[dict] = field(default_factory=list)  # weighted layers not refined, with reasons
+    heldout_seconds: float = 0.0  # of wall_seconds, scoring the held-out data (the report only; 0 without it)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the ``--report`` file)."""
@@ -340,7 +341,8 @@ def refine(
             if saved is not None:
                 states, details, seconds, _ = saved
             else:
-                states, details = _compose_stage(working, working_table, teacher_model, pool, teacher_pool, states, sample_objective, objective_spec, config, workdir, callback)
+                states, details = _compose_stage(working, working_table, teacher_model, pool, teacher_pool, states, sample_objective, objective_spec, config, workdir, callback,
+                                                 verifier=verifier)
                 seconds = time.perf_counter() - stage_started
                 if run is not None:
                     run.save_states("compose", states, details, seconds)
@@ -372,7 +374,9 @@ def refine(
         improved = best_name != "start" and final_metrics.fitness < start_metrics.fitness
         if not improved:
             best_name, final_xml, final_metrics, final_states = candidates[0]
+        heldout_started = time.perf_counter()
         heldout_scores, heldout_reference = _heldout_metrics(heldout_batch, candidates, teacher_model, classifier)
+        heldout_seconds = time.perf_counter() - heldout_started
         reports = [dataclasses.replace(report, heldout=heldout_scores.get(report.name)) for report in reports]
         if output_path is not None:
             copy_ir(final_xml, output_path)
@@ -397,6 +401,7 @@ def refine(
         total_weights=table.total_size,
         search_seconds=0.0 if search is None else search.elapsed,
         wall_seconds=time.perf_counter() - started,
+        heldout_seconds=heldout_seconds,
         stop_reason="no search" if search is None else search.stop_reason,
         history=[] if search is None else search.history,
         selection_before=None if search is None else search.start_fitness,
@@ -707,10 +712,11 @@ def _runnable_stages(config: RefineConfig, asked, teacher_model, island=None) ->
 
 
 def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstructed: dict[int, np.ndarray], sample_objective, objective_spec,
-                   config: RefineConfig, workdir: Path, callback=None) -> tuple[dict[int, np.ndarray], dict]:
+                   config: RefineConfig, workdir: Path, callback=None, verifier=None) -> tuple[dict[int, np.ndarray], dict]:
     """Which fit each layer takes (:mod:`evoquant.search.compose`): the start's states, the reconstruction's, or
     one of ``config.compose.fits``' reconstructions; scored end to end on the selection images, in this
-    process (candidates differ in whole layers, so each is compiled on the plain path with every core)."""
+    process (candidates differ in whole layers, so each is compiled on the plain path with every core).
+    ``verifier`` (an evaluator on the verification images) makes the search's scouting check."""
     from evoquant.data import Batch
     from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
     from evoquant.ir.runtime import read_ir
@@ -750,6 +756,9 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
     def evaluate_many(genomes):
         return [full for full, _ in race(genomes, math.inf, len(picked))]
 
+    def verify(genomes):
+        return [verifier.score(verifier.outputs(payload(genome))) for genome in genomes]
+
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
@@ -764,7 +773,7 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
 
     try:
         result = compose(len(fits), len(layers), evaluate_many, config.compose, seed=config.search.seed, callback=show, race=race if race_images else None,
-                         canonical=canonical)
+                         canonical=canonical, verify=verify if verifier is not None else None)
     finally:
         if bar is not None:
             bar.close()
@@ -773,7 +782,7 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
                "layers_per_fit": {name: int(np.count_nonzero(result.best == k)) for k, name in enumerate(names)},
                "uniform_selection": dict(zip(names, result.uniform_fitness)),
                "equivalent_fits": {name: int(np.count_nonzero(canonical[:, k] != k)) for k, name in enumerate(names) if k}, "selection_before": result.uniform_fitness[1], "selection_after": result.best_fitness,
-               "evaluations": result.evaluations, "raced": result.raced, "race_images": race_images, "compile_ahead": bool(evaluator.compile_ahead), "batch_size": evaluator.batch_size, "generations": len(result.history) - 1, "stop_reason": result.stop_reason, "search_seconds": round(result.elapsed, 2),
+               "scout_check": result.scout_check, "evaluations": result.evaluations, "raced": result.raced, "race_images": race_images, "compile_ahead": bool(evaluator.compile_ahead), "batch_size": evaluator.batch_size, "generations": len(result.history) - 1, "stop_reason": result.stop_reason, "search_seconds": round(result.elapsed, 2),
                "history": [{"generation": h.generation, "evaluations": h.evaluations, "best": h.best, "elapsed": round(h.elapsed, 2)} for h in result.history]}
     return states, details
 
