@@ -145,6 +145,9 @@ class ComposeConfig:
     # uniform genome by scout_gain (relative); 0 generations: never (docs/reconstruct.md, "Stopping early")
     scout_generations: int = 6
     scout_gain: float = 0.02
+    # ... and, where it did find scout_gain, unless that genome also beats the best uniform one on the
+    # verification images (the final gate's): a composition verification would reject stops the search there
+    scout_verify: bool = True
 
     def __post_init__(self):
         fits = tuple(self.fits)

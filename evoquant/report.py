@@ -67,7 +67,8 @@ def format_refine_table(result) -> str:
                 counts = ", ".join(f"{count} {name}" for name, count in stage.details["layers_per_fit"].items())
                 raced = (f" ({stage.details['raced']} stopped after {stage.details['race_images']} images)"
                          if stage.details.get("race_images") else "")
-                stopped = {"no gain": ", stopped: no better composition in the first generations"}.get(stage.details.get("stop_reason"), "")
+                stopped = {"no gain": ", stopped: no better composition in the first generations",
+                           "not verified": ", stopped: the composition found was no better on the verification images"}.get(stage.details.get("stop_reason"), "")
                 verdict += f"\ncompose: {stage.details['evaluations']} evaluations{raced} in {stage.details['generations']} generations{stopped}; layers took: {counts}"
     footer = verdict
     if result.generations:

@@ -87,6 +87,38 @@ def test_a_search_that_finds_nothing_stops_after_its_scout_generations():
     assert never.stop_reason == "generations"
 
 
+def test_a_gain_that_verification_does_not_confirm_stops_the_search_after_scouting():
+    # on the selection images even layers want fit 2 and odd ones fit 0: compositions beat every uniform genome;
+    # the other images (verify) reward fit 1 everywhere, then fit 0, then fit 2: what selection gains they lose
+    costs = np.tile([[1.0, 1.0, 0.5], [0.5, 1.0, 1.0]], (3, 1))
+    elsewhere = np.array([0.5, 0.0, 1.0])
+    verified: list = []
+
+    def disagrees(genomes):
+        verified.extend(tuple(g) for g in genomes)
+        return [float(elsewhere[g].sum()) for g in genomes]
+
+    config = ComposeConfig(generations=30, patience=None, scout_generations=3)
+    stopped = compose(3, 6, _separable(costs, []), config, seed=0, verify=disagrees)
+    assert stopped.stop_reason == "not verified" and len(stopped.history) - 1 == 3
+    assert stopped.best_fitness < min(stopped.uniform_fitness)  # what it found is kept: verification at the end decides
+    # checked once: the best genome against the best uniform one on the selection images (fit 0: ties keep the first)
+    assert len(verified) == 2 and verified[1] == (0,) * 6
+    assert stopped.scout_check == {"generation": 3, "best": float(elsewhere[stopped.best].sum()), "uniform": 3.0}
+    # where verification agrees, the search goes on to its budget, checked only once
+    agreeing: list = []
+
+    def agrees(genomes):
+        agreeing.extend(genomes)
+        return [float(costs[np.arange(6), g].sum()) for g in genomes]
+
+    kept_on = compose(3, 6, _separable(costs, []), config, seed=0, verify=agrees)
+    assert kept_on.stop_reason == "generations" and len(agreeing) == 2 and kept_on.scout_check["best"] < kept_on.scout_check["uniform"]
+    # scout_verify off: no check at all
+    off = compose(3, 6, _separable(costs, []), ComposeConfig(generations=30, patience=None, scout_generations=3, scout_verify=False), seed=0, verify=disagrees)
+    assert off.stop_reason == "generations" and off.scout_check is None
+
+
 def test_gains_below_min_improvement_do_not_keep_a_search_going():
     # every layer moved to fit 2 gains 0.04 %: the search keeps improving, by less than 1 % in all
     def evaluate_many(genomes):
@@ -335,3 +367,21 @@ def test_refine_reports_a_compose_search_stopped_after_scouting(tiny_irs):
     details = result.stages[1].details
     assert details["stop_reason"] == "no gain" and details["generations"] == 1
     assert "stopped: no better composition in the first generations" in result.table()
+
+
+def test_refine_scouting_check_scores_genomes_on_the_verification_images(tiny_irs, monkeypatch):
+    from evoquant import refine
+    from evoquant.search import compose as compose_module
+
+    real_compose, checked = compose_module.compose, {}
+
+    def recording(fits, layers, *args, verify=None, **kwargs):
+        checked["start"], checked["reconstruct"] = verify([np.zeros(layers, dtype=np.int64), np.ones(layers, dtype=np.int64)])
+        return real_compose(fits, layers, *args, verify=verify, **kwargs)
+
+    monkeypatch.setattr(compose_module, "compose", recording)
+    result = refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), stages="reconstruct,compose", config=_small_config())
+    # the uniform genomes score as the start and the reconstruction do at the final gate
+    assert checked["start"] == pytest.approx(result.verification_before.fitness, rel=1e-6)
+    assert checked["reconstruct"] == pytest.approx(result.stages[0].verification.fitness, rel=1e-6)
+    assert "scout_check" in result.stages[1].details

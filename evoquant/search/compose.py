@@ -17,6 +17,11 @@ Stopping early: a search whose first ``scout_generations`` find no genome better
 one by ``scout_gain`` stops there ("no gain"): on the zoo, what a search found after such a start moved
 the synthetic objective by a few percent and did not carry over to held-out data (docs/reconstruct.md).
 
+With ``verify`` (a function scoring genomes on other images: refine passes the verification images,
+whose verdict decides in the end), a search that did find ``scout_gain`` by then checks that its best
+genome also beats the best uniform one there; if it does not, the composition would be rejected at the
+end, and the search stops ("not verified"). The check's two scores are kept (``scout_check``).
+
 Equivalent fits: where two fits give a layer the same states (a fit that skipped the layer leaves it at
 the start's), genomes that differ only there are one model. With ``canonical`` every genome is rewritten
 to the lowest fit index with the same states per layer before it is looked up or scored, so no model is
@@ -58,6 +63,7 @@ class ComposeResult:
     evaluations: int
     stop_reason: str
     raced: int = 0  # genomes stopped on the racing subset
+    scout_check: dict | None = None  # at the scouting generation, with verify: the best and the best uniform genome's verify scores
     history: list[GenerationStats] = field(default_factory=list)
     elapsed: float = 0.0
 
@@ -98,7 +104,7 @@ def canonical_fits(states: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
 
 def compose(fits: int, layers: int, evaluate_many: Callable[[Sequence[np.ndarray]], Sequence[float]], config: ComposeConfig, *,
             seed: int = 0, callback: Callable[[GenerationStats], bool | None] | None = None, race: Race | None = None,
-            canonical: np.ndarray | None = None) -> ComposeResult:
+            canonical: np.ndarray | None = None, verify: Callable[[Sequence[np.ndarray]], Sequence[float]] | None = None) -> ComposeResult:
     """Search one fit index in ``[0, fits)`` per layer (``layers`` genes) for the lowest fitness.
 
     ``evaluate_many`` scores a list of genomes; genomes already scored are never scored again. Stops on
@@ -107,6 +113,7 @@ def compose(fits: int, layers: int, evaluate_many: Callable[[Sequence[np.ndarray
     reconstruction) wins over an alternative that scores the same. With ``race``, genomes are scored
     through it instead (see the module's docstring). ``canonical`` (layers x fits, from
     :func:`canonical_fits`) names equivalent fits: every genome is rewritten to its canonical form.
+    ``verify`` scores genomes on other images for the scouting check (``config.scout_verify``).
     """
     rows = np.arange(layers)
 
@@ -149,6 +156,7 @@ def compose(fits: int, layers: int, evaluate_many: Callable[[Sequence[np.ndarray
     parents = _best(population, config.mu)
     termination.update(parents[0].fitness.values[0])
     history: list[GenerationStats] = []
+    scout_check = None
     generation = 0
     while True:
         stats = GenerationStats(generation, evaluations, parents[0].fitness.values[0], float(np.mean([p.fitness.values[0] for p in parents])),
@@ -158,8 +166,15 @@ def compose(fits: int, layers: int, evaluate_many: Callable[[Sequence[np.ndarray
             reason = "callback"
             break
         reason = termination.reason(generation, evaluations)
-        if reason is None and config.scout_generations and generation >= config.scout_generations and stats.best > (1.0 - config.scout_gain) * min(uniform):
-            reason = "no gain"  # the first generations found nothing worth the rest of the budget
+        if reason is None and config.scout_generations and generation >= config.scout_generations:
+            if stats.best >= (1.0 - config.scout_gain) * min(uniform):
+                reason = "no gain"  # the first generations found nothing worth the rest of the budget
+            elif scout_check is None and verify is not None and config.scout_verify:
+                best_uniform = canon([int(np.argmin(uniform))] * layers)
+                found, level = (float(value) for value in verify([np.asarray(parents[0], dtype=np.int64), np.asarray(best_uniform, dtype=np.int64)]))
+                scout_check = {"generation": generation, "best": found, "uniform": level}
+                if not found < level:
+                    reason = "not verified"  # what it found does not carry over: verification would reject it
         if reason is not None or layers == 0 or fits < 2:
             reason = reason or "nothing to choose"
             break
@@ -182,7 +197,7 @@ def compose(fits: int, layers: int, evaluate_many: Callable[[Sequence[np.ndarray
         generation += 1
     best = parents[0]
     return ComposeResult(np.asarray(best, dtype=np.int64), best.fitness.values[0], uniform, evaluations, reason,
-                         raced=raced, history=history, elapsed=time.perf_counter() - started)
+                         raced=raced, history=history, elapsed=time.perf_counter() - started, scout_check=scout_check)
 
 
 def _best(individuals: list, mu: int) -> list:
