@@ -65,8 +65,8 @@ def main() -> int:
                         "stage_heldout_kl": {stage.name: stage.heldout.kl for stage in result.stages},
                         "stage_heldout_mse": {stage.name: stage.heldout.mse for stage in result.stages},
                         "stage_heldout_accuracy": {stage.name: stage.heldout.accuracy for stage in result.stages},
-                        "compose": next(({key: stage.details[key] for key in ("layers_per_fit", "equivalent_fits", "uniform_selection", "selection_before", "selection_after", "evaluations", "raced", "batch_size", "stop_reason",
-                                                                                   "fit_seconds", "search_seconds", "history")}
+                        "compose": next(({key: stage.details.get(key) for key in ("layers_per_fit", "equivalent_fits", "uniform_selection", "selection_before", "selection_after", "evaluations", "raced", "batch_size", "stop_reason",
+                                                                                       "scout_check", "fit_seconds", "search_seconds", "history")}
                                          for stage in result.stages if stage.name == "compose"), None),
                         "wall_seconds": round(time.perf_counter() - started, 1),
                         # what refine takes without --heldout: the wall time less its held-out scoring (report only)
