@@ -38,6 +38,18 @@ def heldout_scores(int8_xml, fp32_logits, x_heldout, y_heldout) -> dict:
     return {"accuracy": float(np.mean(logits.argmax(1) == y_heldout)), "kl": kl_to_teacher([logits], [fp32_logits])}
 
 
+def split_methods(listing: str) -> list[str]:
+    """``clusterq:width=32,steps=3000,gdfq`` → ``["clusterq:width=32,steps=3000", "gdfq"]``: an item with '=' and
+    no ':' is an option of the method before it."""
+    methods: list[str] = []
+    for item in (item.strip() for item in listing.split(",") if item.strip()):
+        if methods and "=" in item and ":" not in item:
+            methods[-1] += f",{item}"
+        else:
+            methods.append(item)
+    return methods
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="classifiers", help="comma-separated zoo classifiers, or 'classifiers'")
@@ -82,7 +94,7 @@ def main() -> int:
     if args.sources:
         keep = {name.strip() for name in args.sources.split(",")}
         sources = {name: spec for name, spec in sources.items() if name in keep}
-    methods = [method.strip() for method in args.datafree.split(",") if method.strip()]
+    methods = split_methods(args.datafree)
 
     with tempfile.TemporaryDirectory(prefix="evoquant-calibration-") as workdir:
         for name in names:

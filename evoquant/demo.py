@@ -66,7 +66,7 @@ def synthetic_source(source: str, *, shape: tuple[int, int, int] | None = None, 
 def data_free_source(built, method: str, *, progress: bool = True, echo=print) -> str:
     """The data spec of ``method``'s data for zoo model ``built``, made from its FP32 program alone (cached
     beside the zoo; an interrupted run resumes). ``method`` may carry generator options after a colon,
-    e.g. ``qimera:embedding=classifier`` (each variant has its own cache entry)."""
+    e.g. ``qimera:embedding=classifier``, and ``steps=N`` (each variant has its own cache entry)."""
     from evoquant.dfq import MethodOptions, datafree
     from evoquant.zoo import default_cache_dir
 
@@ -75,7 +75,7 @@ def data_free_source(built, method: str, *, progress: bool = True, echo=print) -
     method, _, settings = method.partition(":")
     try:  # each value read as YAML, as the benchmarks' K=V overrides are (32 is a number, classifier a string)
         options = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in settings.split(",") if item)}
-        method_options = MethodOptions(**options)
+        method_options = MethodOptions(**{key: value for key, value in options.items() if key != "steps"})
     except (TypeError, yaml.YAMLError) as error:
         raise EvoquantError(f"data-free method options {settings!r}: {' '.join(str(error).split())}") from None
     label = "-".join([method, *(f"{key}{value}" if not isinstance(value, str) else value for key, value in sorted(options.items()))])
@@ -85,7 +85,7 @@ def data_free_source(built, method: str, *, progress: bool = True, echo=print) -
     ready = output.is_file() if method == "zeroq" else (output / "generator.json").is_file()
     if not ready:
         echo(f"== {built.name}: {label} data from the FP32 model alone (its BatchNorm statistics; cached after the first run)")
-        datafree(built.fp32_program, method=method, output=output, resume=True, progress=progress, options=method_options)
+        datafree(built.fp32_program, method=method, output=output, resume=True, progress=progress, options=method_options, steps=options.get("steps"))
     return str(output) if method == "zeroq" else f"gan:{output}"
 
 

@@ -34,5 +34,9 @@ def test_data_free_source_names_each_variant_and_refuses_unknown_options(tmp_pat
     assert spec == f"gan:{tmp_path / 'datafree' / 'bn_cnn-qimera-classifier-latent_size32'}"
     assert made[0]["method"] == "qimera" and made[0]["options"].embedding == "classifier" and made[0]["options"].latent_size == 32
     assert demo.data_free_source(built, "gdfq", echo=lambda *_: None) == f"gan:{tmp_path / 'datafree' / 'bn_cnn-gdfq'}"
+    assert made[1]["steps"] is None  # the method's default budget
+    # the training budget is an option too, with its own cache entry
+    assert demo.data_free_source(built, "clusterq:steps=3000,width=32", echo=lambda *_: None).endswith("bn_cnn-clusterq-steps3000-width32")
+    assert made[2]["steps"] == 3000 and made[2]["options"].width == 32
     with pytest.raises(EvoquantError, match="bogus"):
         demo.data_free_source(built, "qimera:bogus=1", echo=lambda *_: None)
