@@ -1,12 +1,16 @@
-"""Refine data for a user with no data: GDFQ's images, fractals, or half of each, from one NNCF start.
+"""Refine data for a user with no data: one data-free source, fractals, or a mix, from one NNCF start.
 
-For each zoo classifier, NNCF quantizes the FP32 IR calibrated on 300 images from GDFQ's generator (made
-from the FP32 model's BatchNorm statistics alone, cached beside the zoo), then refine (default preset)
-runs on 4,096 images of each: GDFQ's, fractals, and a seeded shuffle of 2,048 of each. Held-out: 1,000
-real digits never used before the report. One JSON line per (model, bits, refine data, seed).
+For each zoo classifier, NNCF quantizes the FP32 IR calibrated on 300 images from ``--calibrated-on``'s
+data (default GDFQ's generator, made from the FP32 model's BatchNorm statistics alone, cached beside the
+zoo), then refine (default preset) runs on 4,096 images of each ``--refine-data`` entry: a source (a
+data-free method with its options, as in calibration.py, or ``fractal``), or several joined by ``+`` in
+equal shares, seeded and shuffled. Held-out: 1,000 real digits never used before the report. One JSON
+line per (model, bits, refine data, seed).
 
     python benchmarks/datafree_mix.py --models bn_cnn,residual_cnn,dw_separable_cnn --bits 4 --seeds 0,1,2 \\
         > benchmarks/results/datafree_mix.jsonl
+    python benchmarks/datafree_mix.py --models bn_cnn,residual_cnn --calibrated-on clusterq \\
+        --refine-data clusterq clusterq+gdfq+clusterq:width=32
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="bn_cnn,residual_cnn,dw_separable_cnn")
     parser.add_argument("--bits", default="4")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--calibrated-on", default="gdfq", help="the data-free method NNCF calibrates on (default: %(default)s)")
+    parser.add_argument("--refine-data", nargs="+", default=["gdfq", "fractal", "gdfq+fractal"], help="refine data entries (default: %(default)s)")
     args = parser.parse_args(argv)
 
     from calibration import heldout_scores
@@ -41,23 +47,31 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models.split(","):
             built = zoo.build(name, calibration=calibration_images())
             fp32_logits = infer(compile_ir(read_ir(built.fp32_xml), f32=True), x_heldout)[0]
-            gdfq = data_free_source(built, "gdfq", progress=False, echo=lambda *_: None)
             shape = x_heldout.shape[1:]
-            generated = load_source(gdfq).sample(IMAGES, shape, seed=5).images
-            fractals = load_source("fractal").sample(IMAGES, shape, seed=6).images
-            order = np.random.default_rng(9).permutation(IMAGES)
-            mixed = np.ascontiguousarray(np.concatenate([generated[: IMAGES // 2], fractals[: IMAGES // 2]])[order])
-            datas = {"gdfq": gdfq, "fractal": "fractal", "gdfq+fractal": Batch(mixed, None)}
+
+            def spec(source: str) -> str:
+                return "fractal" if source == "fractal" else data_free_source(built, source, progress=False, echo=lambda *_: None)
+
+            def mixed(entry: str):
+                parts = entry.split("+")
+                if len(parts) == 1:
+                    return spec(entry)
+                share = IMAGES // len(parts)
+                images = np.concatenate([load_source(spec(part)).sample(share, shape, seed=5 + k).images for k, part in enumerate(parts)])
+                return Batch(np.ascontiguousarray(images[np.random.default_rng(9).permutation(len(images))]), None)
+
+            calibration = spec(args.calibrated_on)
+            datas = {entry: mixed(entry) for entry in args.refine_data}
             for bits in (int(b) for b in args.bits.split(",")):
                 start = Path(workdir) / f"{name}_w{bits}.xml"
-                quantize(built.fp32_xml, calibration=gdfq, output=start, subset_size=300, weight_bits=bits)
+                quantize(built.fp32_xml, calibration=calibration, output=start, subset_size=300, weight_bits=bits)
                 before = heldout_scores(start, fp32_logits, x_heldout, y_heldout)
                 for label, data in datas.items():
                     for seed in (int(s) for s in args.seeds.split(",")):
                         output = Path(workdir) / f"{name}_w{bits}_refined.xml"
                         result = refine(start, reference=built.fp32_xml, data=data, output=output, seed=seed, progress=False)
                         after = heldout_scores(output, fp32_logits, x_heldout, y_heldout)
-                        print(json.dumps({"benchmark": "datafree_mix", "model": name, "weight_bits": bits, "calibrated_on": "gdfq", "refine_data": label, "seed": seed,
+                        print(json.dumps({"benchmark": "datafree_mix", "model": name, "weight_bits": bits, "calibrated_on": args.calibrated_on, "refine_data": label, "seed": seed,
                                           "int8_kl": before["kl"], "int8_accuracy": before["accuracy"], "refined_kl": after["kl"], "refined_accuracy": after["accuracy"],
                                           "chosen_stage": result.chosen_stage}), flush=True)
     return 0

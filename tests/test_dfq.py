@@ -153,7 +153,26 @@ def test_zeroq_matches_the_statistics_and_resumes_to_the_same_images(program, tm
         np.testing.assert_array_equal(archive["x"], images)
 
 
-@pytest.mark.parametrize("method, options", [("gdfq", {}), ("qimera", {}), ("qimera", {"embedding": "classifier"}), ("clusterq", {"centroid_warmup": 2})])
+def test_the_image_prior_is_total_variation_plus_energy_and_prefers_smooth_images():
+    import torch
+
+    from evoquant.dfq.synthesis import image_prior
+
+    edge = torch.zeros(1, 1, 4, 4)
+    edge[..., 2:] = 1.0  # one vertical edge: |dx| = 1 on 4 of 12 horizontal pairs, no vertical change
+    assert image_prior(edge, tv_weight=1.0, l2_weight=0.0).item() == pytest.approx(4 / 12)
+    assert image_prior(edge, tv_weight=0.0, l2_weight=1.0).item() == pytest.approx(0.5)
+    checker = (torch.arange(16).reshape(1, 1, 4, 4) + torch.arange(4).reshape(1, 1, 4, 1)) % 2 * 1.0  # same energy, every pair differs
+    assert image_prior(checker, tv_weight=1.0, l2_weight=0.0).item() == pytest.approx(2.0)
+    pixels = checker.clone().requires_grad_(True)
+    image_prior(pixels, tv_weight=0.1, l2_weight=0.1).backward()
+    assert pixels.grad.abs().sum() > 0
+    with pytest.raises(EvoquantError, match="image prior weights"):
+        MethodOptions(tv_weight=-1)
+
+
+@pytest.mark.parametrize("method, options", [("gdfq", {}), ("qimera", {}), ("qimera", {"embedding": "classifier"}), ("clusterq", {"centroid_warmup": 2}),
+                                             ("clusterq", {"centroid_warmup": 2, "tv_weight": 0.1, "l2_weight": 0.1})])
 def test_generator_methods_write_a_generator_any_command_can_use(program, tmp_path, method, options):
     from evoquant.data import load_source
 

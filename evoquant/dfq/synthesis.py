@@ -61,6 +61,8 @@ class MethodOptions:
     centroid_weight: float = 0.9
     centroid_warmup: int = 200  # steps before the centroid term is on (centroids fill meanwhile)
     diversity: float = 0.5
+    tv_weight: float = 0.0  # DeepInversion's image priors on the generated images (in [0, 1]): total variation (L1, mean over pixels)
+    l2_weight: float = 0.0  # ... and the mean squared pixel
 
     def __post_init__(self):
         if self.embedding not in ("random", "classifier"):
@@ -69,6 +71,8 @@ class MethodOptions:
             raise EvoquantError("the latent size and the width must be at least 1")
         if not 0 <= self.superpose_probability <= 1 or not 0 <= self.centroid_decay < 1 or not 0 <= self.centroid_weight <= 1:
             raise EvoquantError("probabilities, the centroid decay and the centroid weight must be in [0, 1]")
+        if self.tv_weight < 0 or self.l2_weight < 0:
+            raise EvoquantError("the image prior weights (tv_weight, l2_weight) must be 0 or more")
 
 
 def generator_class():
@@ -172,6 +176,8 @@ def train_generator(teacher, method: str, *, out_dir: str | os.PathLike, steps: 
                 clustered = state.centroids.loss(stats, labels, diversity=options.diversity, generator=state.rng)
                 statistics = (1 - options.centroid_weight) * statistics + options.centroid_weight * clustered
         loss = task + options.bns_weight * statistics
+        if options.tv_weight or options.l2_weight:
+            loss = loss + image_prior((fake + 1) / 2, tv_weight=options.tv_weight, l2_weight=options.l2_weight)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
@@ -187,6 +193,16 @@ def train_generator(teacher, method: str, *, out_dir: str | os.PathLike, steps: 
     )
     return run_training(loop, settings, out, steps=steps, resume=resume, progress=progress, checkpoint_every=checkpoint_every,
                         extra_meta={"data_free": method}, description=f"datafree {method}")
+
+
+def image_prior(images, *, tv_weight: float, l2_weight: float):
+    """DeepInversion's image prior on a batch in [0, 1]: ``tv_weight`` × the mean absolute difference of
+    neighbouring pixels (both directions) + ``l2_weight`` × the mean squared pixel. Generic smoothness and
+    energy terms: BatchNorm statistics alone let a generator fill the frame with fragments (measured on
+    bn_cnn: twice the real digits' mean pixel and total variation)."""
+    vertical = (images[..., 1:, :] - images[..., :-1, :]).abs().mean()
+    horizontal = (images[..., :, 1:] - images[..., :, :-1]).abs().mean()
+    return tv_weight * (vertical + horizontal) + l2_weight * (images**2).mean()
 
 
 def _new_generator_state(torch: Any, settings: dict, teacher, options: MethodOptions) -> _GeneratorState:
