@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from evoquant.data import load_source
     from evoquant.demo import calibration_images, data_free_source
     from evoquant.dfq import load_teacher
+    from evoquant.dfq.synthesis import image_prior
     from evoquant.gan.models import import_torch
 
     torch = import_torch()
@@ -54,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
                 logits, stats = teacher(x)
             means = [float(torch.mean((layer.mean - layer.running_mean) ** 2)) for layer in stats]
             variances = [float(torch.mean((layer.var - layer.running_var) ** 2)) for layer in stats]
-            dx, dy = (x[..., :, 1:] - x[..., :, :-1]).abs().mean(), (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
             print(json.dumps({
                 "benchmark": "datafree_stats", "model": name, "source": source, "images": len(x),
                 "bns": float(np.mean([m + v for m, v in zip(means, variances)])), "bns_mean_part": means, "bns_var_part": variances,
                 "confidence": float(torch.softmax(logits, dim=1).max(dim=1).values.mean()),
-                "pixel_mean": float(x.mean()), "pixel_square": float((x**2).mean()), "total_variation": float(dx + dy),
+                "pixel_mean": float(x.mean()), "pixel_square": float(image_prior(x, tv_weight=0.0, l2_weight=1.0)),
+                "total_variation": float(image_prior(x, tv_weight=1.0, l2_weight=0.0)),
                 "bright_share": float((x > 0.5).float().mean()),
             }), flush=True)
     return 0
