@@ -222,6 +222,7 @@ def test_compose_settings_are_checked_and_read_from_yaml(tmp_path):
                          ("compose:\n  segment_probability: 2\n", "segment_probability"),
                          ("compose:\n  scout_gain: 1.5\n", "scout_gain"),
                          ("compose:\n  scout_generations: -1\n", "scout_generations"),
+                         ("compose:\n  scout_verify: sometimes\n", "scout_verify"),
                          ("compose:\n  speed: 3\n", "unknown setting")):
         path.write_text(bad)
         with pytest.raises(EvoquantError, match=message):
