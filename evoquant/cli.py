@@ -460,6 +460,7 @@ examples:
   evoquant datafree --teacher fp32.pt2 --method clusterq -o gen/              # then --data gan:gen/
   evoquant datafree --teacher fp32.pt2 --method zeroq -n 2560 -o zeroq.npz
   evoquant datafree --teacher fp32.pt2 --method qimera --embedding classifier -o gen/ --resume
+  evoquant datafree --teacher fp32.pt2 --method clusterq --set width=32 --set tv_weight=0.1 -o gen/
   evoquant quantize fp32.xml --calibration gan:gen/ -o int8.xml && evoquant refine int8.xml -r fp32.xml --data gan:gen/ -o refined.xml
 
 The teacher is the FP32 model as a torch.export program with its BatchNorm layers (saved with
@@ -490,6 +491,8 @@ def _add_datafree_parser(commands) -> None:
     datafree.add_argument("--batch-size", type=int, default=64, help="images per batch or step (default: %(default)s)")
     datafree.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     datafree.add_argument("--embedding", choices=["random", "classifier"], default="random", help="qimera: class embeddings random (the released code) or from the model's last layer with a mapping layer (the paper)")
+    datafree.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="a generator setting (evoquant.dfq.MethodOptions: width, latent_size, bns_weight, centroid_weight, diversity, tv_weight, l2_weight, ...); repeatable")
     datafree.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     datafree.add_argument("--overwrite", action="store_true", help="start over even if OUT exists")
     datafree.add_argument("--checkpoint-every", type=int, default=250, help="generator steps between checkpoints (default: %(default)s)")
@@ -499,13 +502,15 @@ def _add_datafree_parser(commands) -> None:
 
 
 def run_datafree(args) -> int:
-    from evoquant.dfq import MethodOptions, datafree
+    from evoquant.dfq import datafree
+    from evoquant.dfq.synthesis import method_options, parse_settings
 
+    options = method_options({"embedding": args.embedding, **parse_settings(args.set, "--set")}, "--set")
     _set_threads(args.threads)
     result = datafree(args.teacher, method=args.method, output=args.output, input_shape=args.input_shape, value_range=_input_range(args.input_range) or (0.0, 1.0),
                       mean_values=args.mean_values, scale_values=args.scale_values,
                       n=args.n, steps=args.steps, batch_size=args.batch_size, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
-                      checkpoint_every=args.checkpoint_every, options=MethodOptions(embedding=args.embedding), progress=not args.quiet)
+                      checkpoint_every=args.checkpoint_every, options=options, progress=not args.quiet)
     shape = "x".join(map(str, result.image_shape))
     what = f"{result.images} images {shape} with the model's labels" if result.kind == "npz" else f"a generator of {result.num_classes} classes, images {shape}, samples {result.samples}"
     print(f"{result.output}: {what} ({result.method}, {result.steps} steps, {result.seconds:.0f} s)")

@@ -67,17 +67,15 @@ def data_free_source(built, method: str, *, progress: bool = True, echo=print) -
     """The data spec of ``method``'s data for zoo model ``built``, made from its FP32 program alone (cached
     beside the zoo; an interrupted run resumes). ``method`` may carry generator options after a colon,
     e.g. ``qimera:embedding=classifier``, and ``steps=N`` (each variant has its own cache entry)."""
-    from evoquant.dfq import MethodOptions, datafree
+    from evoquant.dfq import datafree
+    from evoquant.dfq.synthesis import method_options as build_options
+    from evoquant.dfq.synthesis import parse_settings
     from evoquant.zoo import default_cache_dir
 
-    import yaml
-
     method, _, settings = method.partition(":")
-    try:  # each value read as YAML, as the benchmarks' K=V overrides are (32 is a number, classifier a string)
-        options = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in settings.split(",") if item)}
-        method_options = MethodOptions(**{key: value for key, value in options.items() if key != "steps"})
-    except (TypeError, yaml.YAMLError) as error:
-        raise EvoquantError(f"data-free method options {settings!r}: {' '.join(str(error).split())}") from None
+    what = f"data-free method options {settings!r}"
+    options = parse_settings([item for item in settings.split(",") if item], what)
+    method_options = build_options({key: value for key, value in options.items() if key != "steps"}, what)
     label = "-".join([method, *(f"{key}{value}" if not isinstance(value, str) else value for key, value in sorted(options.items()))])
     folder = default_cache_dir() / "datafree"
     folder.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,21 @@ def test_teachers_it_cannot_use_are_one_line_errors(tmp_path, program):
     assert code == 2 and stderr.count("\n") == 1 and "no BatchNorm" in stderr
     code, _, stderr = run_cli("datafree", "--teacher", str(program), "--method", "gdfq", "-o", str(tmp_path / "gen.npz"))
     assert code == 2 and stderr.count("\n") == 1 and "not an .npz" in stderr
+    # generator settings from the command line: an unknown name, a pair without '=', a bad value
+    for setting, message in (("colour=red", "known: latent_size"), ("width", "not KEY=VALUE"), ("tv_weight=-1", "image prior weights")):
+        code, _, stderr = run_cli("datafree", "--teacher", str(program), "--method", "gdfq", "--set", setting, "-o", str(tmp_path / "set"))
+        assert code == 2 and stderr.count("\n") == 1 and message in stderr, stderr
+        assert not (tmp_path / "set").exists()
+
+
+def test_generator_settings_from_the_command_line_reach_the_generator(program, tmp_path):
+    code, _, stderr = run_cli("datafree", "--teacher", str(program), "--method", "clusterq", "--steps", "2", "--batch-size", "8", "-q",
+                              "--set", "width=4", "--set", "latent_size=8", "--set", "tv_weight=0.1", "-o", str(tmp_path / "gen"))
+    assert code == 0, stderr
+    import json
+
+    options = json.loads((tmp_path / "gen" / "generator.json").read_text())["settings"]["options"]
+    assert options["width"] == 4 and options["latent_size"] == 8 and options["tv_weight"] == 0.1 and options["embedding"] == "random"
 
 
 def test_clusterq_centroids_are_per_class_and_never_the_global_statistics():

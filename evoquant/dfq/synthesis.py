@@ -75,6 +75,32 @@ class MethodOptions:
             raise EvoquantError("the image prior weights (tv_weight, l2_weight) must be 0 or more")
 
 
+def parse_settings(pairs, what: str = "data-free settings") -> dict:
+    """``["width=32", "tv_weight=0.1"]`` → ``{"width": 32, "tv_weight": 0.1}``: each value read as YAML (32 is a
+    number, classifier a string), as the benchmarks' K=V overrides are. A malformed pair is a one-line error."""
+    import yaml
+
+    settings = {}
+    for pair in pairs:
+        key, sign, value = pair.partition("=")
+        if not sign or not key.strip():
+            raise EvoquantError(f"{what}: {pair!r} is not KEY=VALUE")
+        try:
+            settings[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise EvoquantError(f"{what}: {pair!r}: {' '.join(str(error).split())}") from None
+    return settings
+
+
+def method_options(settings: dict, what: str = "data-free settings") -> MethodOptions:
+    """:class:`MethodOptions` from a dict, an unknown name or a wrong type as a one-line error."""
+    try:
+        return MethodOptions(**settings)
+    except TypeError as error:
+        known = ", ".join(MethodOptions.__dataclass_fields__)
+        raise EvoquantError(f"{what}: {' '.join(str(error).split())} (known: {known})") from None
+
+
 def generator_class():
     """The GDFQ conditional generator as a torch module class (built lazily: torch is optional)."""
     torch = import_torch()
