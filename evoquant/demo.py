@@ -66,7 +66,7 @@ def synthetic_source(source: str, *, shape: tuple[int, int, int] | None = None, 
 def data_free_source(built, method: str, *, progress: bool = True, echo=print) -> str:
     """The data spec of ``method``'s data for zoo model ``built``, made from its FP32 program alone (cached
     beside the zoo; an interrupted run resumes). ``method`` may carry generator options after a colon,
-    e.g. ``qimera:embedding=classifier``, and ``steps=N`` (each variant has its own cache entry)."""
+    e.g. ``qimera:embedding=classifier``, and ``steps=N``, ``seed=N`` (each variant has its own cache entry)."""
     from evoquant.dfq import datafree
     from evoquant.dfq.synthesis import method_options as build_options
     from evoquant.dfq.synthesis import parse_settings
@@ -75,7 +75,7 @@ def data_free_source(built, method: str, *, progress: bool = True, echo=print) -
     method, _, settings = method.partition(":")
     what = f"data-free method options {settings!r}"
     options = parse_settings([item for item in settings.split(",") if item], what)
-    method_options = build_options({key: value for key, value in options.items() if key != "steps"}, what)
+    method_options = build_options({key: value for key, value in options.items() if key not in ("steps", "seed")}, what)
     label = "-".join([method, *(f"{key}{value}" if not isinstance(value, str) else value for key, value in sorted(options.items()))])
     folder = default_cache_dir() / "datafree"
     folder.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,8 @@ def data_free_source(built, method: str, *, progress: bool = True, echo=print) -
     ready = output.is_file() if method == "zeroq" else (output / "generator.json").is_file()
     if not ready:
         echo(f"== {built.name}: {label} data from the FP32 model alone (its BatchNorm statistics; cached after the first run)")
-        datafree(built.fp32_program, method=method, output=output, resume=True, progress=progress, options=method_options, steps=options.get("steps"))
+        datafree(built.fp32_program, method=method, output=output, resume=True, progress=progress, options=method_options, steps=options.get("steps"),
+                 seed=options.get("seed", 0))
     return str(output) if method == "zeroq" else f"gan:{output}"
 
 

@@ -37,6 +37,7 @@ def test_data_free_source_names_each_variant_and_refuses_unknown_options(tmp_pat
     assert made[1]["steps"] is None  # the method's default budget
     # the training budget is an option too, with its own cache entry
     assert demo.data_free_source(built, "clusterq:steps=3000,width=32", echo=lambda *_: None).endswith("bn_cnn-clusterq-steps3000-width32")
-    assert made[2]["steps"] == 3000 and made[2]["options"].width == 32
+    assert made[2]["steps"] == 3000 and made[2]["options"].width == 32 and made[2]["seed"] == 0
+    assert demo.data_free_source(built, "clusterq:seed=1", echo=lambda *_: None).endswith("bn_cnn-clusterq-seed1") and made[3]["seed"] == 1
     with pytest.raises(EvoquantError, match="bogus"):
         demo.data_free_source(built, "qimera:bogus=1", echo=lambda *_: None)
