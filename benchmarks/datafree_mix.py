@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from calibration import heldout_scores
 
     from evoquant import quantize, refine, zoo
-    from evoquant.data import Batch, load_source
-    from evoquant.demo import calibration_images, data_free_source
+    from evoquant.demo import calibration_images
     from evoquant.ir.runtime import compile_ir, infer, read_ir
 
     _, _, x_heldout, y_heldout = zoo.mnist_split()
@@ -48,20 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             built = zoo.build(name, calibration=calibration_images())
             fp32_logits = infer(compile_ir(read_ir(built.fp32_xml), f32=True), x_heldout)[0]
             shape = x_heldout.shape[1:]
-
-            def spec(source: str) -> str:
-                return "fractal" if source == "fractal" else data_free_source(built, source, progress=False, echo=lambda *_: None)
-
-            def mixed(entry: str):
-                parts = entry.split("+")
-                if len(parts) == 1:
-                    return spec(entry)
-                share = IMAGES // len(parts)
-                images = np.concatenate([load_source(spec(part)).sample(share, shape, seed=5 + k).images for k, part in enumerate(parts)])
-                return Batch(np.ascontiguousarray(images[np.random.default_rng(9).permutation(len(images))]), None)
-
-            calibration = spec(args.calibrated_on)
-            datas = {entry: mixed(entry) for entry in args.refine_data}
+            calibration = _spec(built, args.calibrated_on)
+            datas = {entry: _refine_data(built, entry, shape) for entry in args.refine_data}
             for bits in (int(b) for b in args.bits.split(",")):
                 start = Path(workdir) / f"{name}_w{bits}.xml"
                 quantize(built.fp32_xml, calibration=calibration, output=start, subset_size=300, weight_bits=bits)
@@ -75,6 +62,25 @@ def main(argv: list[str] | None = None) -> int:
                                           "int8_kl": before["kl"], "int8_accuracy": before["accuracy"], "refined_kl": after["kl"], "refined_accuracy": after["accuracy"],
                                           "chosen_stage": result.chosen_stage}), flush=True)
     return 0
+
+
+def _spec(built, source: str) -> str:
+    """The data spec of ``source`` for zoo model ``built``: fractals, or a data-free method's cached data."""
+    from evoquant.demo import data_free_source
+
+    return "fractal" if source == "fractal" else data_free_source(built, source, progress=False, echo=lambda *_: None)
+
+
+def _refine_data(built, entry: str, shape):
+    """One source's spec, or for ``A+B+...`` a seeded shuffle of IMAGES images in equal shares of each."""
+    from evoquant.data import Batch, load_source
+
+    parts = entry.split("+")
+    if len(parts) == 1:
+        return _spec(built, entry)
+    share = IMAGES // len(parts)
+    images = np.concatenate([load_source(_spec(built, part)).sample(share, shape, seed=5 + k).images for k, part in enumerate(parts)])
+    return Batch(np.ascontiguousarray(images[np.random.default_rng(9).permutation(len(images))]), None)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from evoquant.data import load_source
     from evoquant.demo import calibration_images, data_free_source
     from evoquant.dfq import load_teacher
+    from evoquant.dfq.losses import bns_loss
     from evoquant.dfq.synthesis import image_prior
     from evoquant.gan.models import import_torch
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             variances = [float(torch.mean((layer.var - layer.running_var) ** 2)) for layer in stats]
             print(json.dumps({
                 "benchmark": "datafree_stats", "model": name, "source": source, "images": len(x),
-                "bns": float(np.mean([m + v for m, v in zip(means, variances)])), "bns_mean_part": means, "bns_var_part": variances,
+                "bns": float(bns_loss(stats)), "bns_mean_part": means, "bns_var_part": variances,
                 "confidence": float(torch.softmax(logits, dim=1).max(dim=1).values.mean()),
                 "pixel_mean": float(x.mean()), "pixel_square": float(image_prior(x, tv_weight=0.0, l2_weight=1.0)),
                 "total_variation": float(image_prior(x, tv_weight=1.0, l2_weight=0.0)),
