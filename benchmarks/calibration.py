@@ -4,7 +4,7 @@ For each zoo classifier: the held-out accuracy of the FP32 IR, and of INT8 IRs q
 ``evoquant.quantize`` (``nncf.quantize``, default settings) calibrated with the same number of images from
 each source -- real training digits, the compact GAN trained on them, a distilled student of that GAN,
 fractal images and Gaussian noise, and data-free data made from the FP32 model alone (``--datafree``:
-ZeroQ, GDFQ, Qimera, ClusterQ; cached beside the zoo) -- plus KL(FP32‖INT8) on the held-out digits, at
+ZeroQ, Genie, GDFQ, Qimera, ClusterQ; cached beside the zoo) -- plus KL(FP32‖INT8) on the held-out digits, at
 W8A8 and (``--bits 8,4``) W4A8. With ``--refine PRESET``,
 each INT8 model is also refined with its own source's data (KL against the FP32 teacher) and scored again.
 One JSON line per (model, source). Held-out real digits are only ever used to score.
@@ -58,7 +58,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=300, help="calibration images per source (default: %(default)s)")
     parser.add_argument("--refine", metavar="PRESET", help="also refine each INT8 model with its source's data")
     parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--datafree", default="", help="data-free methods to add as sources, comma-separated (zeroq,gdfq,qimera,clusterq)")
+    parser.add_argument("--datafree", default="", help="data-free methods to add as sources, comma-separated (zeroq,genie,gdfq,qimera,clusterq)")
     parser.add_argument("--bits", default="8", help="weight bits, comma-separated (8: W8A8, 4: W4A8)")
     parser.add_argument("--seeds", default="0", help="refine seeds (with --refine)")
     parser.add_argument("--no-baselines", action="store_true", help="only the --datafree sources")

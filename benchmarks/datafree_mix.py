@@ -3,7 +3,8 @@
 For each zoo classifier, NNCF quantizes the FP32 IR calibrated on 300 images from ``--calibrated-on``'s
 data (default GDFQ's generator, made from the FP32 model's BatchNorm statistics alone, cached beside the
 zoo), then refine (default preset) runs on 4,096 images of each ``--refine-data`` entry: a source (a
-data-free method with its options, as in calibration.py, or ``fractal``), or several joined by ``+`` in
+data-free method with its options, as in calibration.py, ``fractal``, or ``gan``: the zoo's GAN trained on
+the real digits, the reference to beat), or several joined by ``+`` in
 equal shares, seeded and shuffled. Held-out: 1,000 real digits never used before the report. One JSON
 line per (model, bits, refine data, seed).
 
@@ -11,6 +12,7 @@ line per (model, bits, refine data, seed).
         > benchmarks/results/datafree_mix.jsonl
     python benchmarks/datafree_mix.py --models bn_cnn,residual_cnn --calibrated-on clusterq \\
         --refine-data clusterq clusterq+gdfq+clusterq:width=32
+    python benchmarks/datafree_mix.py --models bn_cnn,residual_cnn --seeds 0 --calibrated-on gan --refine-data gan clusterq
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="bn_cnn,residual_cnn,dw_separable_cnn")
     parser.add_argument("--bits", default="4")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--calibrated-on", default="gdfq", help="the data-free method NNCF calibrates on (default: %(default)s)")
+    parser.add_argument("--calibrated-on", default="gdfq", help="the source NNCF calibrates on: a data-free method, fractal or gan (default: %(default)s)")
     parser.add_argument("--refine-data", nargs="+", default=["gdfq", "fractal", "gdfq+fractal"], help="refine data entries (default: %(default)s)")
     args = parser.parse_args(argv)
 
@@ -65,10 +67,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _spec(built, source: str) -> str:
-    """The data spec of ``source`` for zoo model ``built``: fractals, or a data-free method's cached data."""
+    """The data spec of ``source`` for zoo model ``built``: fractals, the zoo's GAN (trained on the real digits:
+    the reference a data-free source is measured against), or a data-free method's cached data."""
+    from evoquant import zoo
     from evoquant.demo import data_free_source
 
-    return "fractal" if source == "fractal" else data_free_source(built, source, progress=False, echo=lambda *_: None)
+    if source in ("fractal", "gan"):
+        return "fractal" if source == "fractal" else f"gan:{zoo.build_gan()}"
+    if source.endswith(".npz"):  # images made elsewhere (e.g. an experiment's own synthesis)
+        return source
+    return data_free_source(built, source, progress=False, echo=lambda *_: None)
 
 
 def _refine_data(built, entry: str, shape):

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "families (ResNet-18, MobileNetV3-small, ViT at 32x32, saved as users save them), all (default: %(default)s)")
     demo.add_argument("--preset", default="default", help="refine preset (default: %(default)s)")
     demo.add_argument("--source", choices=["gan", "fractal"], default="gan", help="synthetic data for calibration and refinement (default: %(default)s; gan trains a GAN once, ~10 min, then caches it)")
-    demo.add_argument("--data-free", nargs="?", const="clusterq", choices=["zeroq", "gdfq", "qimera", "clusterq"], metavar="METHOD",
+    demo.add_argument("--data-free", nargs="?", const="clusterq", choices=["zeroq", "genie", "gdfq", "qimera", "clusterq"], metavar="METHOD",
                       help="make the data from each FP32 model alone, no real image before the report (default method: %(const)s; see 'evoquant datafree')")
     demo.add_argument("--data", default=None, help="override the refinement data spec only")
     demo.add_argument("--jobs", "-j", type=int, help="parallel evaluation processes")
@@ -458,7 +458,7 @@ def _add_training_flags(parser, *, steps_help: str) -> None:
 DATAFREE_EXAMPLES = """
 examples:
   evoquant datafree --teacher fp32.pt2 --method clusterq -o gen/              # then --data gan:gen/
-  evoquant datafree --teacher fp32.pt2 --method zeroq -n 2560 -o zeroq.npz
+  evoquant datafree --teacher fp32.pt2 --method genie -n 2560 -o genie.npz     # then --data genie.npz
   evoquant datafree --teacher fp32.pt2 --method qimera --embedding classifier -o gen/ --resume
   evoquant datafree --teacher fp32.pt2 --method clusterq --set width=32 --set tv_weight=0.1 -o gen/
   evoquant quantize fp32.xml --calibration gan:gen/ -o int8.xml && evoquant refine int8.xml -r fp32.xml --data gan:gen/ -o refined.xml
@@ -470,24 +470,24 @@ BatchNorm folded away). Images are made in [0, 1] and mapped onto --input-range 
 
 
 def _add_datafree_parser(commands) -> None:
-    from evoquant.dfq.synthesis import DEFAULT_STEPS, DEFAULT_ZEROQ_IMAGES, METHODS
+    from evoquant.dfq.synthesis import DEFAULT_IMAGES, DEFAULT_STEPS, METHODS
 
     datafree = commands.add_parser(
         "datafree",
-        help="synthesize data from the FP32 model alone (ZeroQ, GDFQ, Qimera, ClusterQ): no real image needed",
-        description="Make calibration and fitness data from an FP32 classifier's BatchNorm statistics, with no real image: ZeroQ optimises images (an .npz with the model's labels); GDFQ, Qimera and ClusterQ train a class-conditional generator (a generator directory, used as gan:DIR).",
+        help="synthesize data from the FP32 model alone (ZeroQ, Genie, GDFQ, Qimera, ClusterQ): no real image needed",
+        description="Make calibration and fitness data from an FP32 classifier's BatchNorm statistics, with no real image: ZeroQ and Genie optimise images batch by batch (an .npz with the model's labels); GDFQ, Qimera and ClusterQ train a class-conditional generator (a generator directory, used as gan:DIR).",
         epilog=DATAFREE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     datafree.add_argument("--teacher", "-t", metavar="MODEL.pt2", required=True, help="the FP32 model as a torch.export program (.pt2)")
-    datafree.add_argument("--method", "-m", choices=METHODS, required=True, help="zeroq, gdfq, qimera or clusterq")
-    datafree.add_argument("--output", "-o", metavar="OUT", required=True, help="the .npz (zeroq) or generator directory to write")
+    datafree.add_argument("--method", "-m", choices=METHODS, required=True, help="zeroq, genie, gdfq, qimera or clusterq")
+    datafree.add_argument("--output", "-o", metavar="OUT", required=True, help="the .npz (zeroq, genie) or generator directory to write")
     datafree.add_argument("--input-shape", "-shape", dest="input_shape", metavar="SHAPE", help="the model's input, C,H,W or 1,C,H,W (default: the program's)")
     datafree.add_argument("--input-range", metavar="LOW,HIGH", help="the model's input value range (default 0,1)")
     datafree.add_argument("--mean-values", metavar="[M1,M2,M3]", help="per-channel values subtracted after --input-range (as ovc's)")
     datafree.add_argument("--scale-values", metavar="[S1,S2,S3]", help="per-channel values divided by after the mean")
-    datafree.add_argument("-n", type=int, help=f"zeroq: images to make (default {DEFAULT_ZEROQ_IMAGES})")
-    datafree.add_argument("--steps", type=int, help=f"zeroq: Adam steps per batch (default {DEFAULT_STEPS['zeroq']}); generators: training steps (default {DEFAULT_STEPS['gdfq']})")
+    datafree.add_argument("-n", type=int, help=f"zeroq, genie: images to make (default {DEFAULT_IMAGES})")
+    datafree.add_argument("--steps", type=int, help=f"zeroq, genie: steps per batch (default {DEFAULT_STEPS['zeroq']}, {DEFAULT_STEPS['genie']}); generators: training steps (default {DEFAULT_STEPS['gdfq']})")
     datafree.add_argument("--batch-size", type=int, default=64, help="images per batch or step (default: %(default)s)")
     datafree.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     datafree.add_argument("--embedding", choices=["random", "classifier"], default="random", help="qimera: class embeddings random (the released code) or from the model's last layer with a mapping layer (the paper)")

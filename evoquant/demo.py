@@ -68,6 +68,7 @@ def data_free_source(built, method: str, *, progress: bool = True, echo=print) -
     beside the zoo; an interrupted run resumes). ``method`` may carry generator options after a colon,
     e.g. ``qimera:embedding=classifier``, and ``steps=N``, ``seed=N`` (each variant has its own cache entry)."""
     from evoquant.dfq import datafree
+    from evoquant.dfq.synthesis import IMAGE_METHODS
     from evoquant.dfq.synthesis import method_options as build_options
     from evoquant.dfq.synthesis import parse_settings
     from evoquant.zoo import default_cache_dir
@@ -79,13 +80,14 @@ def data_free_source(built, method: str, *, progress: bool = True, echo=print) -
     label = "-".join([method, *(f"{key}{value}" if not isinstance(value, str) else value for key, value in sorted(options.items()))])
     folder = default_cache_dir() / "datafree"
     folder.mkdir(parents=True, exist_ok=True)
-    output = folder / (f"{built.name}-{label}.npz" if method == "zeroq" else f"{built.name}-{label}")
-    ready = output.is_file() if method == "zeroq" else (output / "generator.json").is_file()
+    images = method in IMAGE_METHODS  # an .npz of images, not a generator directory
+    output = folder / (f"{built.name}-{label}.npz" if images else f"{built.name}-{label}")
+    ready = output.is_file() if images else (output / "generator.json").is_file()
     if not ready:
         echo(f"== {built.name}: {label} data from the FP32 model alone (its BatchNorm statistics; cached after the first run)")
         datafree(built.fp32_program, method=method, output=output, resume=True, progress=progress, options=method_options, steps=options.get("steps"),
                  seed=options.get("seed", 0))
-    return str(output) if method == "zeroq" else f"gan:{output}"
+    return str(output) if images else f"gan:{output}"
 
 
 def run_demo(*, models: str = "classic", preset: str = "default", source: str = "gan", data: str | None = None, jobs: int | None = None, output_dir: str = "evoquant-demo",

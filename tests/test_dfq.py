@@ -147,25 +147,39 @@ def test_qimera_superposed_samples_carry_soft_labels_of_the_classes_drawn():
             assert support == {int(drawn.classes[i, 0])} and drawn.targets[i].max() == 1.0
 
 
-def test_zeroq_matches_the_statistics_and_resumes_to_the_same_images(program, tmp_path):
-    teacher = load_teacher(program)
-    from evoquant.dfq.synthesis import zeroq_images
+@pytest.mark.parametrize("method, steps, shrink", [("zeroq", 40, 0.1), ("genie", 60, 0.3)])  # genie trades some BNS for its class term
+def test_image_methods_match_the_statistics_and_resume_to_the_same_images(program, tmp_path, method, steps, shrink):
+    from evoquant.dfq.synthesis import distilled_images
 
+    teacher = load_teacher(program)
     start = torch.sigmoid(torch.randn(16, *SHAPE, generator=torch.Generator().manual_seed(3)))
     before = float(bns_loss(teacher(start)[1], std=True))
-    images, labels = zeroq_images(teacher, 16, steps=40, batch_size=8, progress=False)
+    images, labels = distilled_images(teacher, 16, method=method, steps=steps, batch_size=8, progress=False)
     after = float(bns_loss(teacher(torch.from_numpy(images))[1], std=True))
-    assert after < 0.1 * before and images.min() >= 0 and images.max() <= 1 and labels.max() < 5
-    result = evoquant.datafree(program, method="zeroq", output=tmp_path / "z.npz", n=16, steps=40, batch_size=8, progress=False)
+    assert after < shrink * before and images.min() >= 0 and images.max() <= 1 and labels.max() < 5
+    if method == "genie":  # classes dealt evenly: the model sees most of them among 16 images
+        assert len(set(labels.tolist())) >= 4, labels
+    result = evoquant.datafree(program, method=method, output=tmp_path / "z.npz", n=16, steps=steps, batch_size=8, progress=False)
     with np.load(tmp_path / "z.npz") as archive:
         np.testing.assert_array_equal(archive["x"], images)
         np.testing.assert_array_equal(archive["y"], labels)
-    assert result.data_spec.endswith("z.npz") and not list(tmp_path.glob(".*partial*"))
+    assert result.data_spec.endswith("z.npz") and result.images == 16 and not list(tmp_path.glob(".*partial*"))
     # interrupted after the first batch: the partial file holds it, a resumed run finishes identically
-    zeroq_images(teacher, 8, steps=40, batch_size=8, progress=False, partial=tmp_path / ".r.npz.partial.npz")
-    evoquant.datafree(program, method="zeroq", output=tmp_path / "r.npz", n=16, steps=40, batch_size=8, progress=False, resume=True)
+    distilled_images(teacher, 8, method=method, steps=steps, batch_size=8, progress=False, partial=tmp_path / ".r.npz.partial.npz")
+    evoquant.datafree(program, method=method, output=tmp_path / "r.npz", n=16, steps=steps, batch_size=8, progress=False, resume=True)
     with np.load(tmp_path / "r.npz") as archive:
         np.testing.assert_array_equal(archive["x"], images)
+    # the other image method's partial file is not taken for this one's
+    other = "genie" if method == "zeroq" else "zeroq"
+    distilled_images(teacher, 8, method=other, steps=steps, batch_size=8, progress=False, partial=tmp_path / ".o.npz.partial.npz")
+    evoquant.datafree(program, method=method, output=tmp_path / "o.npz", n=16, steps=steps, batch_size=8, progress=False, resume=True)
+    with np.load(tmp_path / "o.npz") as archive:
+        np.testing.assert_array_equal(archive["x"], images)
+    # generator settings do not apply to image methods: refused, not ignored
+    with pytest.raises(EvoquantError, match="generator settings"):
+        evoquant.datafree(program, method=method, output=tmp_path / "w.npz", n=8, steps=2, batch_size=8, progress=False, options=MethodOptions(width=8))
+    code, _, stderr = run_cli("datafree", "--teacher", str(program), "--method", method, "--set", "width=8", "-n", "8", "-o", str(tmp_path / "c.npz"))
+    assert code == 2 and stderr.count("\n") == 1 and "generator settings" in stderr and not (tmp_path / "c.npz").exists()
 
 
 def test_the_image_prior_is_total_variation_plus_energy_and_prefers_smooth_images():

@@ -1,8 +1,8 @@
-"""Data-free synthetic data (DFQ: data-free quantization) from the FP32 model itself: ZeroQ, GDFQ, Qimera, ClusterQ.
+"""Data-free synthetic data (DFQ: data-free quantization) from the FP32 model itself: ZeroQ, Genie, GDFQ, Qimera, ClusterQ.
 
     >>> import evoquant
     >>> evoquant.datafree("fp32.pt2", method="clusterq", output="gen/")      # then --data gan:gen/
-    >>> evoquant.datafree("fp32.pt2", method="zeroq", output="zeroq.npz", n=2560)
+    >>> evoquant.datafree("fp32.pt2", method="genie", output="genie.npz", n=2560)      # then --data genie.npz
 
 See :mod:`evoquant.dfq.synthesis` for what each method does and :mod:`evoquant.dfq.teacher` for
 how the model's BatchNorm statistics are read.
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from evoquant.dfq.synthesis import DEFAULT_ZEROQ_IMAGES, METHODS, MethodOptions
+from evoquant.dfq.synthesis import DEFAULT_IMAGES, IMAGE_METHODS, METHODS, MethodOptions
 from evoquant.dfq.teacher import Teacher, export_program, load_teacher
 from evoquant.errors import EvoquantError
 
@@ -27,7 +27,7 @@ __all__ = ["datafree", "DataFreeResult", "MethodOptions", "METHODS", "Teacher", 
 
 @dataclass(frozen=True)
 class DataFreeResult:
-    """What ``datafree`` wrote: a generator directory (``--data gan:OUTPUT``) or an .npz (ZeroQ)."""
+    """What ``datafree`` wrote: a generator directory (``--data gan:OUTPUT``) or an .npz (ZeroQ, Genie)."""
 
     method: str
     output: str
@@ -36,7 +36,7 @@ class DataFreeResult:
     image_shape: tuple[int, int, int]
     steps: int
     seconds: float
-    images: int | None = None  # ZeroQ: images written
+    images: int | None = None  # ZeroQ, Genie: images written
     samples: str | None = None  # generators: the sample grid
 
     @property
@@ -69,32 +69,35 @@ def datafree(
     Args:
         teacher: a ``torch.export`` program file (``.pt2``, saved with ``torch.export.save``), an
             ``ExportedProgram``, or an ``nn.Module`` (exported here; give ``input_shape``).
-        method: ``zeroq`` (an .npz of optimised images with the model's labels), or ``gdfq``, ``qimera``,
-            ``clusterq`` (a generator directory, used as ``gan:OUTPUT``).
-        output: the .npz (ZeroQ) or the generator directory to write.
+        method: ``zeroq`` or ``genie`` (an .npz of optimised images with the model's labels), or ``gdfq``,
+            ``qimera``, ``clusterq`` (a generator directory, used as ``gan:OUTPUT``).
+        output: the .npz (ZeroQ, Genie) or the generator directory to write.
         input_shape: the model's input (C, H, W) or (1, C, H, W) (default: the program's).
         value_range, mean_values, scale_values: how images in [0, 1] become the model's input (the range
             map, then (x - mean) / scale per channel, as ``ovc`` spells them); images are written in [0, 1]
             as every evoquant source, so give the same settings to quantize and refine.
-        n: ZeroQ's number of images (default 2,560: refine's default selection and verification).
-        steps: ZeroQ's Adam steps per batch (default 500), or the generator's training steps (1,500).
-        resume: continue from the checkpoint (generators) or the finished batches (ZeroQ) in ``output``.
-        options: the generator methods' settings (:class:`MethodOptions`, the papers' values by default).
+        n: ZeroQ's and Genie's number of images (default 2,560: refine's default selection and verification).
+        steps: optimisation steps per batch (ZeroQ 500, Genie 200), or the generator's training steps (1,500).
+        resume: continue from the checkpoint (generators) or the finished batches (ZeroQ, Genie) in ``output``.
+        options: the generator methods' settings (:class:`MethodOptions`, the papers' values by default);
+            refused for ZeroQ and Genie, which have none.
 
     Raises:
         EvoquantError: a teacher that is not a torch.export program, has no BatchNorm layers, does not take
             ``input_shape`` or is not a classifier; bad settings; an output in the way.
     """
-    from evoquant.dfq.synthesis import teacher_digest, train_generator, zeroq_images
+    from evoquant.dfq.synthesis import DEFAULT_STEPS, distilled_images, teacher_digest, train_generator
 
     if method not in METHODS:
         raise EvoquantError(f"unknown data-free method {method!r}; choose {', '.join(METHODS)}")
     shape = _image_shape(input_shape)
     output = Path(output)
     started = time.perf_counter()
-    if method == "zeroq":
+    if method in IMAGE_METHODS:
+        if options is not None and options != MethodOptions():
+            raise EvoquantError(f"{method} optimises images directly: the generator settings (--set) apply to {', '.join(m for m in METHODS if m not in IMAGE_METHODS)}")
         if output.suffix.lower() != ".npz":
-            raise EvoquantError(f"zeroq writes images: the output must be an .npz path, got {output}")
+            raise EvoquantError(f"{method} writes images: the output must be an .npz path, got {output}")
         if output.exists() and not (resume or overwrite):
             raise EvoquantError(f"{output} exists; use --overwrite to replace it (or --resume to finish an interrupted run)")
         from evoquant.paths import check_outputs, staged
@@ -108,18 +111,16 @@ def datafree(
     from evoquant.data.preprocess import parse_values
 
     model = load_teacher(teacher, shape, value_range, parse_values(mean_values, "--mean-values"), parse_values(scale_values, "--scale-values"))
-    if method == "zeroq":
-        n = DEFAULT_ZEROQ_IMAGES if n is None else n
-        images, labels = zeroq_images(model, n, steps=steps, batch_size=batch_size, seed=seed, progress=progress, partial=partial)
+    if method in IMAGE_METHODS:
+        n = DEFAULT_IMAGES if n is None else n
+        images, labels = distilled_images(model, n, method=method, steps=steps, batch_size=batch_size, seed=seed, progress=progress, partial=partial)
         with staged(output) as temporary:
             np.savez(temporary, x=images, y=labels)
         partial.unlink(missing_ok=True)
-        from evoquant.dfq.synthesis import DEFAULT_STEPS
-
-        return DataFreeResult(method, str(output), "npz", model.num_classes, model.input_shape, DEFAULT_STEPS["zeroq"] if steps is None else steps,
+        return DataFreeResult(method, str(output), "npz", model.num_classes, model.input_shape, DEFAULT_STEPS[method] if steps is None else steps,
                               time.perf_counter() - started, images=len(images))
     if n is not None:
-        raise EvoquantError(f"-n is ZeroQ's number of images; {method} trains a generator (draw any number from gan:{output})")
+        raise EvoquantError(f"-n is the number of images of {' and '.join(IMAGE_METHODS)}; {method} trains a generator (draw any number from gan:{output})")
     identity = teacher_digest(teacher) if isinstance(teacher, (str, os.PathLike)) else "module"
     trained = train_generator(model, method, out_dir=output, steps=steps, batch_size=batch_size, seed=seed, resume=resume, overwrite=overwrite,
                               progress=progress, checkpoint_every=checkpoint_every, options=options or MethodOptions(), teacher_id=identity)
