@@ -114,7 +114,8 @@ def main() -> int:
                     int8_xml = Path(workdir) / f"{name}_{calibrated_on}_w{bits}.xml"
                     if not int8_xml.exists():
                         calibration = model_sources[calibrated_on] if calibrated_on in model_sources else calibrated_on
-                        quantize(built.fp32_xml, calibration=calibration, output=int8_xml, subset_size=args.images, weight_bits=bits)
+                        quantize(built.fp32_xml, calibration=calibration, output=int8_xml, subset_size=args.images, weight_bits=bits,
+                                 weight_storage="keep")  # 4-bit weights as NNCF writes them (stages.zoo_models says why)
                     row = {
                         "benchmark": "calibration",
                         "model": name,
@@ -136,7 +137,7 @@ def main() -> int:
                         started = time.perf_counter()
                         refined_xml = Path(workdir) / f"{name}_{source_name}_w{bits}_refined.xml"
                         result = refine(int8_xml, reference=built.fp32_xml, data=refine_data.get(source_name, spec), output=refined_xml, preset=args.refine,
-                                        jobs=args.jobs, seed=seed, progress=False)
+                                        jobs=args.jobs, seed=seed, progress=False, weight_storage="keep")
                         refined = heldout_scores(refined_xml, fp32_logits, x_heldout, y_heldout)
                         row.update({"seed": seed, "refined_accuracy": refined["accuracy"], "refined_kl": refined["kl"], "refine_improved": result.improved,
                                     "refine_evaluations": result.evaluations, "chosen_stage": result.chosen_stage, "seconds": round(time.perf_counter() - started, 1)})

@@ -26,7 +26,7 @@ from pathlib import Path
 STAGE_SETS = ("evolve", "reconstruct", "reconstruct,evolve")
 
 
-def zoo_models(source: str, models: str, bits: str, prefix: str, gan_seed: int = 0):
+def zoo_models(source: str, models: str, bits: str, prefix: str, gan_seed: int = 0, weight_storage: str = "keep"):
     """The zoo's quantized models the benchmarks start from: yields ``(name, bits, built, model, spec,
     heldout)`` -- NNCF calibrated on 300 images of ``source`` (GAN instance ``gan_seed``), the source's data
     spec and the held-out digits as the model takes them. The zoo is built as the demo builds it (its INT8
@@ -48,17 +48,21 @@ def zoo_models(source: str, models: str, bits: str, prefix: str, gan_seed: int =
             model = built.int8_xml
             if weight_bits != 8 or source != "gan" or gan_seed != 0:
                 model = work / f"{name}_w{weight_bits}a8_gan{gan_seed}.xml"
+                # weight_storage "keep": the tables measure 4-bit weights as NNCF writes them (evoquant's default, auto, stores
+                # them in 8-bit constants where OpenVINO computes them wrongly with several streams: docs/usage.md measures that)
                 quantize(built.fp32_xml, calibration=calibration[:CALIBRATION_SIZE], output=model, weight_bits=weight_bits,
-                         model_type=zoo.REGISTRY[name].model_type)
+                         model_type=zoo.REGISTRY[name].model_type, weight_storage=weight_storage)
             yield name, weight_bits, built, model, spec, (x_heldout, y_heldout)
 
 
 def zoo_refine(model, built, spec, heldout, **options):
     """``evoquant.refine`` on a zoo start from :func:`zoo_models`: against its FP32 model, on ``spec``, scored on
     the held-out digits, with the zoo model's input shape given (the families' IRs take ``[?,3,?,?]``, which
-    a fractal does not fix)."""
+    a fractal does not fix). 4-bit weights are written as they are (``weight_storage="keep"`` unless given: see
+    :func:`zoo_models`)."""
     from evoquant import refine
 
+    options.setdefault("weight_storage", "keep")
     return refine(model, reference=built.fp32_xml, data=spec, heldout=heldout, input_shape=(1, *heldout[0].shape[1:]), progress=False, **options)
 
 

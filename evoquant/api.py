@@ -87,6 +87,7 @@ class RefineResult:
     input_shape: list[int] | None = None  # per-sample input shape the run used
     unmatched_layers: list[dict] = field(default_factory=list)  # weighted layers not refined, with reasons
     heldout_seconds: float = 0.0  # of wall_seconds, scoring the held-out data (the report only; 0 without it)
+    weight_storage: dict | None = None  # the written IR's 4-bit weights: the multi-stream check and widening (evoquant.ir.storage)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the ``--report`` file)."""
@@ -162,6 +163,7 @@ def refine(
     progress: bool | None = None,
     run_dir: str | os.PathLike | None = None,
     island: str | tuple[int, int] | None = None,
+    weight_storage: str | None = None,
 ) -> RefineResult:
     """Refine the integer weight states of a quantized OpenVINO model toward its FP32 reference.
 
@@ -175,7 +177,8 @@ def refine(
     Args:
         model: the quantized IR (.xml) to refine; never modified. A dynamic input shape (what
             ``ov.convert_model`` gives) needs ``input_shape`` unless the data fixes it; the written IR keeps
-            the model's own input shape and graph, with only weight constants changed.
+            the model's own input shape and graph, with only weight constants changed (4-bit convolution
+            weights may be widened to 8-bit constants: ``weight_storage``).
         reference: the FP32 IR (the teacher), compiled with f32 precision; FP16-compressed weights are
             fine. Needed by reconstruct and by kl/mse/agreement.
         data: fitness and calibration images: a source spec (``fractal``, ``noise``, ``gan:DIR``,
@@ -195,6 +198,11 @@ def refine(
             ``"evolve"`` ... (or a sequence); they always run in that order.
         input_shape: the model's input shape, batch first (``(1, 3, 224, 224)`` or ``"1,3,224,224"``).
         callback: called with each generation's :class:`GenerationStats`; return True to stop early.
+        weight_storage: the written IR's 4-bit convolution weights (:mod:`evoquant.ir.storage`): ``auto``
+            (the config's default) runs it with one and with several streams on 64 verification images and,
+            where OpenVINO's results differ (its 2026.4 CPU plugin computes 4-bit 1x1 convolutions wrongly
+            with several streams), writes them as 8-bit constants holding the same states, with a warning;
+            ``keep`` never widens (warns only); ``widen`` always widens.
         run_dir: a run directory (:mod:`evoquant.rundir`): each stage's result and each generation's search
             state are saved there, and a refine given the same directory again (or :func:`resume`)
             continues where it stopped, ending with the same IR as an uninterrupted run.
@@ -214,6 +222,7 @@ def refine(
         stages=stages,
         data=data if isinstance(data, str) else None,
         search={"seed": seed},
+        weight_storage=weight_storage,
     ).with_budget(generations=generations, max_evaluations=max_evaluations, time_limit=time_limit)
     from evoquant.ir.runtime import compile_ir, has_static_sample_shape, infer, output_signature, parse_input_shape, read_ir, with_sample_shape
     from evoquant.ir.runtime import input_shape as sample_shape_of
@@ -378,8 +387,7 @@ def refine(
         heldout_scores, heldout_reference = _heldout_metrics(heldout_batch, candidates, teacher_model, classifier)
         heldout_seconds = time.perf_counter() - heldout_started
         reports = [dataclasses.replace(report, heldout=heldout_scores.get(report.name)) for report in reports]
-        if output_path is not None:
-            copy_ir(final_xml, output_path)
+        storage = None if output_path is None else _write_output(final_xml, output_path, verification.images, config.weight_storage)
         if run is not None:
             run.save_result(final_xml, {"chosen_stage": best_name, "verification": dataclasses.asdict(final_metrics), "start": dataclasses.asdict(start_metrics)})
 
@@ -402,6 +410,7 @@ def refine(
         search_seconds=0.0 if search is None else search.elapsed,
         wall_seconds=time.perf_counter() - started,
         heldout_seconds=heldout_seconds,
+        weight_storage=None if storage is None else storage.to_dict(),
         stop_reason="no search" if search is None else search.stop_reason,
         history=[] if search is None else search.history,
         selection_before=None if search is None else search.start_fitness,
@@ -508,7 +517,7 @@ def merge(run_dirs: Sequence[str | os.PathLike], *, output: ModelLike | None = N
         _warn(f"{len(unfinished)} job(s) have not finished and are left out: {', '.join(unfinished[:5])}")
     best = min((row for row in rows if row["finished"]), key=lambda row: row["fitness"])  # ties: the start, then the first job
     if output_path is not None:
-        copy_ir(best["xml"], output_path)
+        _write_output(best["xml"], output_path, verification.images, config.weight_storage)
     for row in rows:
         row.pop("xml")
     return MergeResult(None if output_path is None else str(output_path), best["run_dir"], rows)
@@ -797,6 +806,24 @@ def _write_states(model, table, states: dict[int, np.ndarray], path: Path) -> Pa
         return save_ir(model, path)
     finally:
         patcher.restore()
+
+
+def _write_output(xml: Path, output_path: Path, images: np.ndarray, mode: str):
+    """Deliver the IR ``xml`` to ``output_path``: as it is, or with its 4-bit convolution weights widened to
+    8-bit constants where OpenVINO computes them wrongly with several streams (``mode``:
+    :mod:`evoquant.ir.storage`), warning the user when it did. Returns the :class:`StorageCheck`."""
+    from evoquant.ir.runtime import read_ir
+    from evoquant.ir.storage import settle_storage
+
+    model = read_ir(xml)
+    check = settle_storage(model, images, mode)
+    if check.widened:
+        save_ir(model, output_path)
+    else:
+        copy_ir(xml, output_path)
+    if check.warning():
+        _warn(check.warning())
+    return check
 
 
 def _data_sample_shape(data, layout: str = "NCHW") -> tuple[int, ...] | None:
@@ -1102,6 +1129,7 @@ class QuantizeResult:
     input_shape: tuple[int, ...] | None = None
     agreement: float | None = None  # top-1 agreement with FP32 on the calibration images (classifiers)
     agreement_full_bias_correction: float | None = None  # measured only when agreement is low
+    weight_storage: dict | None = None  # 4-bit weights: the multi-stream check and widening (evoquant.ir.storage)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -1128,6 +1156,7 @@ def quantize(
     mean_values: Sequence[float] | str | None = None,
     scale_values: Sequence[float] | str | None = None,
     layout: str | None = None,
+    weight_storage: str = "auto",
     progress: bool = False,
 ) -> QuantizeResult:
     """Quantize an FP32 OpenVINO IR with ``nncf.quantize`` (W8A8 or W4A8), calibrated on any data source.
@@ -1155,6 +1184,9 @@ def quantize(
         mean_values, scale_values, layout: per-channel normalisation after the range map and the input
             layout, as ``ovc`` spells them (:mod:`evoquant.data.preprocess`); none for a model whose IR
             embeds its preprocessing.
+        weight_storage: at 4 bits, ``auto`` checks the result with one and with several streams on 64
+            calibration images and, where OpenVINO's results differ, writes the convolutions' 4-bit states in
+            8-bit constants (a warning says so); ``keep`` never, ``widen`` always (:mod:`evoquant.ir.storage`).
         progress: show NNCF's own log and progress bars.
 
     Returns:
@@ -1182,6 +1214,10 @@ def quantize(
         raise EvoquantError(f"the subset size must be a positive integer, got {subset_size!r}")
     if preset not in QUANTIZE_PRESETS:
         raise EvoquantError(f"unknown quantization preset {preset!r}; choose from {', '.join(QUANTIZE_PRESETS)}")
+    from evoquant.ir.storage import STORAGE_MODES, settle_storage
+
+    if weight_storage not in STORAGE_MODES:
+        raise EvoquantError(f"unknown weight storage {weight_storage!r}; choose {', '.join(STORAGE_MODES)}")
     scope_entries = _scope_entries(ignored_scope)
     settings = QuantizeSettings(weight_bits=weight_bits, target_device=target_device, model_type=model_type, preset=preset,
                                 fast_bias_correction=bool(fast_bias_correction), ignored_scope=tuple(scope_entries))
@@ -1202,6 +1238,9 @@ def quantize(
         _warn(f"the quantized model agrees with FP32 on only {100 * agreement:.1f}% of the calibration images; with --no-fast-bias-correction "
               f"{100 * agreement_full:.1f}% ({better})")
     quantized_tensors = len(find_quantized_weights(quantized))
+    storage = settle_storage(quantized, images, weight_storage)
+    if storage.warning():
+        _warn(storage.warning())
     save_ir(quantized, output_path)
     return QuantizeResult(
         model=str(model_path),
@@ -1219,6 +1258,7 @@ def quantize(
         input_shape=shape,
         agreement=agreement,
         agreement_full_bias_correction=agreement_full,
+        weight_storage=storage.to_dict() if storage.four_bit else None,
     )
 
 

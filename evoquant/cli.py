@@ -8,6 +8,8 @@ import signal
 import sys
 import textwrap
 
+from evoquant.config import WEIGHT_STORAGE_MODES
+
 REFINE_EXAMPLES = """
 examples:
   evoquant refine int8.xml --reference fp32.xml -o refined.xml
@@ -38,6 +40,11 @@ fitness hook (--fitness package.module:function): called as function(outputs, te
 lower is better; outputs/teacher are lists of float32 arrays (batch first), teacher is None without
 --reference, labels an int64 array or None. It must return a finite number.
 """
+
+
+WEIGHT_STORAGE_HELP = ("4-bit convolution weights in the written IR: auto runs it with one and with several streams and, where OpenVINO's results "
+                       "differ (its 2026.4 CPU plugin computes 4-bit 1x1 convolutions wrongly with several streams), stores the same states in "
+                       "8-bit constants, with a warning; keep never does (warns only); widen always does")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--jobs", "-j", type=int, help="parallel evaluation processes (default 1)")
     refine.add_argument("--engine", choices=["plain", "suffix"], help=f"fitness engine (default {default.engine}): suffix recomputes only below the changed layer where that ranks candidates as plain does, and compiles the whole candidate elsewhere; plain compiles every candidate")
     refine.add_argument("--max-cache-mb", type=float, help=f"activation cache budget of the suffix engine, per process (default {default.max_cache_mb:g})")
+    refine.add_argument("--weight-storage", choices=WEIGHT_STORAGE_MODES, help=WEIGHT_STORAGE_HELP + f" (default {default.weight_storage})")
     refine.add_argument("--backend", help="joblib backend for --jobs: loky (default), threading, dask")
     refine.add_argument("--scheduler", metavar="ADDRESS", help="dask scheduler address for --backend dask (default: a local cluster)")
     refine.add_argument("--seed", type=int, help="search seed (a fixed seed reproduces the run)")
@@ -208,6 +216,7 @@ def refine_config_from_args(args):
         backend=args.backend,
         engine=args.engine,
         max_cache_mb=args.max_cache_mb,
+        weight_storage=args.weight_storage,
         selection_size=args.selection_size,
         verification_size=args.verification_size,
         selection_pool=args.selection_pool,
@@ -554,6 +563,7 @@ def _add_quantize_parser(commands) -> None:
     quantize.add_argument("--preset", choices=["performance", "mixed"], default="performance", help="NNCF preset (default: %(default)s)")
     quantize.add_argument("--ignored-scope", metavar="LIST", help="comma-separated layers to keep in FP32: NAME, re:PATTERN or type:OpType")
     quantize.add_argument("--weight-bits", type=int, choices=[4, 8], default=8, help="weight precision: 8 (W8A8) or 4 (W4A8; default: %(default)s)")
+    quantize.add_argument("--weight-storage", choices=WEIGHT_STORAGE_MODES, default="auto", help=WEIGHT_STORAGE_HELP + " (default: %(default)s)")
     quantize.add_argument("--target-device", choices=["CPU", "GPU", "NPU", "ANY"], type=str.upper, help="NNCF's target device (default CPU for 8-bit weights, NPU for 4-bit: NNCF's CPU target refuses 4 bits)")
     quantize.add_argument("--model-type", choices=["transformer"], type=str.lower, help="NNCF's transformer scheme (SmoothQuant, attention)")
     quantize.add_argument("--no-fast-bias-correction", "--full-bias-correction", dest="full_bias_correction", action="store_true", help="NNCF's full bias correction instead of the fast one (quantize measures it and says so when the fast one goes wrong)")
@@ -701,9 +711,11 @@ def run_quantize(args) -> int:
                       weight_bits=args.weight_bits, target_device=args.target_device, model_type=args.model_type,
                       ignored_scope=args.ignored_scope, fast_bias_correction=not args.full_bias_correction, input_shape=args.input_shape,
                       seed=args.seed, value_range=value_range, mean_values=args.mean_values, scale_values=args.scale_values, layout=args.layout,
-                      progress=args.verbose)
+                      weight_storage=args.weight_storage, progress=args.verbose)
     agreement = "" if result.agreement is None else f", top-1 agreement with FP32 {100 * result.agreement:.1f}%"
-    print(f"{result.output}: W{result.weight_bits}A8, {result.quantized_tensors} quantized weight tensors, calibrated on {result.subset_size} images "
+    widened = (result.weight_storage or {}).get("widened_tensors")
+    storage = f", {widened} of them 4-bit states in 8-bit constants" if widened else ""
+    print(f"{result.output}: W{result.weight_bits}A8, {result.quantized_tensors} quantized weight tensors{storage}, calibrated on {result.subset_size} images "
           f"from {result.calibration} ({result.preset}, target {result.target_device}{agreement}, {result.seconds:.1f} s)")
     return 0
 

@@ -174,6 +174,8 @@ class ComposeConfig:
 
 STAGES = ("reconstruct", "compose", "evolve")
 BACKENDS = ("loky", "threading", "multiprocessing", "dask")
+#: How the written IR stores 4-bit convolution weights (evoquant.ir.storage).
+WEIGHT_STORAGE_MODES = ("auto", "keep", "widen")
 
 
 def usable_cores() -> int:
@@ -211,6 +213,7 @@ class RefineConfig:
     backend: str = "loky"  # joblib backend: loky | threading | dask (needs a dask client)
     engine: str = "suffix"  # suffix: recompute from the changed layer where exact | plain: compile every candidate
     max_cache_mb: float = 512.0  # the suffix engine's activation cache budget, per process
+    weight_storage: str = "auto"  # 4-bit convolution weights in the written IR: auto | keep | widen (evoquant.ir.storage)
     progress: bool = True
 
     def __post_init__(self):
@@ -229,6 +232,8 @@ class RefineConfig:
                                 "cores only slow each other down; use at most that many (or --backend dask for a cluster)")
         if self.engine not in ("plain", "suffix"):
             raise EvoquantError(f"unknown engine {self.engine!r}; choose plain or suffix")
+        if self.weight_storage not in WEIGHT_STORAGE_MODES:
+            raise EvoquantError(f"unknown weight storage {self.weight_storage!r}; choose {', '.join(WEIGHT_STORAGE_MODES)}")
         unknown = [stage for stage in self.stages if stage not in STAGES]
         if unknown or not self.stages or len(set(self.stages)) != len(self.stages):
             raise EvoquantError(f"stages must be a non-empty list of {', '.join(STAGES)} without repeats, got {','.join(self.stages)}")

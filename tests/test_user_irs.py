@@ -108,6 +108,27 @@ def test_w4a8_quantize_makes_i4_weights_that_refine_improves(user_irs, tmp_path)
     assert all(a.low <= b.states.min() and b.states.max() <= a.high for a, b in zip(table, refined))
 
 
+def test_widened_w4a8_stays_on_its_4_bit_grid_through_refine(user_irs, tmp_path):
+    w4 = tmp_path / "w4a8.xml"
+    code, stdout, stderr = run_cli("quantize", str(user_irs / "fp32.xml"), "-c", str(user_irs / "data.npz"), "--weight-bits", "4", "--subset-size", "32",
+                                   "--weight-storage", "widen", "-o", str(w4))
+    assert code == 0, stderr
+    table = find_quantized_weights(read_ir(w4))
+    assert "2 of them 4-bit states in 8-bit constants" in stdout
+    assert [w.element_type for w in table] == ["i8", "i8", "i4"]  # the convolutions widened, the MatMul not
+    assert all(-8 <= w.low and w.high <= 7 for w in table)
+    out = tmp_path / "refined.xml"
+    code, _, stderr = run_cli("refine", str(w4), "-r", str(user_irs / "fp32.xml"), "--data", str(user_irs / "data.npz"), "-o", str(out), "-q",
+                              "--selection-size", "64", "--verification-size", "64", "--selection-pool", "128", "--generations", "2", "--engine", "plain")
+    assert code == 0, stderr
+    refined = find_quantized_weights(read_ir(out))
+    assert [w.element_type for w in refined] == ["i8", "i8", "i4"]
+    assert all((a.low, a.high) == (b.low, b.high) and a.low <= b.states.min() and b.states.max() <= a.high for a, b in zip(table, refined))
+    code, _, stderr = run_cli("refine", str(w4), "-r", str(user_irs / "fp32.xml"), "--data", str(user_irs / "data.npz"), "-o", str(tmp_path / "x.xml"),
+                              "--weight-storage", "pack")
+    assert code == 2 and "invalid choice" in stderr and not (tmp_path / "x.xml").exists()
+
+
 def test_w4_on_the_cpu_target_is_refused_in_one_line(user_irs, tmp_path):
     code, _, stderr = run_cli("quantize", str(user_irs / "fp32.xml"), "-c", "fractal", "--input-shape", "1,3,8,8", "--weight-bits", "4", "--target-device", "CPU", "-o", str(tmp_path / "x.xml"))
     assert code == 2 and "NPU" in stderr and not (tmp_path / "x.xml").exists()

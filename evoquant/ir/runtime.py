@@ -74,16 +74,18 @@ def read_ir(xml_path: str | os.PathLike) -> ov.Model:
         raise EvoquantError(f"OpenVINO cannot read {xml_path}: {_last_line(message)} (a damaged .bin, or a .bin from another model?)") from None
 
 
-def compile_ir(model: ov.Model, *, threads: int | None = None, f32: bool = False) -> ov.CompiledModel:
+def compile_ir(model: ov.Model, *, threads: int | None = None, f32: bool = False, settings: dict | None = None) -> ov.CompiledModel:
     """Compile ``model`` for the CPU.
 
     ``f32=True`` forces FP32 inference (for the teacher); otherwise the plugin's defaults apply, i.e. what a
     user who deploys the written IR gets. ``threads`` limits the plugin's threads so several worker processes
-    don't fight over the cores; pinning is off for the same reason.
+    don't fight over the cores; pinning is off for the same reason. ``settings``: more of the plugin's
+    properties (e.g. ``{"NUM_STREAMS": 2}``; the default is one stream, the latency setting).
     """
     config: dict[str, object] = {"ENABLE_CPU_PINNING": False}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
+    config.update(settings or {})
     if f32:
         config.update(F32_PRECISION)
     try:

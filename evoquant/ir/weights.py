@@ -113,9 +113,12 @@ class WeightTable:
 
 
 def find_quantized_weights(model: ov.Model) -> WeightTable:
-    """Discover every quantized weight of ``model`` (both forms), in ``get_ordered_ops()`` order."""
+    """Discover every quantized weight of ``model`` (both forms), in ``get_ordered_ops()`` order. A weight
+    evoquant widened (4-bit states kept in an 8-bit constant: :mod:`evoquant.ir.storage`) keeps its 4-bit
+    range, read from the model's record of it."""
     ops = list(model.get_ordered_ops())
     positions = {op.get_friendly_name(): i for i, op in enumerate(ops)}
+    widened = widened_ranges(model)
     weights: list[QuantizedWeight] = []
     for op in ops:
         if op.get_type_name() != "Constant":
@@ -123,10 +126,34 @@ def find_quantized_weights(model: ov.Model) -> WeightTable:
         found = _match_compressed(op) or _match_fakequantize(op)
         if found is None:
             continue
+        if found.form == "compressed" and found.constant_name in widened:
+            low, high = widened[found.constant_name]
+            if int(found.states.min()) < low or int(found.states.max()) > high:
+                raise EvoquantError(f"{found.consumer}: its weight states leave the 4-bit range [{low}, {high}] recorded for them "
+                                    "(the IR was edited after evoquant wrote it)")
+            found.low, found.high = low, high
         found.index = len(weights)
         found.constant_position = positions[op.get_friendly_name()]
         weights.append(found)
     return WeightTable(weights)
+
+
+#: Where a model records the weights evoquant widened: ``rt_info`` path, value a JSON object
+#: ``{constant name: [low, high]}`` (the states' 4-bit range).
+WIDENED_RECORD = ("evoquant", "widened_weights")
+
+
+def widened_ranges(model: ov.Model) -> dict[str, tuple[int, int]]:
+    """The 4-bit ranges of the weights evoquant stored in 8-bit constants, by constant name ({} if none)."""
+    import json
+
+    if not model.has_rt_info(list(WIDENED_RECORD)):
+        return {}
+    try:
+        record = json.loads(model.get_rt_info(list(WIDENED_RECORD)).astype(str))
+        return {str(name): (int(low), int(high)) for name, (low, high) in record.items()}
+    except (ValueError, TypeError, AttributeError):
+        raise EvoquantError(f"the model's rt_info {'/'.join(WIDENED_RECORD)} is not a record evoquant wrote") from None
 
 
 #: Layers that take a weight, and the input ports a constant weight can sit on.
