@@ -22,11 +22,12 @@ def _fake_quantize(node, high: float):
     return opset.fake_quantize(node, low, top, low, top, 256)
 
 
-def w4a8_model(seed: int = 0, *, fp32: bool = False) -> ov.Model:
+def w4a8_model(seed: int = 0, *, fp32: bool = False, kernel: int = 1) -> ov.Model:
     """NNCF's W4A8 form on 1x1 convolutions (the kernels OpenVINO 2026.4 gets wrong with several streams):
     FakeQuantize → Conv 1x1 (i4, 3→16) → ReLU → FakeQuantize → Conv 1x1 (u4 with a zero point, 16→8) →
     ReduceMean → MatMul (i4, 8→3: a transformer's kind of 4-bit weight, never widened). ``fp32``: the
-    same network with the dequantized weights as float constants and no FakeQuantize (its reference)."""
+    same network with the dequantized weights as float constants and no FakeQuantize (its reference);
+    ``kernel`` 3: 3x3 convolutions instead (padded), which the defect is not known on."""
     rng = np.random.default_rng(seed)
 
     def weight(shape, element_type, zero_point=0):
@@ -45,8 +46,9 @@ def w4a8_model(seed: int = 0, *, fp32: bool = False) -> ov.Model:
         return node if fp32 else _fake_quantize(node, high)
 
     x = opset.parameter([-1, 3, 6, 6], np.float32, name="input")
-    conv1 = opset.convolution(quantized(x, 1.0), weight((16, 3, 1, 1), "i4"), [1, 1], [0, 0], [0, 0], [1, 1])
-    conv2 = opset.convolution(quantized(opset.relu(conv1), 2.0), weight((8, 16, 1, 1), "u4", zero_point=8), [1, 1], [0, 0], [0, 0], [1, 1])
+    pad = [kernel // 2] * 2
+    conv1 = opset.convolution(quantized(x, 1.0), weight((16, 3, kernel, kernel), "i4"), [1, 1], pad, pad, [1, 1])
+    conv2 = opset.convolution(quantized(opset.relu(conv1), 2.0), weight((8, 16, kernel, kernel), "u4", zero_point=8), [1, 1], pad, pad, [1, 1])
     fc = opset.matmul(opset.reduce_mean(conv2, opset.constant(np.array([2, 3])), False), weight((3, 8), "i4"), False, True)
     for node, name in ((conv1, "conv1"), (conv2, "conv2"), (fc, "fc")):
         node.set_friendly_name(name)  # the reference's layers carry the same names
@@ -94,12 +96,12 @@ def test_settle_storage_follows_its_mode():
     forced = settle_storage(model, IMAGES, "widen")
     assert forced.widened == 2 and forced.difference_after <= TOLERANCE and forced.change < 0.05
     assert {w.element_type for w in find_quantized_weights(model)} == {"i8", "u8", "i4"}
-    # auto widens exactly when this machine's OpenVINO computes the 4-bit form differently with several streams
-    model = w4a8_model()
-    auto = settle_storage(model, IMAGES, "auto")
-    assert (auto.widened == 2) == (auto.difference > TOLERANCE) and (auto.warning() is None) == (auto.difference <= TOLERANCE)
-    if auto.widened:
-        assert auto.difference_after <= TOLERANCE and "8-bit constants" in auto.warning()
+    # auto always widens 4-bit 1x1 convolutions (a check that agrees once proves nothing: the defect comes and goes)
+    auto = settle_storage(w4a8_model(), IMAGES, "auto")
+    assert (auto.pointwise, auto.widened) == (2, 2) and auto.difference_after <= TOLERANCE and "8-bit constants" in auto.warning()
+    # ... and other kernels exactly when this machine's OpenVINO computes them differently with several streams
+    auto = settle_storage(w4a8_model(kernel=3), IMAGES, "auto")
+    assert auto.pointwise == 0 and (auto.widened == 2) == (auto.difference > TOLERANCE) and (auto.warning() is None) == (auto.difference <= TOLERANCE)
     with pytest.raises(EvoquantError, match="weight storage"):
         settle_storage(w4a8_model(), IMAGES, "pack")
 
