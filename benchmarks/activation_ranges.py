@@ -1,13 +1,15 @@
 """Are NNCF's activation ranges too tight for a refined model? One JSON line per (model, source, factor).
 
 For each zoo classifier, NNCF quantizes the FP32 IR (W4A8 by default) calibrated on 300 images of the
-source, as benchmarks/datafree_mix.py does; then every activation FakeQuantize range but the input's is
+source (GAN and fractal starts as the quality table makes them, data-free ones as benchmarks/datafree_mix.py
+does); then every activation FakeQuantize range but the input's is
 multiplied by each ``--factors`` value (the same levels over a wider range: less clipping, coarser steps),
 and refine (default preset) runs on the source's data. Held-out: 1,000 real digits. Also recorded:
 refine's verification fitness on the synthetic images, to see whether the synthetic data alone would pick
 the factor the real digits prefer.
 
     python benchmarks/activation_ranges.py --sources gan,genie > benchmarks/results/activation_ranges.jsonl
+    python benchmarks/activation_ranges.py --models resnet18,mobilenet_v3_small,vit --sources gan >> benchmarks/results/activation_ranges.jsonl
 """
 
 from __future__ import annotations
@@ -53,32 +55,42 @@ def main(argv: list[str] | None = None) -> int:
 
     from calibration import heldout_scores
     from datafree_mix import _spec
+    from stages import zoo_models, zoo_refine
 
-    from evoquant import quantize, refine, zoo
+    from evoquant import quantize, zoo
     from evoquant.demo import calibration_images
     from evoquant.ir.runtime import compile_ir, infer, read_ir
 
-    _, _, x_heldout, y_heldout = zoo.mnist_split()
-    with tempfile.TemporaryDirectory(prefix="evoquant-ranges-") as workdir:
-        for name in args.models.split(","):
-            built = zoo.build(name, calibration=calibration_images())
-            fp32_logits = infer(compile_ir(read_ir(built.fp32_xml), f32=True), x_heldout)[0]
-            for source in args.sources.split(","):
+    def starts(workdir: Path):
+        """(name, source, bits, built, start IR, refine data spec, held-out) per model and source: GAN and fractal
+        starts as the quality table makes them (any zoo model), data-free ones as datafree_mix.py does."""
+        for source in args.sources.split(","):
+            if source in ("gan", "fractal"):
+                for name, bits, built, model, spec, heldout in zoo_models(source, args.models, args.bits, "evoquant-ranges-"):
+                    yield name, source, bits, built, Path(model), spec, heldout
+                continue
+            for name in args.models.split(","):
+                built = zoo.build(name, calibration=calibration_images())
                 spec = _spec(built, source)
                 for bits in (int(b) for b in args.bits.split(",")):
-                    start = Path(workdir) / f"{name}_{source}_w{bits}.xml"
+                    start = workdir / f"{name}_{source}_w{bits}.xml"
                     quantize(built.fp32_xml, calibration=spec, output=start, subset_size=300, weight_bits=bits, weight_storage="keep")
-                    for factor in (float(f) for f in args.factors.split(",")):
-                        widened = Path(workdir) / f"{name}_{source}_w{bits}_x{factor}.xml"
-                        widened_ranges(start, factor, widened)
-                        before = heldout_scores(widened, fp32_logits, x_heldout, y_heldout)
-                        output = Path(workdir) / "refined.xml"
-                        result = refine(widened, reference=built.fp32_xml, data=spec, output=output, seed=0, progress=False, weight_storage="keep")
-                        after = heldout_scores(output, fp32_logits, x_heldout, y_heldout)
-                        print(json.dumps({"benchmark": "activation_ranges", "model": name, "source": source, "weight_bits": bits, "range_factor": factor,
-                                          "int8_kl": before["kl"], "int8_accuracy": before["accuracy"], "refined_kl": after["kl"], "refined_accuracy": after["accuracy"],
-                                          "verification_start": result.verification_before.fitness, "verification_refined": result.verification_after.fitness,
-                                          "chosen_stage": result.chosen_stage}), flush=True)
+                    yield name, source, bits, built, start, spec, zoo.mnist_split()[2:]
+
+    with tempfile.TemporaryDirectory(prefix="evoquant-ranges-") as workdir:
+        for name, source, bits, built, start, spec, (x_heldout, y_heldout) in starts(Path(workdir)):
+            fp32_logits = infer(compile_ir(read_ir(built.fp32_xml), f32=True), x_heldout)[0]
+            for factor in (float(f) for f in args.factors.split(",")):
+                widened = Path(workdir) / f"{name}_{source}_w{bits}_x{factor}.xml"
+                widened_ranges(start, factor, widened)
+                before = heldout_scores(widened, fp32_logits, x_heldout, y_heldout)
+                output = Path(workdir) / "refined.xml"
+                result = zoo_refine(widened, built, spec, (x_heldout, y_heldout), output=output, seed=0)
+                after = heldout_scores(output, fp32_logits, x_heldout, y_heldout)
+                print(json.dumps({"benchmark": "activation_ranges", "model": name, "source": source, "weight_bits": bits, "range_factor": factor,
+                                  "int8_kl": before["kl"], "int8_accuracy": before["accuracy"], "refined_kl": after["kl"], "refined_accuracy": after["accuracy"],
+                                  "verification_start": result.verification_before.fitness, "verification_refined": result.verification_after.fitness,
+                                  "chosen_stage": result.chosen_stage, "refine_seconds": round(result.wall_seconds - result.heldout_seconds, 1)}), flush=True)
     return 0
 
 
