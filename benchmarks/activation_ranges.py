@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 
-def widened_ranges(xml: Path, factor: float, output: Path) -> None:
+def scale_activation_ranges(xml: Path, factor: float, output: Path) -> None:
     """``xml`` with its activation FakeQuantize ranges (all four bounds) times ``factor``, written to ``output``;
     the FakeQuantize right after the model input is left as it is (an image's range is the image's range)."""
     import openvino.opset13 as opset
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             fp32_logits = infer(compile_ir(read_ir(built.fp32_xml), f32=True), x_heldout)[0]
             for factor in (float(f) for f in args.factors.split(",")):
                 widened = Path(workdir) / f"{name}_{source}_w{bits}_x{factor}.xml"
-                widened_ranges(start, factor, widened)
+                scale_activation_ranges(start, factor, widened)
                 before = heldout_scores(widened, fp32_logits, x_heldout, y_heldout)
                 output = Path(workdir) / "refined.xml"
                 result = zoo_refine(widened, built, spec, (x_heldout, y_heldout), output=output, seed=0)

@@ -47,6 +47,8 @@ def main() -> int:
 
     from evoquant.fitness.objectives import kl_to_teacher
     from evoquant.ir.runtime import compile_ir, core, infer, read_ir
+    from evoquant.ir.storage import widen
+    from evoquant.ir.weights import WEIGHTED_OPS
 
     for name, bits, built, model, spec, (x_heldout, y_heldout) in zoo_models("gan", args.models, args.bits, "evoquant-modes-"):
         images = np.ascontiguousarray(x_heldout, dtype=np.float32)
@@ -60,8 +62,8 @@ def main() -> int:
         for label, xml in irs:
             ir = read_ir(xml)
             variants.append((label, ir))
-            widened = _widened(ir.clone())
-            if widened is not None:
+            widened = ir.clone()
+            if widen(widened, layers=tuple(WEIGHTED_OPS)):  # every 4-bit weight, MatMuls too
                 variants.append((f"{label} widened", widened))
         for label, ir in variants:
             default = None
@@ -72,23 +74,6 @@ def main() -> int:
                                   "accuracy": float(np.mean(outputs[0].argmax(1) == y_heldout)), "kl": float(kl_to_teacher(outputs, teacher)),
                                   "max_logit_difference": float(np.abs(outputs[0] - default).max()), "openvino": openvino.__version__.split("-")[0]}), flush=True)
     return 0
-
-
-def _widened(model):
-    """``model`` (changed in place) with every 4-bit weight constant replaced by an 8-bit one holding the
-    same states; None when it has none."""
-    from openvino import opset13 as opset
-
-    from evoquant.ir.weights import find_quantized_weights
-
-    ops = model.get_ordered_ops()
-    four_bit = [weight for weight in find_quantized_weights(model) if weight.element_type in ("i4", "u4")]
-    for weight in four_bit:
-        constant = opset.constant(weight.states.astype(np.int8 if weight.element_type == "i4" else np.uint8))
-        for target in ops[weight.constant_position].output(0).get_target_inputs():
-            target.replace_source_output(constant.output(0))
-    model.validate_nodes_and_infer_types()
-    return model if four_bit else None
 
 
 if __name__ == "__main__":

@@ -21,13 +21,7 @@ import sys
 
 import numpy as np
 
-SETTINGS = {
-    "default": {},
-    "2 streams": {"NUM_STREAMS": 2},
-    "THROUGHPUT": {"PERFORMANCE_HINT": "THROUGHPUT"},
-    "f32": {"INFERENCE_PRECISION_HINT": "f32"},
-    "2 streams f32": {"NUM_STREAMS": 2, "INFERENCE_PRECISION_HINT": "f32"},
-}
+from exec_modes import SETTINGS  # the plugin settings exec_modes.py runs the zoo under (plain dicts: no evoquant code)
 
 #: (input channels, output channels, kernel, weight type, FakeQuantize on the input)
 CASES = [(64, 128, 1, "i4", False), (64, 128, 1, "u4", False), (128, 64, 1, "i4", False), (64, 128, 3, "i4", False), (64, 128, 1, "i8", False),

@@ -813,16 +813,24 @@ def _write_output(xml: Path, output_path: Path, images: np.ndarray, mode: str):
     8-bit constants where OpenVINO computes them wrongly with several streams (``mode``:
     :mod:`evoquant.ir.storage`), warning the user when it did. Returns the :class:`StorageCheck`."""
     from evoquant.ir.runtime import read_ir
-    from evoquant.ir.storage import settle_storage
 
     model = read_ir(xml)
-    check = settle_storage(model, images, mode)
+    check = _settle_storage(model, images, mode)
     if check.widened:
         save_ir(model, output_path)
     else:
         copy_ir(xml, output_path)
-    if check.warning():
-        _warn(check.warning())
+    return check
+
+
+def _settle_storage(model, images: np.ndarray, mode: str):
+    """:func:`evoquant.ir.storage.settle_storage` on ``model`` (in place), its warning shown to the user."""
+    from evoquant.ir.storage import settle_storage
+
+    check = settle_storage(model, images, mode)
+    warning = check.warning()
+    if warning:
+        _warn(warning)
     return check
 
 
@@ -1214,7 +1222,7 @@ def quantize(
         raise EvoquantError(f"the subset size must be a positive integer, got {subset_size!r}")
     if preset not in QUANTIZE_PRESETS:
         raise EvoquantError(f"unknown quantization preset {preset!r}; choose from {', '.join(QUANTIZE_PRESETS)}")
-    from evoquant.ir.storage import STORAGE_MODES, settle_storage
+    from evoquant.ir.storage import STORAGE_MODES
 
     if weight_storage not in STORAGE_MODES:
         raise EvoquantError(f"unknown weight storage {weight_storage!r}; choose {', '.join(STORAGE_MODES)}")
@@ -1238,9 +1246,7 @@ def quantize(
         _warn(f"the quantized model agrees with FP32 on only {100 * agreement:.1f}% of the calibration images; with --no-fast-bias-correction "
               f"{100 * agreement_full:.1f}% ({better})")
     quantized_tensors = len(find_quantized_weights(quantized))
-    storage = settle_storage(quantized, images, weight_storage)
-    if storage.warning():
-        _warn(storage.warning())
+    storage = _settle_storage(quantized, images, weight_storage)
     save_ir(quantized, output_path)
     return QuantizeResult(
         model=str(model_path),

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from evoquant.dfq.synthesis import DEFAULT_IMAGES, IMAGE_METHODS, METHODS, MethodOptions
+from evoquant.dfq.synthesis import DEFAULT_IMAGES, GENERATOR_METHODS, IMAGE_METHODS, METHODS, MethodOptions
 from evoquant.dfq.teacher import Teacher, export_program, load_teacher
 from evoquant.errors import EvoquantError
 
@@ -95,7 +95,7 @@ def datafree(
     started = time.perf_counter()
     if method in IMAGE_METHODS:
         if options is not None and options != MethodOptions():
-            raise EvoquantError(f"{method} optimises images directly: the generator settings (--set) apply to {', '.join(m for m in METHODS if m not in IMAGE_METHODS)}")
+            raise EvoquantError(f"{method} optimises images directly: the generator settings (--set) apply to {', '.join(GENERATOR_METHODS)}")
         if output.suffix.lower() != ".npz":
             raise EvoquantError(f"{method} writes images: the output must be an .npz path, got {output}")
         if output.exists() and not (resume or overwrite):

@@ -80,15 +80,17 @@ class StorageCheck:
                 "widened_tensors": self.widened, "multistream_difference_after": self.difference_after, "one_stream_change": self.change}
 
 
-def four_bit_convolution_weights(model: ov.Model) -> list:
-    """The 4-bit compressed weights of ``model``'s convolutions (the ones :func:`widen` replaces)."""
-    return [w for w in find_quantized_weights(model) if w.form == "compressed" and w.element_type in ("i4", "u4") and w.consumer_type in WIDENED_LAYERS]
+def four_bit_convolution_weights(model: ov.Model, layers: tuple[str, ...] = WIDENED_LAYERS) -> list:
+    """The 4-bit compressed weights of ``model``'s ``layers`` (by default its convolutions: the ones
+    :func:`widen` replaces)."""
+    return [w for w in find_quantized_weights(model) if w.form == "compressed" and w.element_type in ("i4", "u4") and w.consumer_type in layers]
 
 
-def widen(model: ov.Model) -> int:
-    """Hold ``model``'s 4-bit convolution weights in 8-bit constants (same states, names and consumers), in
-    place, and record their 4-bit ranges in its rt_info. Returns how many were widened."""
-    weights = four_bit_convolution_weights(model)
+def widen(model: ov.Model, layers: tuple[str, ...] = WIDENED_LAYERS) -> int:
+    """Hold ``model``'s 4-bit weights of ``layers`` (default: its convolutions) in 8-bit constants (same
+    states, names and consumers), in place, and record their 4-bit ranges in its rt_info. Returns how many
+    were widened."""
+    weights = four_bit_convolution_weights(model, layers)
     if not weights:
         return 0
     ops = model.get_ordered_ops()
