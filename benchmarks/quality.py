@@ -69,6 +69,8 @@ def main() -> int:
                         "compose": next(({key: stage.details.get(key) for key in ("layers_per_fit", "equivalent_fits", "uniform_selection", "selection_before", "selection_after", "evaluations", "raced", "batch_size", "stop_reason",
                                                                                        "scout_check", "fit_seconds", "search_seconds", "history")}
                                          for stage in result.stages if stage.name == "compose"), None),
+                        "ranges": next(({key: stage.details.get(key) for key in ("chosen", "quantizers", "widened", "factor_median", "factor_max", "trials")}
+                                        for stage in result.stages if stage.name == "ranges"), None),
                         "wall_seconds": round(wall, 1),
                         # what refine takes without --heldout: the wall time less its held-out scoring (report only)
                         "heldout_seconds": round(result.heldout_seconds, 1),

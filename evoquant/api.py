@@ -167,8 +167,9 @@ def refine(
 ) -> RefineResult:
     """Refine the integer weight states of a quantized OpenVINO model toward its FP32 reference.
 
-    A pipeline of stages: ``reconstruct`` (layer by layer, the states that best reproduce each FP32 layer's
-    output on the calibration images), optionally ``compose`` (a small evolution strategy choosing, per
+    A pipeline of stages: ``ranges`` (NNCF's activation ranges or wider ones, whichever reconstructs to the
+    better model end to end: :mod:`evoquant.reconstruct.ranges`), ``reconstruct`` (layer by layer, the states that
+    best reproduce each FP32 layer's output on the calibration images), optionally ``compose`` (a small evolution strategy choosing, per
     layer, among the start's states, the reconstruction's and other reconstructions', e.g. fitted on the
     reference's own layer inputs), then ``evolve`` (the evolution strategy on the end-to-end objective,
     starting from the previous stage's result), then ``verify``: every stage's result is re-scored on verification
@@ -177,8 +178,9 @@ def refine(
     Args:
         model: the quantized IR (.xml) to refine; never modified. A dynamic input shape (what
             ``ov.convert_model`` gives) needs ``input_shape`` unless the data fixes it; the written IR keeps
-            the model's own input shape and graph, with only weight constants changed (4-bit convolution
-            weights may be widened to 8-bit constants: ``weight_storage``).
+            the model's own input shape and graph, with only weight constants changed, and the activation
+            quantizers' range constants when the ranges stage widens them (4-bit convolution weights may be
+            widened to 8-bit constants: ``weight_storage``).
         reference: the FP32 IR (the teacher), compiled with f32 precision; FP16-compressed weights are
             fine. Needed by reconstruct and by kl/mse/agreement.
         data: fitness and calibration images: a source spec (``fractal``, ``noise``, ``gan:DIR``,
@@ -194,8 +196,8 @@ def refine(
             ``(images, labels)``.
         config / preset: a full :class:`RefineConfig`, or a preset name; the keyword arguments below
             override it.
-        stages: ``"reconstruct,evolve"`` (default), ``"reconstruct,compose,evolve"``, ``"reconstruct"``,
-            ``"evolve"`` ... (or a sequence); they always run in that order.
+        stages: the preset's (default ``"ranges,reconstruct,compose"``), ``"reconstruct,compose,evolve"``,
+            ``"reconstruct"``, ``"evolve"`` ... (or a sequence); they always run in that order.
         input_shape: the model's input shape, batch first (``(1, 3, 224, 224)`` or ``"1,3,224,224"``).
         callback: called with each generation's :class:`GenerationStats`; return True to stop early.
         weight_storage: the written IR's 4-bit convolution weights (:mod:`evoquant.ir.storage`): ``auto``
@@ -323,16 +325,56 @@ def refine(
         flip_residuals: dict[int, np.ndarray] = {}
         quadratics: dict = {}  # the reconstruction's layer errors around its states (search.layer_penalty)
 
+        ranged = None  # the ranges stage's reconstruction under the ranges it chose: the reconstruct stage's result
+        if "ranges" in run_stages:
+            stage_started = time.perf_counter()
+            saved = run.load_states("ranges") if run is not None else None
+            if saved is not None:
+                ranged_states, details, seconds, _ = saved
+            else:
+                fitted = _ranges_stage(working, working_table, teacher_model, pool, teacher_pool, objective_spec, config, workdir)
+                ranged_states = {} if fitted.reconstruction is None else dict(fitted.reconstruction.states)
+                details = fitted.to_dict()
+                seconds = time.perf_counter() - stage_started
+                if fitted.reconstruction is not None:  # its time is the reconstruct stage's: a run without this stage spends it too
+                    chosen_seconds = next(trial.seconds for trial in fitted.trials if trial.name == fitted.chosen)
+                    details["reconstruction"] = {**fitted.reconstruction.to_dict(), "seconds": chosen_seconds}
+                    seconds -= chosen_seconds
+                if run is not None:
+                    run.save_states("ranges", ranged_states, details, seconds)
+            if not details["quantizers"]:
+                _warn("the model has no activation quantizers with constant ranges: the ranges stage leaves it as it is")
+            if details["not_constant"]:
+                _warn(f"the ranges stage leaves {len(details['not_constant'])} activation quantizer(s) whose range is not a constant: {', '.join(details['not_constant'][:5])}")
+            widened = any(factor != 1.0 for factor in details["factors"].values())
+            if widened:
+                original, table, working, working_table = _scaled_models(original, working, teacher_model, details["factors"])
+                base_xml = _write_states(original, table, {}, workdir / "ranges_base.xml")
+                verifier = PlainEvaluator(FitnessContext(str(base_xml), verification.images, teacher_verification, verification.labels, objective_spec, None))
+            if "reconstruction" in details:
+                ranged = (ranged_states, details.pop("reconstruction"))
+            metrics = start_metrics
+            if widened:  # NNCF's start under the widened ranges, not yet reconstructed
+                candidate, metrics = verify({}, "ranges")
+                candidates.append(("ranges", candidate, metrics, {}))
+            reports.append(StageReport("ranges", seconds, metrics, details))
+
         if "reconstruct" in run_stages:
             from evoquant.reconstruct import reconstruct
 
             stage_started = time.perf_counter()
             saved = run.load_states("reconstruct") if run is not None else None
+            # the guides describe each layer around the reconstruction's states, which compose may replace
+            guides = "evolve" in run_stages and "compose" not in run_stages and (config.search.tie_probability > 0 or config.search.layer_penalty > 0)
             if saved is not None:  # finished before this run was interrupted
                 states, details, seconds, flip_residuals = saved
+            elif ranged is not None and not guides:  # the ranges stage made it already
+                states, details = dict(ranged[0]), dict(ranged[1])
+                seconds = details.pop("seconds")
+                details["from_ranges_stage"] = True
+                if run is not None:
+                    run.save_states("reconstruct", states, details, seconds)
             else:
-                # the guides describe each layer around the reconstruction's states, which compose may replace
-                guides = "evolve" in run_stages and "compose" not in run_stages and (config.search.tie_probability > 0 or config.search.layer_penalty > 0)
                 rebuilt = reconstruct(working, working_table, teacher_model, pool.images, config.reconstruct, progress=config.progress, guides=guides)
                 states, details, flip_residuals, quadratics = dict(rebuilt.states), rebuilt.to_dict(), rebuilt.flip_residuals, rebuilt.quadratics
                 if rebuilt.skipped:
@@ -361,7 +403,8 @@ def refine(
 
         if "evolve" in run_stages:
             stage_started = time.perf_counter()
-            evolve_xml = _write_states(working, working_table, states, workdir / "evolve_start.xml") if (states or working is not original) else model_path
+            rewritten = states or working is not original or "ranges" in run_stages
+            evolve_xml = _write_states(working, working_table, states, workdir / "evolve_start.xml") if rewritten else model_path
             evolve_model = read_ir(evolve_xml)
             picked, weights = _importance_selection(pool, teacher_pool, evolve_model, sample_objective, config)
             start_table = find_quantized_weights(evolve_model)
@@ -386,7 +429,8 @@ def refine(
         heldout_started = time.perf_counter()
         heldout_scores, heldout_reference = _heldout_metrics(heldout_batch, candidates, teacher_model, classifier)
         heldout_seconds = time.perf_counter() - heldout_started
-        reports = [dataclasses.replace(report, heldout=heldout_scores.get(report.name)) for report in reports]
+        # a stage with no candidate of its own (ranges that widened nothing) left the start as it was
+        reports = [dataclasses.replace(report, heldout=heldout_scores.get(report.name, heldout_scores.get("start"))) for report in reports]
         storage = None if output_path is None else _write_output(final_xml, output_path, verification.images, config.weight_storage)
         if run is not None:
             run.save_result(final_xml, {"chosen_stage": best_name, "verification": dataclasses.asdict(final_metrics), "start": dataclasses.asdict(start_metrics)})
@@ -710,11 +754,13 @@ def _runnable_stages(config: RefineConfig, asked, teacher_model, island=None) ->
         raise EvoquantError("islands are populations of the evolve stage, which is not among the stages: add it (--stages reconstruct,compose,evolve)")
     if "compose" in run and "reconstruct" not in run:
         raise EvoquantError("the compose stage chooses among the reconstruct stage's layer fits: run it with reconstruct (--stages reconstruct,compose,evolve)")
+    if "ranges" in run and "reconstruct" not in run:
+        raise EvoquantError("the ranges stage judges each range factor by the reconstruction under it: run it with reconstruct (--stages ranges,reconstruct)")
     if "reconstruct" in run and teacher_model is None:
         if asked is not None:
             raise EvoquantError("the reconstruct stage fits layers to the FP32 model's outputs: give --reference fp32.xml, or --stages evolve")
-        dropped = [stage for stage in run if stage in ("reconstruct", "compose")]
-        skipped = "the reconstruct and compose stages are skipped (they need" if len(dropped) > 1 else "the reconstruct stage is skipped (it needs"
+        dropped = [stage for stage in run if stage in ("ranges", "reconstruct", "compose")]
+        skipped = f"the {', '.join(dropped)} stages are skipped (they need" if len(dropped) > 1 else "the reconstruct stage is skipped (it needs"
         _warn(f"no --reference: {skipped} the FP32 model); running evolve only")
         run = tuple(stage for stage in run if stage not in dropped) or ("evolve",)
     return run
@@ -794,6 +840,43 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
                "scout_check": result.scout_check, "evaluations": result.evaluations, "raced": result.raced, "race_images": race_images, "compile_ahead": bool(evaluator.compile_ahead), "batch_size": evaluator.batch_size, "generations": len(result.history) - 1, "stop_reason": result.stop_reason, "search_seconds": round(result.elapsed, 2),
                "history": [{"generation": h.generation, "evaluations": h.evaluations, "best": h.best, "elapsed": round(h.elapsed, 2)} for h in result.history]}
     return states, details
+
+
+def _ranges_stage(working, table, teacher_model, pool, teacher_pool, objective_spec, config: RefineConfig, workdir: Path):
+    """:func:`evoquant.reconstruct.ranges.fit_ranges` with each trial scored on the pool's last
+    ``config.ranges.score_images`` images (after the ones the reconstruction fits, when the pool has room)."""
+    from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
+    from evoquant.reconstruct.ranges import fit_ranges
+
+    count = min(config.ranges.score_images, len(pool))
+    images = np.ascontiguousarray(pool.images[-count:])
+    teacher = [np.ascontiguousarray(outputs[-count:]) for outputs in teacher_pool]
+    labels = None if pool.labels is None else pool.labels[-count:]
+
+    def score(model, model_table, states) -> float:
+        evaluator = PlainEvaluator(FitnessContext(str(_write_states(model, model_table, states, workdir / "ranges_trial.xml")), images, teacher, labels, objective_spec, None))
+        return evaluator.score(evaluator.outputs({}))
+
+    result = fit_ranges(working, table, teacher_model, pool.images, config.reconstruct, config.ranges, score, progress=config.progress)
+    fitted = min(len(pool), config.reconstruct.images + config.reconstruct.check_images)
+    result.score_images, result.score_images_fitted_on = count, max(0, fitted - (len(pool) - count))
+    return result
+
+
+def _scaled_models(original, working, teacher_model, factors: dict[str, float]):
+    """``original`` and ``working`` (the same object, or its static-shape copy) with their activation ranges
+    scaled (a factor per quantizer name), and their weight tables (the reference's rounding residuals attached)."""
+    from evoquant.ir.weights import attach_reference, find_quantized_weights
+    from evoquant.reconstruct.ranges import scaled_copy
+
+    scaled_original, table, _ = scaled_copy(original, find_quantized_weights(original), factors)
+    if working is original:
+        scaled_working, working_table = scaled_original, table
+    else:
+        scaled_working, working_table, _ = scaled_copy(working, find_quantized_weights(working), factors)
+    if teacher_model is not None:
+        attach_reference(working_table, teacher_model)
+    return scaled_original, table, scaled_working, working_table
 
 
 def _write_states(model, table, states: dict[int, np.ndarray], path: Path) -> Path:

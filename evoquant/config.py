@@ -172,7 +172,46 @@ class ComposeConfig:
                 raise EvoquantError(f"compose: {name} must be in [0, 1], got {getattr(self, name)}")
 
 
-STAGES = ("reconstruct", "compose", "evolve")
+#: The activation ranges the ranges stage can reconstruct under (evoquant.reconstruct.ranges).
+RANGE_CANDIDATES = ("nncf", "observed")
+
+
+@dataclass(frozen=True)
+class RangesConfig:
+    """The range-refit stage (:mod:`evoquant.reconstruct.ranges`): which activation ranges the weights are
+    reconstructed under, chosen by reconstructing under each candidate and scoring the result end to end."""
+
+    # the ranges to reconstruct under: "observed" (each activation quantizer widened to cover every value its
+    # input takes on the fit images) and/or "nncf" (as calibrated); with several (or factors), each is
+    # reconstructed and scored end to end, and the best taken; one alone is taken as it is, for free
+    candidates: tuple = ("observed",)
+    # then the best candidate times these factors, outwards from 1 (up first; down only when the first step up
+    # loses), stopping at the first that does not win; each costs one reconstruction
+    factors: tuple = ()
+    # pool images each trial is scored on: the pool's last ones, after the images the reconstruction fits
+    score_images: int = 1024
+    # a later candidate wins only when it scores better than the best so far by this much (relative): the
+    # smaller change wins a near tie (on fractal data a last step to x2 won by 3 % and lost on real digits)
+    min_gain: float = 0.05
+
+    def __post_init__(self):
+        factors = tuple(float(f) if isinstance(f, (int, float)) and not isinstance(f, bool) else f for f in self.factors)
+        object.__setattr__(self, "factors", factors)
+        if any(not isinstance(f, float) or not f > 0 or f == 1.0 for f in factors) or len(set(factors)) != len(factors):
+            raise EvoquantError(f"ranges: factors must be distinct positive numbers other than 1, got {list(self.factors)}")
+        candidates = tuple(self.candidates)
+        object.__setattr__(self, "candidates", candidates)
+        if not candidates or any(c not in RANGE_CANDIDATES for c in candidates) or len(set(candidates)) != len(candidates):
+            raise EvoquantError(f"ranges: candidates must be one or more of {', '.join(RANGE_CANDIDATES)} without repeats, got {list(candidates)}")
+        if self.score_images < 1:
+            raise EvoquantError(f"ranges: score_images must be at least 1, got {self.score_images}")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise EvoquantError(f"ranges: min_gain must be in [0, 1), got {self.min_gain}")
+
+
+STAGES = ("ranges", "reconstruct", "compose", "evolve")
+#: The sub-sections of a RefineConfig (YAML mappings of their own).
+SECTIONS = {"search": SearchConfig, "reconstruct": ReconstructConfig, "compose": ComposeConfig, "ranges": RangesConfig}
 BACKENDS = ("loky", "threading", "multiprocessing", "dask")
 #: How the written IR stores 4-bit convolution weights (evoquant.ir.storage).
 WEIGHT_STORAGE_MODES = ("auto", "keep", "widen")
@@ -195,9 +234,10 @@ class RefineConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
     compose: ComposeConfig = field(default_factory=ComposeConfig)
-    # which of reconstruct, compose, evolve run (always in that order); evolve (the search over single weights)
-    # is opt-in: after compose it moved held-out KL within noise at most of the time (docs/reconstruct.md)
-    stages: tuple[str, ...] = ("reconstruct", "compose")
+    ranges: RangesConfig = field(default_factory=RangesConfig)
+    # which of ranges, reconstruct, compose, evolve run (always in that order); evolve (the search over single
+    # weights) is opt-in: after compose it moved held-out KL within noise at most of the time (docs/reconstruct.md)
+    stages: tuple[str, ...] = ("ranges", "reconstruct", "compose")
     objective: str = "auto"  # auto | kl | mse | ce | agreement (or a hook given separately)
     data: str = "fractal"  # source spec for selection and verification batches
     selection_size: int = 512  # image draws the fitness is measured on during the search
@@ -248,19 +288,11 @@ class RefineConfig:
 
     def replace(self, **changes) -> "RefineConfig":
         """A copy with top-level fields and/or ``search=`` fields changed; ``None`` values are ignored."""
-        search_changes = {k: v for k, v in changes.pop("search", {}).items() if v is not None}
-        reconstruct_changes = {k: v for k, v in changes.pop("reconstruct", {}).items() if v is not None}
-        compose_changes = {k: v for k, v in changes.pop("compose", {}).items() if v is not None}
+        sections = {name: dataclasses.replace(getattr(self, name), **{k: v for k, v in changes.pop(name, {}).items() if v is not None}) for name in SECTIONS}
         top = {k: v for k, v in changes.items() if v is not None}
         if "stages" in top:
             top["stages"] = _stage_list(top["stages"])
-        return dataclasses.replace(
-            self,
-            search=dataclasses.replace(self.search, **search_changes),
-            reconstruct=dataclasses.replace(self.reconstruct, **reconstruct_changes),
-            compose=dataclasses.replace(self.compose, **compose_changes),
-            **top,
-        )
+        return dataclasses.replace(self, **sections, **top)
 
     def with_budget(self, *, generations: int | None = None, max_evaluations: int | None = None, time_limit: float | None = None) -> "RefineConfig":
         """The budgets given on the command line or to ``refine()``: they belong to the last search stage that
@@ -291,6 +323,8 @@ class RefineConfig:
         data["search"]["lambda"] = data["search"].pop("lambda_")
         data["compose"]["lambda"] = data["compose"].pop("lambda_")
         data["compose"]["fits"] = [dict(fit) for fit in self.compose.fits]
+        data["ranges"]["factors"] = list(self.ranges.factors)
+        data["ranges"]["candidates"] = list(self.ranges.candidates)
         data["stages"], data["value_range"] = list(self.stages), list(self.value_range)
         for key in ("mean_values", "scale_values"):
             data[key] = None if data[key] is None else list(data[key])
@@ -304,24 +338,19 @@ class RefineConfig:
         if not isinstance(raw, dict):
             raise EvoquantError(f"{path} must hold a mapping of settings")
         raw = dict(raw)
-        search_raw = raw.pop("search", {}) or {}
-        reconstruct_raw = raw.pop("reconstruct", {}) or {}
-        compose_raw = raw.pop("compose", {}) or {}
-        for section, name in ((search_raw, "search"), (reconstruct_raw, "reconstruct"), (compose_raw, "compose")):
+        sections = {}
+        for name, kind in SECTIONS.items():
+            section = raw.pop(name, {}) or {}
             if not isinstance(section, dict):
                 raise EvoquantError(f"{path}: {name} must be a mapping of settings, got {type(section).__name__}")
-        search_raw, reconstruct_raw, compose_raw = dict(search_raw), dict(reconstruct_raw), dict(compose_raw)
-        _check_keys(path, raw, cls, skip={"search", "reconstruct", "compose"})
-        _check_keys(path, search_raw, SearchConfig)
-        _check_keys(path, reconstruct_raw, ReconstructConfig)
-        _check_keys(path, compose_raw, ComposeConfig)
-        for section in (search_raw, compose_raw):
+            section = dict(section)
+            _check_keys(path, section, kind)
             if "lambda" in section:
                 section["lambda_"] = section.pop("lambda")
+            _check_types(path, section, kind, prefix=f"{name}.")
+            sections[name] = section
+        _check_keys(path, raw, cls, skip=set(SECTIONS))
         _check_types(path, raw, cls)
-        _check_types(path, search_raw, SearchConfig, prefix="search.")
-        _check_types(path, reconstruct_raw, ReconstructConfig, prefix="reconstruct.")
-        _check_types(path, compose_raw, ComposeConfig, prefix="compose.")
         if "stages" in raw:
             raw["stages"] = _stage_list(raw["stages"])
         if "value_range" in raw:
@@ -334,7 +363,7 @@ class RefineConfig:
                 if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw[key]):
                     raise EvoquantError(f"{path}: {key} must be a list of numbers, one per channel, got {raw[key]!r}")
                 raw[key] = tuple(float(v) for v in raw[key])
-        return cls(search=SearchConfig(**search_raw), reconstruct=ReconstructConfig(**reconstruct_raw), compose=ComposeConfig(**compose_raw), **raw)
+        return cls(**{name: kind(**sections[name]) for name, kind in SECTIONS.items()}, **raw)
 
 
 def _check_types(path: Path, raw: dict, kind, prefix: str = "") -> None:

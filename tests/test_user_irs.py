@@ -12,6 +12,7 @@ import pytest
 
 from conftest import INPUT_SHAPE, calibration_batches, tiny_fp32_model
 from test_cli import run_cli
+from evoquant.ir.ranges import activation_quantizers
 from evoquant.ir.runtime import read_ir
 from evoquant.ir.weights import find_quantized_weights, find_unmatched_layers
 
@@ -73,10 +74,44 @@ def test_refine_dynamic_ir_keeps_its_shape_and_changes_only_weights(user_irs, tm
     assert [op.get_type_name() for op in before.get_ordered_ops()] == [op.get_type_name() for op in after.get_ordered_ops()]
     weights_before, weights_after = find_quantized_weights(before), find_quantized_weights(after)
     assert [w.constant_name for w in weights_before] == [w.constant_name for w in weights_after]
-    # every non-weight constant is byte-identical
-    others = lambda m: [np.asarray(op.get_data()).tobytes() for op in m.get_ordered_ops()  # noqa: E731
-                        if op.get_type_name() == "Constant" and op.get_friendly_name() not in {w.constant_name for w in weights_before}]
-    assert others(before) == others(after)
+    # every constant but the weights and the activation quantizers' ranges is byte-identical; each range is
+    # NNCF's times one factor of at least 1 (the ranges stage widens them)
+    assert _other_constants(before) == _other_constants(after)
+    widened = [factor for factor in _range_factors(before, after).values() if factor != 1.0]
+    assert widened and min(widened) > 1.0
+
+
+def _other_constants(model) -> list[bytes]:
+    weights = {w.constant_name for w in find_quantized_weights(model)}
+    bounds = {node.input_value(port).get_node().get_friendly_name() for node in activation_quantizers(model) for port in (1, 2, 3, 4)}
+    return [np.asarray(op.get_data()).tobytes() for op in model.get_ordered_ops()
+            if op.get_type_name() == "Constant" and op.get_friendly_name() not in weights | bounds]
+
+
+def _range_factors(before, after) -> dict[str, float]:
+    """Per activation quantizer (by name), the one factor its four bounds were multiplied by (asserted)."""
+    factors = {}
+    theirs = {node.get_friendly_name(): node for node in activation_quantizers(after)}
+    for node in activation_quantizers(before):
+        old = [np.asarray(node.input_value(port).get_node().get_data(), dtype=np.float64) for port in (1, 2, 3, 4)]
+        new = [np.asarray(theirs[node.get_friendly_name()].input_value(port).get_node().get_data(), dtype=np.float64) for port in (1, 2, 3, 4)]
+        widest = max(range(4), key=lambda k: float(np.max(np.abs(old[k]))))
+        scale = float(np.max(np.abs(old[widest])))
+        factor = float(np.max(np.abs(new[widest]))) / scale
+        for a, b in zip(old, new):
+            np.testing.assert_allclose(b, a * factor, rtol=1e-5, atol=1e-7 * scale)
+        factors[node.get_friendly_name()] = factor
+    return factors
+
+
+def test_refine_without_the_ranges_stage_changes_only_weights(user_irs, tmp_path):
+    out = tmp_path / "refined.xml"
+    code, _, stderr = run_cli("refine", str(user_irs / "int8.xml"), "-r", str(user_irs / "fp32.xml"), "--data", str(user_irs / "data.npz"), "--input-shape", "1,3,8,8",
+                              "-o", str(out), "-q", "--selection-size", "64", "--verification-size", "64", "--selection-pool", "128", "--stages", "reconstruct,compose")
+    assert code == 0, stderr
+    before, after = read_ir(user_irs / "int8.xml"), read_ir(out)
+    assert _other_constants(before) == _other_constants(after)
+    assert set(_range_factors(before, after).values()) == {1.0}
 
 
 def test_quantize_and_synth_take_a_dynamic_model(user_irs, tmp_path):

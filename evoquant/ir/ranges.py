@@ -1,0 +1,144 @@
+"""Activation quantizers: which FakeQuantize nodes quantize activations, what they clip, and widening them.
+
+NNCF puts a FakeQuantize (levels, input low/high, output low/high) on each quantized layer's activation
+input; its range comes from calibration statistics, and NNCF's default for activations is the *mean* of the
+per-batch minima and maxima: with the one-image calibration batches users give it, a range about as wide as
+an average image's largest activation, which clips every larger one (the zoo's quantizers: 1.2-2.3x below
+the largest activation of 1,000 images). The range-refit stage (:mod:`evoquant.reconstruct.ranges`) widens
+them: the same levels spread over a wider range (less clipping, coarser steps). Left alone: a weight's
+FakeQuantize (its data input is a Constant, possibly through Convert) and the quantizer on the model's input
+(reached from a Parameter through preprocessing only: an image's range is the image's range).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import openvino as ov
+import openvino.opset13 as opset
+
+#: Ops a model input may pass on its way to the input's quantizer (preprocessing: convert, mean, scale).
+_PREPROCESSING = {"Convert", "Multiply", "Divide", "Add", "Subtract", "Reshape", "Transpose"}
+
+
+@dataclass(frozen=True)
+class RangeScaling:
+    """What :func:`scale_activation_ranges` did: how many activation quantizers it could scale, and the names
+    of those it could not (a range that is not a constant: the report lists them, nothing is dropped silently)."""
+
+    scaled: int
+    not_constant: tuple[str, ...] = ()
+
+
+def _constant_data(output: ov.Output) -> np.ndarray | None:
+    """The value behind an input, when it is a Constant or a Convert of one (an FP16-compressed IR's form)."""
+    node = output.get_node()
+    if node.get_type_name() == "Convert" and node.input_value(0).get_node().get_type_name() == "Constant":
+        node = node.input_value(0).get_node()
+    if node.get_type_name() != "Constant":
+        return None
+    return np.asarray(node.get_data(), dtype=np.float64)
+
+
+def _is_weight(output: ov.Output) -> bool:
+    node = output.get_node()
+    while node.get_type_name() == "Convert":
+        node = node.input_value(0).get_node()
+    return node.get_type_name() == "Constant"
+
+
+def _is_model_input(output: ov.Output) -> bool:
+    """Whether ``output`` is computed from a model input by preprocessing ops (and constants) alone."""
+    node = output.get_node()
+    while node.get_type_name() in _PREPROCESSING:
+        data = [value for value in node.input_values() if not _is_weight(value)]
+        if len(data) != 1:
+            return False
+        node = data[0].get_node()
+    return node.get_type_name() == "Parameter"
+
+
+def activation_quantizers(model: ov.Model) -> list[ov.Node]:
+    """The FakeQuantize nodes of ``model`` that quantize activations, in graph order (see the module doc)."""
+    found = []
+    for node in model.get_ordered_ops():
+        if node.get_type_name() != "FakeQuantize":
+            continue
+        data = node.input_value(0)
+        if _is_weight(data) or _is_model_input(data):
+            continue
+        found.append(node)
+    return found
+
+
+def _bounds(node: ov.Node) -> list[np.ndarray] | None:
+    """A quantizer's four range bounds (input low/high, output low/high), or None where one is not a constant."""
+    bounds = [_constant_data(node.input_value(port)) for port in (1, 2, 3, 4)]
+    return None if any(bound is None for bound in bounds) else bounds
+
+
+def scale_activation_ranges(model: ov.Model, factors: float | Mapping[str, float]) -> RangeScaling:
+    """Multiply activation quantizers' four range bounds in ``model`` (in place): every one by ``factors``
+    (a number), or each named one by its own (a mapping from friendly name; the rest stay as they are).
+
+    Scaling low and high together keeps zero where it was on the level grid (an asymmetric range stays
+    zero-aligned) and the quantizer's output in the units of its input."""
+    scaled, not_constant, changed = 0, [], False
+    for node in activation_quantizers(model):
+        factor = factors.get(node.get_friendly_name(), 1.0) if isinstance(factors, Mapping) else factors
+        if not np.isfinite(factor) or factor <= 0:
+            raise ValueError(f"a range factor must be positive, got {factor} for {node.get_friendly_name()}")
+        bounds = _bounds(node)
+        if bounds is None:
+            not_constant.append(node.get_friendly_name())
+            continue
+        scaled += 1
+        if factor == 1.0:
+            continue
+        for port, bound in zip((1, 2, 3, 4), bounds):
+            element_type = node.input_value(port).get_element_type()
+            replacement = opset.constant((bound * factor).astype(np.float32)).output(0)
+            if element_type != ov.Type.f32:
+                replacement = opset.convert(replacement, element_type).output(0)
+            node.input(port).replace_source_output(replacement)
+        changed = True
+    if changed:
+        model.validate_nodes_and_infer_types()
+    return RangeScaling(scaled, tuple(not_constant))
+
+
+def observed_range_factors(model: ov.Model, images: np.ndarray, batch_size: int = 64) -> dict[str, float]:
+    """Per activation quantizer (friendly name), the factor that makes its range cover every value its input
+    takes on ``images`` (as ``model`` computes them): ``max(1, largest / high, smallest / low)``, so a range
+    is only ever widened. Quantizers NNCF gave one shared range (the inputs of one Add, Concat or Multiply:
+    all four bounds equal) keep sharing one: each takes the group's largest factor."""
+    from evoquant.ir.runtime import compile_ir
+
+    copy = model.clone()
+    quantizers = [node for node in activation_quantizers(copy) if _bounds(node) is not None]
+    if not quantizers:
+        return {}
+    probe = ov.Model([opset.result(node.input_value(0)) for node in quantizers], copy.get_parameters(), "range-probe")
+    request = compile_ir(probe).create_infer_request()
+    largest = np.full(len(quantizers), -np.inf)
+    smallest = np.full(len(quantizers), np.inf)
+    for start in range(0, len(images), batch_size):
+        result = request.infer({0: images[start : start + batch_size]})
+        for i, output in enumerate(request.model_outputs):
+            values = result[output]
+            largest[i] = max(largest[i], float(np.max(values)))
+            smallest[i] = min(smallest[i], float(np.min(values)))
+    factors, groups = {}, {}
+    for node, top, bottom in zip(quantizers, largest, smallest):
+        bounds = _bounds(node)
+        low, high = float(np.min(bounds[0])), float(np.max(bounds[1]))
+        factor = max(1.0, top / high if high > 0 else 1.0, bottom / low if low < 0 else 1.0)
+        name = node.get_friendly_name()
+        factors[name] = float(factor)
+        groups.setdefault(tuple(bound.tobytes() for bound in bounds), []).append(name)
+    for names in groups.values():
+        shared = max(factors[name] for name in names)
+        factors.update({name: shared for name in names})
+    return factors
