@@ -751,11 +751,11 @@ def _runnable_stages(config: RefineConfig, asked, teacher_model, island=None) ->
     if "compose" in run and "evolve" in run and config.search.layer_penalty > 0:
         raise EvoquantError("search.layer_penalty measures the layers around the reconstruct stage's states, which compose replaces: use one or the other")
     if "evolve" not in run and (island is not None or config.search.islands > 1):
-        raise EvoquantError("islands are populations of the evolve stage, which is not among the stages: add it (--stages reconstruct,compose,evolve)")
+        raise EvoquantError("islands are populations of the evolve stage, which is not among the stages: add it (--stages ranges,reconstruct,compose,evolve)")
     if "compose" in run and "reconstruct" not in run:
-        raise EvoquantError("the compose stage chooses among the reconstruct stage's layer fits: run it with reconstruct (--stages reconstruct,compose,evolve)")
+        raise EvoquantError("the compose stage chooses among the reconstruct stage's layer fits: run it with reconstruct (--stages ranges,reconstruct,compose,evolve)")
     if "ranges" in run and "reconstruct" not in run:
-        raise EvoquantError("the ranges stage judges each range factor by the reconstruction under it: run it with reconstruct (--stages ranges,reconstruct)")
+        raise EvoquantError("the ranges stage sets the activation ranges the reconstruction fits under: run it with reconstruct (--stages ranges,reconstruct)")
     if "reconstruct" in run and teacher_model is None:
         if asked is not None:
             raise EvoquantError("the reconstruct stage fits layers to the FP32 model's outputs: give --reference fp32.xml, or --stages evolve")

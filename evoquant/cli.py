@@ -17,16 +17,20 @@ examples:
   evoquant refine int8.xml --reference fp32.xml --heldout real.npz --preset thorough --plot history.png
   evoquant refine int8.xml --fitness mypackage.scores:task_loss --data images/ -o refined.xml
   evoquant refine w4a8.xml -r fp32.xml --input-shape 1,3,32,32 -o refined.xml    # a dynamic-shape IR
-  evoquant refine int8.xml -r fp32.xml --stages reconstruct -o refined.xml       # layer-wise only (seconds)
-  evoquant refine int8.xml -r fp32.xml --stages reconstruct,compose,evolve -o refined.xml  # + the weight search
+  evoquant refine int8.xml -r fp32.xml --stages ranges,reconstruct -o refined.xml  # layer-wise only (seconds)
+  evoquant refine int8.xml -r fp32.xml --stages reconstruct,compose -o refined.xml  # keep NNCF's activation ranges
+  evoquant refine int8.xml -r fp32.xml --stages ranges,reconstruct,compose,evolve -o refined.xml  # + the weight search
   evoquant refine int8.xml -r fp32.xml --run-dir run1 -o refined.xml             # resumable: after a kill ...
   evoquant refine --resume run1                                                  # ... continue it
-  evoquant refine int8.xml -r fp32.xml --stages reconstruct,compose,evolve --islands 4 --jobs 2 -o refined.xml
-  evoquant refine int8.xml -r fp32.xml --stages reconstruct,compose,evolve --island $I/4 --run-dir shared -o r$I.xml
+  evoquant refine int8.xml -r fp32.xml --stages ranges,reconstruct,compose,evolve --islands 4 --jobs 2 -o refined.xml
+  evoquant refine int8.xml -r fp32.xml --stages ranges,reconstruct,compose,evolve --island $I/4 --run-dir shared -o r$I.xml
   evoquant merge shared -o best.xml          # islands: populations of evolve; a job array's jobs, then the best
 
-stages (default reconstruct,compose): reconstruct (layer by layer, the integer states that best reproduce
-each FP32 layer's output on the calibration images; needs --reference), compose (per layer, NNCF's states,
+stages (default ranges,reconstruct,compose): ranges (each activation quantizer's range widened to cover
+every value its input takes on the calibration images: NNCF's ranges clip the larger activations; config
+ranges.candidates [observed, nncf] reconstructs under each and keeps the better), reconstruct (layer by
+layer, the integer states that best reproduce each FP32 layer's output on the calibration images; needs
+--reference), compose (per layer, NNCF's states,
 that fit, or another fit -- config compose.fits, default one fitted on the reference's own layer inputs --
 chosen by a small evolution strategy on the end-to-end objective), and, opt-in, evolve (the evolution
 strategy over single weights on the end-to-end objective, from the previous stage's result; without
@@ -71,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--reference", "-r", metavar="FP32.xml", help="the FP32 IR the INT8 model was quantized from (the teacher)")
     refine.add_argument("--output", "-o", metavar="OUT.xml", help="where to write the refined IR (.xml + .bin)")
     refine.add_argument("--data", "-d", metavar="SPEC", help=f"calibration and fitness images (default: the preset's, {default.data})")
-    refine.add_argument("--stages", metavar="LIST", help=f"stages to run, in order (default {','.join(default.stages)}): reconstruct fits each layer to the FP32 layer's output; compose picks, per layer, among the start, that fit and other fits (config compose.fits) on the end-to-end objective; evolve searches the end-to-end objective from there")
+    refine.add_argument("--stages", metavar="LIST", help=f"stages to run, in order (default {','.join(default.stages)}): ranges widens the activation quantizers' ranges to what the calibration images reach; reconstruct fits each layer to the FP32 layer's output; compose picks, per layer, among the start, that fit and other fits (config compose.fits) on the end-to-end objective; evolve searches the end-to-end objective from there")
     refine.add_argument("--input-shape", "-shape", dest="input_shape", metavar="SHAPE", help="the model's input shape, batch first, as benchmark_app -shape: 1,3,224,224 or [1,3,224,224] (needed for a dynamic input unless --data fixes it)")
     refine.add_argument("--heldout", metavar="SPEC", help="real labelled data, only for the report (never used to select)")
     refine.add_argument("--objective", choices=["auto", "kl", "mse", "ce", "agreement"], help="built-in fitness (default auto: kl for classifiers, mse otherwise)")
@@ -242,7 +246,7 @@ def refine_config_from_args(args):
     given = [flag for flag, value in evolve_only.items() if value is not None]
     if given and "evolve" not in config.stages:
         raise EvoquantError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the evolve stage, which is not among the stages ({','.join(config.stages)}): "
-                            "add it (--stages reconstruct,compose,evolve)")
+                            "add it (--stages ranges,reconstruct,compose,evolve)")
     return config
 
 

@@ -18,7 +18,7 @@ import evoquant
 from evoquant import EvoquantError
 from test_cli import run_cli
 
-SMALL = ["--selection-size", "32", "--verification-size", "32", "--selection-pool", "64", "--engine", "plain", "-q", "--stages", "reconstruct,evolve"]
+SMALL = ["--selection-size", "32", "--verification-size", "32", "--selection-pool", "64", "--engine", "plain", "-q", "--stages", "ranges,reconstruct,evolve"]
 
 
 @pytest.fixture()
@@ -56,12 +56,14 @@ def uninterrupted(tiny_irs, tmp_path_factory) -> tuple[bytes, bytes]:
     return _pair(folder, "whole")
 
 
-@pytest.mark.parametrize("kill_at", ["reconstructed", 3, 11, "finished"])
+@pytest.mark.parametrize("kill_at", ["ranged", "reconstructed", 3, 11, "finished"])
 def test_a_refine_killed_and_resumed_writes_the_same_bytes(inputs, uninterrupted, kill_at):
     run_dir = inputs / "run"
     process = subprocess.Popen(_refine_command(inputs, "resumed.xml", "--run-dir", str(run_dir)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
+        if kill_at == "ranged" and (run_dir / "ranges.npz").exists():
+            break
         if kill_at == "reconstructed" and (run_dir / "reconstruct.npz").exists():
             break
         if isinstance(kill_at, int) and _generation(run_dir) >= kill_at:
