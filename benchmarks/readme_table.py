@@ -235,7 +235,7 @@ def compose_table(rows: list[dict]) -> str:
                      f"{accuracy} | {layers} | {seconds:.0f} |")
     first = rows[0]
     if first["benchmark"] == "quality":
-        made = "`benchmarks/quality.py` (default refine: `reconstruct,compose`; the quality table's runs"
+        made = "`benchmarks/quality.py` (default refine: `ranges,reconstruct,compose`, the compose stage against the reconstruction under the widened ranges; the quality table's runs"
     else:
         made = f"`benchmarks/stages.py --stages reconstruct,compose` (search seeds {', '.join(map(str, sorted({row['seed'] for row in rows})))}"
     lines.append("")
