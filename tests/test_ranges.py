@@ -47,7 +47,7 @@ def _fake_quantize(x, low: float, high: float, *, name: str, fp16_bounds: bool =
 def _quantized_chain(fp16_bounds: bool = False, shared: bool = False) -> ov.Model:
     """input → Multiply(1/255) → FQ(input) → conv with an FQ'd weight → relu → FQ(act) → + → FQ(sum):
     one quantizer of each kind (the model input's, a weight's, activations')."""
-    x = opset.parameter([1, 1, 4, 4], np.float32, name="input")
+    x = opset.parameter([-1, 1, 4, 4], np.float32, name="input")
     scaled = opset.multiply(x, opset.constant(np.float32(1 / 255)))
     quantized_input = _fake_quantize(scaled, 0.0, 1.0, name="fq_input")
     weight = _fake_quantize(opset.constant(np.full((1, 1, 1, 1), 0.5, dtype=np.float32)), -1.0, 1.0, name="fq_weight")
@@ -87,7 +87,7 @@ def test_a_scaled_asymmetric_range_keeps_zero_on_a_level():
     model = ov.Model([_fake_quantize(opset.relu(x), low, high, name="fq")], [x])
     scale_activation_ranges(model, 1.7)
     output = infer(compile_ir(model, f32=True), np.zeros((1, 4), dtype=np.float32))[0]
-    assert np.all(output == 0.0)
+    assert np.all(np.abs(output) < 1e-6 * high)  # zero is a level (up to float rounding), not half a step off
 
 
 def test_a_range_that_is_not_a_constant_is_reported_not_scaled():

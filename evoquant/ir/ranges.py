@@ -86,6 +86,7 @@ def scale_activation_ranges(model: ov.Model, factors: float | Mapping[str, float
     Scaling low and high together keeps zero where it was on the level grid (an asymmetric range stays
     zero-aligned) and the quantizer's output in the units of its input."""
     scaled, not_constant, changed = 0, [], False
+    replacements: dict = {}  # (bound's source node, factor) -> its scaled replacement: a bound shared by ports stays shared
     for node in activation_quantizers(model):
         factor = factors.get(node.get_friendly_name(), 1.0) if isinstance(factors, Mapping) else factors
         if not np.isfinite(factor) or factor <= 0:
@@ -98,15 +99,29 @@ def scale_activation_ranges(model: ov.Model, factors: float | Mapping[str, float
         if factor == 1.0:
             continue
         for port, bound in zip((1, 2, 3, 4), bounds):
-            element_type = node.input_value(port).get_element_type()
-            replacement = opset.constant((bound * factor).astype(np.float32)).output(0)
-            if element_type != ov.Type.f32:
-                replacement = opset.convert(replacement, element_type).output(0)
-            node.input(port).replace_source_output(replacement)
+            source = node.input_value(port)
+            key = (source.get_node().get_instance_id(), factor)
+            if key not in replacements:
+                replacements[key] = _scaled_bound(source, bound * factor)
+            node.input(port).replace_source_output(replacements[key])
         changed = True
     if changed:
         model.validate_nodes_and_infer_types()
     return RangeScaling(scaled, tuple(not_constant))
+
+
+def _scaled_bound(source: ov.Output, value: np.ndarray) -> ov.Output:
+    """A Constant holding ``value`` for the bound ``source``, named after the node it replaces: the written IR
+    does not depend on how many nodes this process made before (auto-generated names do), so a resumed run
+    writes the same bytes as an uninterrupted one."""
+    name = source.get_node().get_friendly_name()
+    constant = opset.constant(value.astype(np.float32))
+    constant.set_friendly_name(name)
+    if source.get_element_type() == ov.Type.f32:
+        return constant.output(0)
+    converted = opset.convert(constant, source.get_element_type())
+    converted.set_friendly_name(f"{name}/convert")
+    return converted.output(0)
 
 
 def observed_range_factors(model: ov.Model, images: np.ndarray, batch_size: int = 64) -> dict[str, float]:
