@@ -328,34 +328,30 @@ def refine(
         ranged = None  # the ranges stage's reconstruction under the ranges it chose: the reconstruct stage's result
         if "ranges" in run_stages:
             stage_started = time.perf_counter()
-            saved = run.load_states("ranges") if run is not None else None
-            if saved is not None:
-                ranged_states, details, seconds, _ = saved
-            else:
+
+            def fit() -> tuple:
                 fitted = _ranges_stage(working, working_table, teacher_model, pool, teacher_pool, objective_spec, config, workdir)
-                ranged_states = {} if fitted.reconstruction is None else dict(fitted.reconstruction.states)
-                details = fitted.to_dict()
-                seconds = time.perf_counter() - stage_started
+                fitted_states = {} if fitted.reconstruction is None else dict(fitted.reconstruction.states)
+                fitted_details, fitted_seconds = fitted.to_dict(), time.perf_counter() - stage_started
                 if fitted.reconstruction is not None:  # its time is the reconstruct stage's: a run without this stage spends it too
                     chosen_seconds = next(trial.seconds for trial in fitted.trials if trial.name == fitted.chosen)
-                    details["reconstruction"] = {**fitted.reconstruction.to_dict(), "seconds": chosen_seconds}
-                    seconds -= chosen_seconds
-                if run is not None:
-                    run.save_states("ranges", ranged_states, details, seconds)
+                    fitted_details["reconstruction"] = {**fitted.reconstruction.to_dict(), "seconds": chosen_seconds}
+                    fitted_seconds -= chosen_seconds
+                return fitted_states, fitted_details, fitted_seconds, {}
+
+            ranged_states, details, seconds, _ = _stage_states(run, "ranges", fit)
             if not details["quantizers"]:
                 _warn("the model has no activation quantizers with constant ranges: the ranges stage leaves it as it is")
             if details["not_constant"]:
                 _warn(f"the ranges stage leaves {len(details['not_constant'])} activation quantizer(s) whose range is not a constant: {', '.join(details['not_constant'][:5])}")
-            widened = any(factor != 1.0 for factor in details["factors"].values())
-            if widened:
-                original, table, working, working_table = _scaled_models(original, working, teacher_model, details["factors"])
-                base_xml = _write_states(original, table, {}, workdir / "ranges_base.xml")
-                verifier = PlainEvaluator(FitnessContext(str(base_xml), verification.images, teacher_verification, verification.labels, objective_spec, None))
             if "reconstruction" in details:
                 ranged = (ranged_states, details.pop("reconstruction"))
             metrics = start_metrics
-            if widened:  # NNCF's start under the widened ranges, not yet reconstructed
-                candidate, metrics = verify({}, "ranges")
+            if any(factor != 1.0 for factor in details["factors"].values()):
+                original, table, working, working_table = _scaled_models(original, table, working, working_table, teacher_model, details["factors"])
+                base_xml = _write_states(original, table, {}, workdir / "ranges_base.xml")
+                verifier = PlainEvaluator(FitnessContext(str(base_xml), verification.images, teacher_verification, verification.labels, objective_spec, None))
+                candidate, metrics = verify({}, "ranges")  # NNCF's start under the widened ranges, not yet reconstructed
                 candidates.append(("ranges", candidate, metrics, {}))
             reports.append(StageReport("ranges", seconds, metrics, details))
 
@@ -363,40 +359,35 @@ def refine(
             from evoquant.reconstruct import reconstruct
 
             stage_started = time.perf_counter()
-            saved = run.load_states("reconstruct") if run is not None else None
             # the guides describe each layer around the reconstruction's states, which compose may replace
             guides = "evolve" in run_stages and "compose" not in run_stages and (config.search.tie_probability > 0 or config.search.layer_penalty > 0)
-            if saved is not None:  # finished before this run was interrupted
-                states, details, seconds, flip_residuals = saved
-            elif ranged is not None and not guides:  # the ranges stage made it already
-                states, details = dict(ranged[0]), dict(ranged[1])
-                seconds = details.pop("seconds")
-                details["from_ranges_stage"] = True
-                if run is not None:
-                    run.save_states("reconstruct", states, details, seconds)
-            else:
+
+            def rebuild() -> tuple:
+                nonlocal quadratics
+                if ranged is not None and not guides:  # the ranges stage made it already
+                    made = dict(ranged[1])
+                    made_seconds = made.pop("seconds")
+                    return dict(ranged[0]), {**made, "from_ranges_stage": True}, made_seconds, {}
                 rebuilt = reconstruct(working, working_table, teacher_model, pool.images, config.reconstruct, progress=config.progress, guides=guides)
-                states, details, flip_residuals, quadratics = dict(rebuilt.states), rebuilt.to_dict(), rebuilt.flip_residuals, rebuilt.quadratics
+                quadratics = rebuilt.quadratics
                 if rebuilt.skipped:
                     _warn(f"reconstruct left {len(rebuilt.skipped)} layer(s) as they were: " + ", ".join(f"{layer.name} ({layer.skipped})" for layer in rebuilt.skipped[:5]))
-                seconds = time.perf_counter() - stage_started
-                if run is not None:
-                    run.save_states("reconstruct", states, details, seconds, flip_residuals)
+                return dict(rebuilt.states), rebuilt.to_dict(), time.perf_counter() - stage_started, rebuilt.flip_residuals
+
+            states, details, seconds, flip_residuals = _stage_states(run, "reconstruct", rebuild)
             candidate, metrics = verify(states, "reconstruct")
             candidates.append(("reconstruct", candidate, metrics, dict(states)))
             reports.append(StageReport("reconstruct", seconds, metrics, details))
 
         if "compose" in run_stages:
             stage_started = time.perf_counter()
-            saved = run.load_states("compose") if run is not None else None
-            if saved is not None:
-                states, details, seconds, _ = saved
-            else:
-                states, details = _compose_stage(working, working_table, teacher_model, pool, teacher_pool, states, sample_objective, objective_spec, config, workdir, callback,
-                                                 verifier=verifier)
-                seconds = time.perf_counter() - stage_started
-                if run is not None:
-                    run.save_states("compose", states, details, seconds)
+
+            def composed() -> tuple:
+                composition, composition_details = _compose_stage(working, working_table, teacher_model, pool, teacher_pool, states, sample_objective, objective_spec, config,
+                                                                  workdir, callback, verifier=verifier)
+                return composition, composition_details, time.perf_counter() - stage_started, {}
+
+            states, details, seconds, _ = _stage_states(run, "compose", composed)
             candidate, metrics = verify(states, "compose")
             candidates.append(("compose", candidate, metrics, dict(states)))
             reports.append(StageReport("compose", seconds, metrics, details))
@@ -842,6 +833,18 @@ def _compose_stage(working, table, teacher_model, pool, teacher_pool, reconstruc
     return states, details
 
 
+def _stage_states(run, stage: str, compute: Callable[[], tuple]) -> tuple:
+    """A stage's (states, details, seconds, residuals): from the run directory when the stage finished there
+    before this run was interrupted, else ``compute()``'s, saved there (when there is one)."""
+    saved = run.load_states(stage) if run is not None else None
+    if saved is not None:
+        return saved
+    result = compute()
+    if run is not None:
+        run.save_states(stage, *result)
+    return result
+
+
 def _ranges_stage(working, table, teacher_model, pool, teacher_pool, objective_spec, config: RefineConfig, workdir: Path):
     """:func:`evoquant.reconstruct.ranges.fit_ranges` with each trial scored on the pool's last
     ``config.ranges.score_images`` images (after the ones the reconstruction fits, when the pool has room)."""
@@ -863,20 +866,20 @@ def _ranges_stage(working, table, teacher_model, pool, teacher_pool, objective_s
     return result
 
 
-def _scaled_models(original, working, teacher_model, factors: dict[str, float]):
+def _scaled_models(original, table, working, working_table, teacher_model, factors: dict[str, float]):
     """``original`` and ``working`` (the same object, or its static-shape copy) with their activation ranges
     scaled (a factor per quantizer name), and their weight tables (the reference's rounding residuals attached)."""
-    from evoquant.ir.weights import attach_reference, find_quantized_weights
+    from evoquant.ir.weights import attach_reference
     from evoquant.reconstruct.ranges import scaled_copy
 
-    scaled_original, table, _ = scaled_copy(original, find_quantized_weights(original), factors)
+    scaled_original, scaled_table = scaled_copy(original, table, factors)
     if working is original:
-        scaled_working, working_table = scaled_original, table
+        scaled_working, working_table = scaled_original, scaled_table
     else:
-        scaled_working, working_table, _ = scaled_copy(working, find_quantized_weights(working), factors)
+        scaled_working, working_table = scaled_copy(working, working_table, factors)
     if teacher_model is not None:
         attach_reference(working_table, teacher_model)
-    return scaled_original, table, scaled_working, working_table
+    return scaled_original, scaled_table, scaled_working, working_table
 
 
 def _write_states(model, table, states: dict[int, np.ndarray], path: Path) -> Path:

@@ -79,6 +79,15 @@ def _bounds(node: ov.Node) -> list[np.ndarray] | None:
     return None if any(bound is None for bound in bounds) else bounds
 
 
+def constant_range_quantizers(model: ov.Model) -> tuple[list[str], list[str]]:
+    """The names of the activation quantizers whose range is a constant (the ones a factor can scale), and of
+    those whose range is not."""
+    scalable, not_constant = [], []
+    for node in activation_quantizers(model):
+        (scalable if _bounds(node) is not None else not_constant).append(node.get_friendly_name())
+    return scalable, not_constant
+
+
 def scale_activation_ranges(model: ov.Model, factors: float | Mapping[str, float]) -> RangeScaling:
     """Multiply activation quantizers' four range bounds in ``model`` (in place): every one by ``factors``
     (a number), or each named one by its own (a mapping from friendly name; the rest stay as they are).
@@ -132,10 +141,10 @@ def observed_range_factors(model: ov.Model, images: np.ndarray, batch_size: int 
     from evoquant.ir.runtime import compile_ir
 
     copy = model.clone()
-    quantizers = [node for node in activation_quantizers(copy) if _bounds(node) is not None]
+    quantizers = [(node, bounds) for node in activation_quantizers(copy) if (bounds := _bounds(node)) is not None]
     if not quantizers:
         return {}
-    probe = ov.Model([opset.result(node.input_value(0)) for node in quantizers], copy.get_parameters(), "range-probe")
+    probe = ov.Model([opset.result(node.input_value(0)) for node, _ in quantizers], copy.get_parameters(), "range-probe")
     request = compile_ir(probe).create_infer_request()
     largest = np.full(len(quantizers), -np.inf)
     smallest = np.full(len(quantizers), np.inf)
@@ -146,8 +155,7 @@ def observed_range_factors(model: ov.Model, images: np.ndarray, batch_size: int 
             largest[i] = max(largest[i], float(np.max(values)))
             smallest[i] = min(smallest[i], float(np.min(values)))
     factors, groups = {}, {}
-    for node, top, bottom in zip(quantizers, largest, smallest):
-        bounds = _bounds(node)
+    for (node, bounds), top, bottom in zip(quantizers, largest, smallest):
         low, high = float(np.min(bounds[0])), float(np.max(bounds[1]))
         factor = max(1.0, top / high if high > 0 else 1.0, bottom / low if low < 0 else 1.0)
         name = node.get_friendly_name()

@@ -53,10 +53,10 @@ class RangesResult:
     score_images_fitted_on: int = 0  # ... of which the reconstruction also fitted on (a small pool)
 
     def to_dict(self) -> dict:
-        observed = list(self.factors.values())
+        factors = list(self.factors.values())
         return {"chosen": self.chosen, "trials": [asdict(trial) for trial in self.trials], "quantizers": self.quantizers,
-                "widened": int(sum(factor != 1.0 for factor in observed)),
-                "factor_median": float(np.median(observed)) if observed else 1.0, "factor_max": max(observed, default=1.0),
+                "widened": int(sum(factor != 1.0 for factor in factors)),
+                "factor_median": float(np.median(factors)) if factors else 1.0, "factor_max": max(factors, default=1.0),
                 "factors": self.factors, "not_constant": list(self.not_constant), "seconds": self.seconds,
                 "score_images": self.score_images, "score_images_fitted_on": self.score_images_fitted_on}
 
@@ -67,30 +67,29 @@ def trial_order(factors) -> tuple[list[float], list[float]]:
 
 
 def scaled_copy(model, table, factors):
-    """A copy of ``model`` with its activation ranges scaled (:func:`evoquant.ir.ranges.scale_activation_ranges`),
-    its weight table and the scaling's report."""
+    """A copy of ``model`` with its activation ranges scaled (:func:`evoquant.ir.ranges.scale_activation_ranges`)
+    and its weight table (``table``'s weights, checked)."""
     from evoquant.ir.ranges import scale_activation_ranges
     from evoquant.ir.weights import find_quantized_weights
 
     copy = model.clone()
-    scaling = scale_activation_ranges(copy, factors)
+    scale_activation_ranges(copy, factors)
     copy_table = find_quantized_weights(copy)
     if [weight.constant_name for weight in copy_table] != [weight.constant_name for weight in table]:
         raise EvoquantError("scaling the activation ranges changed the model's weights; report this model to the evoquant developers")
-    return copy, copy_table, scaling
+    return copy, copy_table
 
 
 def fit_ranges(model, table, teacher, images, reconstruct_config: ReconstructConfig, config: RangesConfig, score: TrialScore, *,
                progress: bool = False) -> RangesResult:
     """Choose the activation ranges for ``model`` (static shape; not modified): for each candidate, reconstruct
     a scaled copy against ``teacher`` on ``images`` and ``score`` it (see the module doc)."""
-    from evoquant.ir.ranges import activation_quantizers, observed_range_factors
+    from evoquant.ir.ranges import constant_range_quantizers, observed_range_factors
 
     started = time.perf_counter()
-    _, _, scaling = scaled_copy(model, table, 1.0)
-    if scaling.scaled == 0:
-        return RangesResult("nncf", {}, [], 0, scaling.not_constant, None, time.perf_counter() - started)
-    names = [node.get_friendly_name() for node in activation_quantizers(model) if node.get_friendly_name() not in scaling.not_constant]
+    names, not_constant = constant_range_quantizers(model)
+    if not names:
+        return RangesResult("nncf", {}, [], 0, tuple(not_constant), None, time.perf_counter() - started)
     fitted = min(reconstruct_config.images, len(images))
     candidates = {}
     for candidate in config.candidates:
@@ -100,14 +99,14 @@ def fit_ranges(model, table, teacher, images, reconstruct_config: ReconstructCon
             candidates[candidate] = observed_range_factors(model, images[:fitted], reconstruct_config.batch_size)
     if len(candidates) == 1 and not config.factors:  # nothing to choose between: no trial
         (chosen, factors), = candidates.items()
-        return RangesResult(chosen, factors, [], scaling.scaled, scaling.not_constant, None, time.perf_counter() - started)
+        return RangesResult(chosen, factors, [], len(names), tuple(not_constant), None, time.perf_counter() - started)
     trials: list[RangeTrial] = []
     best: list = []  # [name, factors, score, reconstruction]
 
     def trial(name: str, factors: dict[str, float]) -> bool:
         """Run one trial; whether it beat the best so far (by min_gain: the smaller change wins a near tie)."""
         trial_started = time.perf_counter()
-        scaled, scaled_table, _ = scaled_copy(model, table, factors)
+        scaled, scaled_table = scaled_copy(model, table, factors)
         rebuilt = reconstruct(scaled, scaled_table, teacher, images, reconstruct_config, progress=progress, label=f"ranges: {name}")
         value = float(score(scaled, scaled_table, dict(rebuilt.states)))
         trials.append(RangeTrial(name, value, round(time.perf_counter() - trial_started, 2)))
@@ -130,5 +129,5 @@ def fit_ranges(model, table, teacher, images, reconstruct_config: ReconstructCon
             if not trial(f"{base_name} x{factor:g}", {name: value * factor for name, value in base.items()}):
                 break
     chosen, factors, _, rebuilt = best
-    return RangesResult(chosen, {name: float(value) for name, value in factors.items()}, trials, scaling.scaled, scaling.not_constant, rebuilt,
+    return RangesResult(chosen, {name: float(value) for name, value in factors.items()}, trials, len(names), tuple(not_constant), rebuilt,
                         time.perf_counter() - started)
