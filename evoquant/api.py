@@ -226,7 +226,7 @@ def refine(
         search={"seed": seed},
         weight_storage=weight_storage,
     ).with_budget(generations=generations, max_evaluations=max_evaluations, time_limit=time_limit)
-    from evoquant.ir.runtime import compile_ir, has_static_sample_shape, infer, output_signature, parse_input_shape, read_ir, with_sample_shape
+    from evoquant.ir.runtime import compile_ir, infer, output_signature, parse_input_shape, read_ir, with_sample_shape
     from evoquant.ir.runtime import input_shape as sample_shape_of
     from evoquant.ir.weights import attach_reference, find_quantized_weights, find_unmatched_layers, require_quantized_weights
 
@@ -240,7 +240,7 @@ def refine(
     if unmatched:
         names = ", ".join(f"{layer.name} ({layer.reason})" for layer in unmatched[:5])
         _warn(f"{len(unmatched)} weighted layer(s) are not refined: {names}{' ...' if len(unmatched) > 5 else ''}")
-    working = original if has_static_sample_shape(original) else with_sample_shape(original, shape)
+    working = with_sample_shape(original, shape)  # any batch, the run's sample shape: original itself when it is so
     working_table = table if working is original else find_quantized_weights(working)
     if [w.constant_name for w in working_table] != [w.constant_name for w in table]:
         raise EvoquantError("setting the input shape changed the model's weights; report this model to the evoquant developers")
@@ -251,8 +251,7 @@ def refine(
         teacher_shape = sample_shape_of(teacher_model, shape_override, data_shape=shape, role="the reference")
         if teacher_shape != shape:
             raise EvoquantError(f"the reference takes inputs of shape {teacher_shape} but the quantized model takes {shape}")
-        if not has_static_sample_shape(teacher_model):
-            teacher_model = with_sample_shape(teacher_model, shape)
+        teacher_model = with_sample_shape(teacher_model, shape)
         _check_reference(working, teacher_model)
         quantized_in_reference = find_quantized_weights(teacher_model)
         if quantized_in_reference:
@@ -311,7 +310,7 @@ def refine(
             """Write the candidate exactly as it would be delivered (the user's graph, these states), reload it
             with plain OpenVINO and score it on the verification images."""
             candidate = _write_states(original, table, states, workdir / f"{name}.xml")
-            outputs = infer(compile_ir(read_ir(candidate)), verification.images)
+            outputs = _run_written(candidate, shape, verification.images)
             return candidate, _metrics(outputs, teacher_verification, class_labels, classifier, verifier.score(outputs))
 
         start_outputs = verifier.outputs({})
@@ -418,7 +417,7 @@ def refine(
         if not improved:
             best_name, final_xml, final_metrics, final_states = candidates[0]
         heldout_started = time.perf_counter()
-        heldout_scores, heldout_reference = _heldout_metrics(heldout_batch, candidates, teacher_model, classifier)
+        heldout_scores, heldout_reference = _heldout_metrics(heldout_batch, candidates, teacher_model, classifier, shape)
         heldout_seconds = time.perf_counter() - heldout_started
         # a stage with no candidate of its own (ranges that widened nothing) left the start as it was
         reports = [dataclasses.replace(report, heldout=heldout_scores.get(report.name, heldout_scores.get("start"))) for report in reports]
@@ -508,7 +507,7 @@ def merge(run_dirs: Sequence[str | os.PathLike], *, output: ModelLike | None = N
     """Re-score the result of each run directory (or of each island under ``DIR/islands``) on the same
     verification images, and write the best (never worse than the start) to ``output``."""
     from evoquant.fitness.evaluator import FitnessContext, PlainEvaluator
-    from evoquant.ir.runtime import compile_ir, infer, output_signature, read_ir
+    from evoquant.ir.runtime import compile_ir, infer, output_signature, read_ir, with_sample_shape
     from evoquant.rundir import read_record
 
     jobs = _expand_run_dirs(run_dirs)
@@ -526,7 +525,7 @@ def merge(run_dirs: Sequence[str | os.PathLike], *, output: ModelLike | None = N
     config = RefineConfig.from_dict(arguments["config"], source=f"{jobs[0]}/run.json")
     model_path = Path(arguments["model"])
     shape = tuple(first["fingerprint"]["input_shape"])
-    teacher = None if arguments["reference"] is None else compile_ir(read_ir(arguments["reference"]), f32=True)
+    teacher = None if arguments["reference"] is None else compile_ir(with_sample_shape(read_ir(arguments["reference"]), shape), f32=True)
     pooled = config.importance > 0 or "reconstruct" in arguments["stages"]
     _, _, verification, labels_are_classes = _fitness_batches(arguments["data"], config, shape, pooled=pooled)
     teacher_outputs = infer(teacher, verification.images) if teacher is not None else None
@@ -537,7 +536,7 @@ def merge(run_dirs: Sequence[str | os.PathLike], *, output: ModelLike | None = N
 
     def score(xml: Path) -> Metrics:
         """As refine's verification scores a candidate: the IR as written, compiled by plain OpenVINO."""
-        outputs = infer(compile_ir(read_ir(xml)), verification.images)
+        outputs = _run_written(xml, shape, verification.images)
         return _metrics(outputs, teacher_outputs, class_labels, classifier, verifier.score(outputs))
 
     rows = [{"run_dir": "start", "finished": True, "xml": model_path, **dataclasses.asdict(score(model_path))}]
@@ -1100,15 +1099,23 @@ def _heldout_batch(heldout, shape, config, has_teacher: bool, classes: int | Non
     return batch
 
 
-def _heldout_metrics(batch, candidates, teacher_model, classifier: bool) -> tuple[dict[str, Metrics], Metrics | None]:
+def _run_written(xml: Path, shape: tuple[int, ...], images: np.ndarray) -> list[np.ndarray]:
+    """The outputs of the IR ``xml`` as written (compiled by plain OpenVINO) on ``images``, in batches
+    whatever batch the IR fixes."""
+    from evoquant.ir.runtime import compile_ir, infer, read_ir, with_sample_shape
+
+    return infer(compile_ir(with_sample_shape(read_ir(xml), shape)), images)
+
+
+def _heldout_metrics(batch, candidates, teacher_model, classifier: bool, shape: tuple[int, ...]) -> tuple[dict[str, Metrics], Metrics | None]:
     """Metrics on real held-out data, for the report only: per candidate (start and each stage's result,
     as written), and the reference's own."""
     if batch is None:
         return {}, None
-    from evoquant.ir.runtime import compile_ir, infer, read_ir
+    from evoquant.ir.runtime import compile_ir, infer
 
     teacher = infer(compile_ir(teacher_model, f32=True), batch.images) if teacher_model is not None else None
-    scores = {name: _metrics(infer(compile_ir(read_ir(xml)), batch.images), teacher, batch.labels, classifier) for name, xml, *_ in candidates}
+    scores = {name: _metrics(_run_written(xml, shape, batch.images), teacher, batch.labels, classifier) for name, xml, *_ in candidates}
     return scores, (_metrics(teacher, teacher, batch.labels, classifier) if teacher is not None else None)
 
 

@@ -81,6 +81,44 @@ def test_refine_dynamic_ir_keeps_its_shape_and_changes_only_weights(user_irs, tm
     assert widened and min(widened) > 1.0
 
 
+def _fixed_batch_pair(user_irs, name: str, *, pinned: bool = False):
+    """The user_irs pair saved after ``model.reshape([1, 3, 8, 8])`` (a fixed batch of one); ``pinned``: the
+    quantized model's flatten also reshapes to a constant ``[1, 256]``, as ``ov.convert_model(m, input=[1, ...])``
+    can write it, so no other batch fits."""
+    folder = user_irs / name
+    folder.mkdir(exist_ok=True)
+    for kind in ("fp32", "int8"):
+        model = read_ir(user_irs / f"{kind}.xml")
+        model.reshape([1, *INPUT_SHAPE])
+        if pinned and kind == "int8":
+            flatten = next(op for op in model.get_ordered_ops() if op.get_type_name() == "Reshape")
+            flatten.input(1).replace_source_output(opset.constant(np.array([1, 256], dtype=np.int64)).output(0))
+            model.validate_nodes_and_infer_types()
+        ov.save_model(model, folder / f"{kind}.xml", compress_to_fp16=False)
+    return folder / "int8.xml", folder / "fp32.xml"
+
+
+def test_refine_a_fixed_batch_ir_keeps_its_batch(user_irs, tmp_path):
+    """``model.reshape([1, ...])`` fixes the batch; evoquant scores batches of 64-256 images (before: a
+    traceback 'got [256,3,8,8] expecting [1,3,8,8]'), and the written IR keeps the user's batch of one."""
+    int8, fp32 = _fixed_batch_pair(user_irs, "fixed")
+    out = tmp_path / "refined.xml"
+    code, _, stderr = run_cli("refine", str(int8), "-r", str(fp32), "--data", "fractal", "-o", str(out), "-q", "--stages", "ranges,reconstruct,evolve",
+                              "--selection-size", "64", "--verification-size", "64", "--selection-pool", "128", "--generations", "2", "--jobs", "2")
+    assert code == 0, stderr
+    assert _input_shape(out) == _input_shape(int8) == "[1,3,8,8]"
+    before, after = find_quantized_weights(read_ir(int8)), find_quantized_weights(read_ir(out))
+    assert any(not np.array_equal(b.states, a.states) for b, a in zip(before, after))
+
+
+def test_a_graph_that_pins_the_batch_is_one_line(user_irs, tmp_path):
+    int8, fp32 = _fixed_batch_pair(user_irs, "pinned", pinned=True)
+    out = tmp_path / "refined.xml"
+    code, _, stderr = run_cli("refine", str(int8), "-r", str(fp32), "--data", "fractal", "-o", str(out), "-q")
+    assert code == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert "pins it" in stderr and "dynamic batch" in stderr and not out.exists()
+
+
 def _other_constants(model) -> list[bytes]:
     weights = {w.constant_name for w in find_quantized_weights(model)}
     bounds = {node.input_value(port).get_node().get_friendly_name() for node in activation_quantizers(model) for port in (1, 2, 3, 4)}

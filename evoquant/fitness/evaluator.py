@@ -71,13 +71,14 @@ class FitnessContext:
     model_data: tuple[bytes, bytes] | None = None  # the IR's .xml and .bin themselves, for workers without the file system
 
     def read_model(self):
-        """The model to score candidates of: from ``model_data`` when the context carries it, else the file."""
-        if self.model_data is None:
-            return read_ir(self.model_xml)
-        from evoquant.ir.runtime import core
+        """The model to score candidates of: from ``model_data`` when the context carries it, else the file;
+        taking any batch (a user's IR may fix it at one)."""
+        from evoquant.ir.runtime import core, with_sample_shape
 
+        if self.model_data is None:
+            return with_sample_shape(read_ir(self.model_xml))
         xml, weights = self.model_data
-        return core().read_model(xml.decode("utf-8"), ov.Tensor(np.frombuffer(weights, dtype=np.uint8).copy()))
+        return with_sample_shape(core().read_model(xml.decode("utf-8"), ov.Tensor(np.frombuffer(weights, dtype=np.uint8).copy())))
 
     def carrying_model(self) -> "FitnessContext":
         """A copy that carries the IR's bytes (and its images, even with a draw), so it can be sent anywhere."""

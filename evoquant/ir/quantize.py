@@ -77,13 +77,12 @@ def nncf_quantize(model: ov.Model, items: Sequence[np.ndarray], settings: Quanti
 def top1_agreement_with(reference: ov.Model, quantized: ov.Model, images: np.ndarray, sample_shape: tuple[int, ...]) -> float | None:
     """Share of ``images`` on which the quantized model's top-1 class equals the FP32 model's (classifiers:
     one output of shape (N, C)); None for other models."""
-    from evoquant.ir.runtime import compile_ir, has_static_sample_shape, infer, with_sample_shape
+    from evoquant.ir.runtime import compile_ir, infer, with_sample_shape
 
     rank = quantized.outputs[0].get_partial_shape().rank
     if len(quantized.outputs) != 1 or rank.is_dynamic or rank.get_length() != 2:
         return None
-    if not has_static_sample_shape(reference):
-        reference, quantized = with_sample_shape(reference, sample_shape), with_sample_shape(quantized, sample_shape)
+    reference, quantized = with_sample_shape(reference, sample_shape), with_sample_shape(quantized, sample_shape)
     teacher = infer(compile_ir(reference, f32=True), images)[0]
     student = infer(compile_ir(quantized), images)[0]
     return float(np.mean(teacher.argmax(axis=1) == student.argmax(axis=1)))

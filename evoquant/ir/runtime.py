@@ -186,21 +186,39 @@ def has_static_sample_shape(model: ov.Model) -> bool:
     return shape.rank.is_static and all(dim.is_static for dim in shape[1:])
 
 
-def with_sample_shape(model: ov.Model, sample_shape: tuple[int, ...]) -> ov.Model:
-    """A copy of ``model`` whose input is ``[batch, *sample_shape]`` (the batch keeps its own dimension).
+def with_sample_shape(model: ov.Model, sample_shape: "tuple[int, ...] | None" = None) -> ov.Model:
+    """``model`` as evoquant runs it: its input ``[?, *sample_shape]`` -- any batch (evaluation feeds 64-256
+    images at a time; ``model.reshape([1, 3, 224, 224])`` fixes it at one), and the per-sample shape the run
+    uses (``None``: the model's own). ``model`` itself when it already is so; otherwise a copy.
 
     Sets the Parameter's partial shape and re-infers types: unlike ``model.reshape`` this runs no
     SmartReshape pass, so no flatten is rewritten to read ``ShapeOf`` of a weight. The model itself is
-    untouched (the written IR keeps the user's dynamic shape).
+    untouched (the written IR keeps the user's input shape). A graph that pins the batch elsewhere (a
+    Reshape to a constant ``[1, ...]``, as ``ov.convert_model(m, input=[1, ...])`` can write) cannot take
+    other batches: one-line :class:`EvoquantError`.
     """
+    parameter = model.get_parameters()[0]
+    shape = parameter.get_partial_shape()
+    wanted = ov.PartialShape([ov.Dimension(), *(sample_shape if sample_shape is not None else (shape[1:] if shape.rank.is_static else []))])
+    if sample_shape is None and shape.rank.is_dynamic or shape == wanted:
+        return model
     copy = model.clone()
-    parameter = copy.get_parameters()[0]
-    batch = parameter.get_partial_shape()[0] if parameter.get_partial_shape().rank.is_static else ov.Dimension()
-    parameter.set_partial_shape(ov.PartialShape([batch, *sample_shape]))
+    copy.get_parameters()[0].set_partial_shape(wanted)
+    batch = shape[0] if shape.rank.is_static else ov.Dimension()
+    hint = ("evoquant scores batches of images: save the model with a dynamic batch "
+            "(ov.convert_model(m, example_input=x) without input=[1, ...], or model.reshape with -1 as the batch)")
     try:
         copy.validate_nodes_and_infer_types()
     except RuntimeError as error:
-        raise EvoquantError(f"the model does not accept inputs of shape {format_shape((-1, *sample_shape))}: {_last_line(str(error))}") from None
+        if batch.is_static:
+            raise EvoquantError(f"the model's input batch is fixed at {batch} and its graph takes no other ({_last_line(str(error))}); {hint}") from None
+        raise EvoquantError(f"the model does not accept inputs of shape {wanted}: {_last_line(str(error))}") from None
+    pinned = [output for output in copy.outputs if output.get_partial_shape().rank.is_static and len(output.get_partial_shape()) >= 1 and output.get_partial_shape()[0].is_static]
+    if batch.is_static and pinned:
+        output = pinned[0]
+        name = output.get_any_name() if output.get_names() else output.get_node().get_friendly_name()
+        raise EvoquantError(f"the model's input batch is fixed at {batch} and its graph pins it: output {name} stays {output.get_partial_shape()} "
+                            f"with a dynamic input batch; {hint}")
     return copy
 
 
