@@ -196,7 +196,7 @@ def refine(
             ``(images, labels)``.
         config / preset: a full :class:`RefineConfig`, or a preset name; the keyword arguments below
             override it.
-        stages: the preset's (default ``"ranges,reconstruct,compose"``), ``"reconstruct,compose,evolve"``,
+        stages: the preset's (default ``"ranges,reconstruct"``), ``"ranges,reconstruct,compose,evolve"``,
             ``"reconstruct"``, ``"evolve"`` ... (or a sequence); they always run in that order.
         input_shape: the model's input shape, batch first (``(1, 3, 224, 224)`` or ``"1,3,224,224"``).
         callback: called with each generation's :class:`GenerationStats`; return True to stop early.

@@ -17,8 +17,8 @@ examples:
   evoquant refine int8.xml --reference fp32.xml --heldout real.npz --preset thorough --plot history.png
   evoquant refine int8.xml --fitness mypackage.scores:task_loss --data images/ -o refined.xml
   evoquant refine w4a8.xml -r fp32.xml --input-shape 1,3,32,32 -o refined.xml    # a dynamic-shape IR
-  evoquant refine int8.xml -r fp32.xml --stages ranges,reconstruct -o refined.xml  # layer-wise only (seconds)
-  evoquant refine int8.xml -r fp32.xml --stages reconstruct,compose -o refined.xml  # keep NNCF's activation ranges
+  evoquant refine int8.xml -r fp32.xml --stages ranges,reconstruct,compose -o refined.xml  # + the per-layer search
+  evoquant refine int8.xml -r fp32.xml --stages reconstruct -o refined.xml  # keep NNCF's activation ranges
   evoquant refine int8.xml -r fp32.xml --stages ranges,reconstruct,compose,evolve -o refined.xml  # + the weight search
   evoquant refine int8.xml -r fp32.xml --run-dir run1 -o refined.xml             # resumable: after a kill ...
   evoquant refine --resume run1                                                  # ... continue it
@@ -26,13 +26,13 @@ examples:
   evoquant refine int8.xml -r fp32.xml --stages ranges,reconstruct,compose,evolve --island $I/4 --run-dir shared -o r$I.xml
   evoquant merge shared -o best.xml          # islands: populations of evolve; a job array's jobs, then the best
 
-stages (default ranges,reconstruct,compose): ranges (each activation quantizer's range widened to cover
+stages (default ranges,reconstruct): ranges (each activation quantizer's range widened to cover
 every value its input takes on the calibration images: NNCF's ranges clip the larger activations; config
 ranges.candidates [observed, nncf] reconstructs under each and keeps the better), reconstruct (layer by
 layer, the integer states that best reproduce each FP32 layer's output on the calibration images; needs
---reference), compose (per layer, NNCF's states,
+--reference), and, opt-in, compose (per layer, NNCF's states,
 that fit, or another fit -- config compose.fits, default one fitted on the reference's own layer inputs --
-chosen by a small evolution strategy on the end-to-end objective), and, opt-in, evolve (the evolution
+chosen by a small evolution strategy on the end-to-end objective) and evolve (the evolution
 strategy over single weights on the end-to-end objective, from the previous stage's result; without
 --reference, the one stage that runs). The verification images decide which result is written: never a worse model.
 

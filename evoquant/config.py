@@ -237,7 +237,7 @@ class RefineConfig:
     ranges: RangesConfig = field(default_factory=RangesConfig)
     # which of ranges, reconstruct, compose, evolve run (always in that order); evolve (the search over single
     # weights) is opt-in: after compose it moved held-out KL within noise at most of the time (docs/reconstruct.md)
-    stages: tuple[str, ...] = ("ranges", "reconstruct", "compose")
+    stages: tuple[str, ...] = ("ranges", "reconstruct")
     objective: str = "auto"  # auto | kl | mse | ce | agreement (or a hook given separately)
     data: str = "fractal"  # source spec for selection and verification batches
     selection_size: int = 512  # image draws the fitness is measured on during the search
@@ -298,6 +298,10 @@ class RefineConfig:
         """The budgets given on the command line or to ``refine()``: they belong to the last search stage that
         runs (evolve when it is among the stages, else compose); ``None`` values are ignored."""
         budget = {"generations": generations, "max_evaluations": max_evaluations, "time_limit": time_limit}
+        if not {"compose", "evolve"} & set(self.stages) and any(value is not None for value in budget.values()):
+            given = ", ".join(f"--{name.replace('_', '-')}" for name, value in budget.items() if value is not None)
+            raise EvoquantError(f"{given} budget{'s' if ',' in given else ''} a search stage (compose or evolve), and neither is among the stages "
+                                f"({','.join(self.stages)}): add one, e.g. --stages {','.join(self.stages)},compose")
         return self.replace(**{"search" if "evolve" in self.stages else "compose": budget})
 
     @classmethod
