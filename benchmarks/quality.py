@@ -6,12 +6,14 @@ synthetic images (GAN or fractal), and ``evoquant.refine`` runs with the default
 synthetic source only. Held-out: 1,000 real MNIST digits (padded to 32x32 in three channels for the
 families), never used for calibration or selection: accuracy, top-1 agreement with FP32 and KL(FP32‖model)
 (normalized MSE for the autoencoder) for FP32, NNCF and refined; wall time. Every search seed is a separate
-refine; every GAN instance is a separately trained GAN (``--gan-seeds``), which changes both NNCF's
-calibration and refine's data.
+refine (the default stages, ranges and reconstruct, draw no random numbers: one seed; with ``--preset
+thorough`` the search stages do); every GAN instance is a separately trained GAN (``--gan-seeds``), which
+changes both NNCF's calibration and refine's data.
 
-    python benchmarks/quality.py > benchmarks/results/quality.jsonl                  # all, W8A8+W4A8, GAN, 3 seeds
-    python benchmarks/quality.py --models families --bits 4 --seeds 0 --source fractal
+    python benchmarks/quality.py > benchmarks/results/quality.jsonl                  # all, W8A8+W4A8, GAN
     python benchmarks/quality.py --gan-seeds 1 >> benchmarks/results/quality.jsonl   # a second GAN instance
+    python benchmarks/quality.py --source fractal >> benchmarks/results/quality.jsonl
+    python benchmarks/quality.py --preset thorough --seeds 0,1,2 --models families --bits 4   # the search stages, over seeds
     python benchmarks/readme_table.py quality benchmarks/results/quality.jsonl
 """
 
@@ -30,7 +32,7 @@ def main() -> int:
     parser.add_argument("--models", default="all", help="zoo models or groups: classic, families, all (default: %(default)s)")
     parser.add_argument("--bits", default="8,4", help="weight bits, comma-separated (default: %(default)s)")
     parser.add_argument("--source", default="gan", help="synthetic calibration and fitness data: gan, fractal or both comma-separated (default: %(default)s)")
-    parser.add_argument("--seeds", default="0,1,2", help="refine seeds, comma-separated (default: %(default)s)")
+    parser.add_argument("--seeds", default="0", help="refine (search) seeds, comma-separated (default: %(default)s)")
     parser.add_argument("--gan-seeds", default="0", help="GAN instances (training seeds), comma-separated (default: %(default)s)")
     parser.add_argument("--preset", default="default")
     parser.add_argument("--jobs", type=int, default=None)

@@ -225,7 +225,7 @@ def refine(
         data=data if isinstance(data, str) else None,
         search={"seed": seed},
         weight_storage=weight_storage,
-    ).with_budget(generations=generations, max_evaluations=max_evaluations, time_limit=time_limit)
+    )
     from evoquant.ir.runtime import compile_ir, infer, output_signature, parse_input_shape, read_ir, with_sample_shape
     from evoquant.ir.runtime import input_shape as sample_shape_of
     from evoquant.ir.weights import attach_reference, find_quantized_weights, find_unmatched_layers, require_quantized_weights
@@ -260,6 +260,7 @@ def refine(
         attach_reference(working_table, teacher_model)
         teacher_compiled = compile_ir(teacher_model, f32=True)
     run_stages = _runnable_stages(config, stages, teacher_model, island)
+    config = config.with_budget(run_stages, generations=generations, max_evaluations=max_evaluations, time_limit=time_limit)
     if "evolve" not in run_stages and (config.jobs > 1 or config.backend == "dask"):
         _warn(f"--jobs {config.jobs} / --backend {config.backend} spread the evolve stage's candidates over workers, and evolve is not among the stages "
               f"({','.join(run_stages)}): compose scores its candidates in this process, with every core")

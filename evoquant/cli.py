@@ -240,7 +240,7 @@ def refine_config_from_args(args):
             "migration_interval": args.migration_interval,
             "migrants": args.migrants,
         },
-    ).with_budget(generations=args.generations, max_evaluations=args.max_evaluations, time_limit=args.time_limit)
+    )
     evolve_only = {"--mutation-fraction": args.mutation_fraction, "--mu": args.mu, "--lambda": args.lambda_, "--islands": args.islands,
                    "--migration-interval": args.migration_interval, "--migrants": args.migrants}
     given = [flag for flag, value in evolve_only.items() if value is not None]
@@ -273,7 +273,8 @@ def run_refine(args) -> int:
     _check_writable({"-o": args.output, "--report": args.report, "--plot": args.plot}, args.model, args.reference, args.data, args.heldout, args.config)
     with cluster_backend(config.backend, args.scheduler):
         result = refine(args.model, reference=args.reference, data=args.data, output=args.output, fitness=args.fitness, objective=args.objective,
-                        heldout=args.heldout, config=config, stages=args.stages, input_shape=args.input_shape, run_dir=args.run_dir, island=args.island)
+                        heldout=args.heldout, config=config, stages=args.stages, input_shape=args.input_shape, run_dir=args.run_dir, island=args.island,
+                        generations=args.generations, max_evaluations=args.max_evaluations, time_limit=args.time_limit)
     return _print_refined(result, args)
 
 

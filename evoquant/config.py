@@ -7,6 +7,7 @@ the same. CLI flags and keyword arguments override preset values.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -294,15 +295,18 @@ class RefineConfig:
             top["stages"] = _stage_list(top["stages"])
         return dataclasses.replace(self, **sections, **top)
 
-    def with_budget(self, *, generations: int | None = None, max_evaluations: int | None = None, time_limit: float | None = None) -> "RefineConfig":
+    def with_budget(self, stages: Sequence[str] | None = None, *, generations: int | None = None, max_evaluations: int | None = None,
+                    time_limit: float | None = None) -> "RefineConfig":
         """The budgets given on the command line or to ``refine()``: they belong to the last search stage that
-        runs (evolve when it is among the stages, else compose); ``None`` values are ignored."""
+        runs of ``stages`` (default: this config's), evolve when it is among them, else compose; an error when
+        neither is; ``None`` values are ignored."""
         budget = {"generations": generations, "max_evaluations": max_evaluations, "time_limit": time_limit}
-        if not {"compose", "evolve"} & set(self.stages) and any(value is not None for value in budget.values()):
+        stages = tuple(stages or self.stages)
+        if not {"compose", "evolve"} & set(stages) and any(value is not None for value in budget.values()):
             given = ", ".join(f"--{name.replace('_', '-')}" for name, value in budget.items() if value is not None)
-            raise EvoquantError(f"{given} budget{'s' if ',' in given else ''} a search stage (compose or evolve), and neither is among the stages "
-                                f"({','.join(self.stages)}): add one, e.g. --stages {','.join(self.stages)},compose")
-        return self.replace(**{"search" if "evolve" in self.stages else "compose": budget})
+            raise EvoquantError(f"{given} budget{'' if ',' in given else 's'} a search stage (compose or evolve), and neither runs "
+                                f"({','.join(stages)}): add one, e.g. --stages {','.join(stages)},compose")
+        return self.replace(**{"search" if "evolve" in stages else "compose": budget})
 
     @classmethod
     def from_yaml(cls, preset: str | Path = "default") -> "RefineConfig":

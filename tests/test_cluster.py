@@ -84,9 +84,10 @@ def test_a_refine_killed_and_resumed_writes_the_same_bytes(inputs, uninterrupted
 
 def test_a_run_directory_of_another_run_is_refused(inputs):
     run_dir = inputs / "run"
-    subprocess.run(_refine_command(inputs, "a.xml", "--run-dir", str(run_dir), "--stages", "reconstruct"), check=True, capture_output=True, timeout=300)
+    short = ["--stages", "reconstruct,evolve", "--generations", "1"]
+    subprocess.run(_refine_command(inputs, "a.xml", "--run-dir", str(run_dir), *short), check=True, capture_output=True, timeout=300)
     before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
-    process = subprocess.run(_refine_command(inputs, "b.xml", "--run-dir", str(run_dir), "--stages", "reconstruct", "--seed", "5"), capture_output=True, text=True, timeout=300)
+    process = subprocess.run(_refine_command(inputs, "b.xml", "--run-dir", str(run_dir), *short, "--seed", "5"), capture_output=True, text=True, timeout=300)
     assert process.returncode == 2 and process.stderr.count("\n") == 1 and "belongs to another run (its config differ)" in process.stderr
     assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before and not (inputs / "b.xml").exists()
     code, _, stderr = run_cli("refine", "--resume", str(inputs))  # not a run directory

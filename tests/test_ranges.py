@@ -21,7 +21,7 @@ from evoquant.reconstruct import ranges as ranges_module
 from evoquant.reconstruct.stage import ReconstructResult
 from test_cli import run_cli
 
-SMALL = dict(input_shape=(1, *INPUT_SHAPE), progress=False, generations=2, config=RefineConfig(selection_size=32, verification_size=64, selection_pool=128))
+SMALL = dict(input_shape=(1, *INPUT_SHAPE), progress=False, config=RefineConfig(selection_size=32, verification_size=64, selection_pool=128))
 
 
 def _bounds(node) -> list[np.ndarray]:

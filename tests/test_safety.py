@@ -30,7 +30,7 @@ def inputs(tiny_irs, tmp_path):
     return tmp_path
 
 
-REFINE = ["--selection-size", "32", "--verification-size", "32", "--selection-pool", "64", "--generations", "1", "-q"]
+REFINE = ["--selection-size", "32", "--verification-size", "32", "--selection-pool", "64", "-q"]
 
 
 @pytest.mark.parametrize(
@@ -135,6 +135,12 @@ def test_an_unknown_reconstruct_solver_is_refused_before_work(inputs, tmp_path):
 def test_bad_budget_flags_are_refused_before_work(inputs, flags):
     code, _, stderr = run_cli("refine", str(inputs / "int8.xml"), "-r", str(inputs / "fp32.xml"), *flags, "-q")
     assert code == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+
+
+def test_a_budget_for_a_stage_that_does_not_run_is_refused(inputs):
+    """The default stages search nothing: --generations would be ignored, so it is an error that says which stage to add."""
+    code, _, stderr = run_cli("refine", str(inputs / "int8.xml"), "-r", str(inputs / "fp32.xml"), "--data", str(inputs / "data.npz"), "--generations", "5", *REFINE)
+    _refuses(code, stderr, "--generations budgets a search stage (compose or evolve), and neither runs (ranges,reconstruct): add one, e.g. --stages ranges,reconstruct,compose")
 
 
 def _refuses(code: int, stderr: str, words: str) -> None:

@@ -67,7 +67,7 @@ def test_refine_dynamic_ir_keeps_its_shape_and_changes_only_weights(user_irs, tm
     out = tmp_path / "refined.xml"
     code, stdout, stderr = run_cli("refine", str(user_irs / "int8.xml"), "-r", str(user_irs / "fp32.xml"), "--data", str(user_irs / "data.npz"),
                                    *shape_flag, "-o", str(out), "-q", "--selection-size", "64", "--verification-size", "64", "--selection-pool", "128",
-                                   "--generations", "2", "--engine", "plain")
+                                   "--engine", "plain")
     assert code == 0, stderr
     assert _input_shape(out) == _input_shape(user_irs / "int8.xml") == "[?,?,?,?]"
     before, after = read_ir(user_irs / "int8.xml"), read_ir(out)
@@ -172,7 +172,7 @@ def test_w4a8_quantize_makes_i4_weights_that_refine_improves(user_irs, tmp_path)
     assert ov.Core().compile_model(read_ir(w4), "CPU")  # the CPU plugin runs it
     out = tmp_path / "refined.xml"
     code, stdout, stderr = run_cli("refine", str(w4), "-r", str(user_irs / "fp32.xml"), "--data", str(user_irs / "data.npz"), "-o", str(out), "-q",
-                                   "--selection-size", "64", "--verification-size", "64", "--selection-pool", "128", "--generations", "2", "--engine", "plain")
+                                   "--selection-size", "64", "--verification-size", "64", "--selection-pool", "128", "--engine", "plain")
     assert code == 0, stderr
     refined = find_quantized_weights(read_ir(out))
     assert {w.element_type for w in refined} == {"i4"}
@@ -192,7 +192,7 @@ def test_widened_w4a8_stays_on_its_4_bit_grid_through_refine(user_irs, tmp_path)
     assert all(-8 <= w.low and w.high <= 7 for w in table)
     out = tmp_path / "refined.xml"
     code, _, stderr = run_cli("refine", str(w4), "-r", str(user_irs / "fp32.xml"), "--data", str(user_irs / "data.npz"), "-o", str(out), "-q",
-                              "--selection-size", "64", "--verification-size", "64", "--selection-pool", "128", "--generations", "2", "--engine", "plain")
+                              "--selection-size", "64", "--verification-size", "64", "--selection-pool", "128", "--engine", "plain")
     assert code == 0, stderr
     refined = find_quantized_weights(read_ir(out))
     assert [w.element_type for w in refined] == ["i8", "i8", "i4"]
@@ -300,7 +300,7 @@ def test_a_model_with_two_outputs_is_refined_on_both(tmp_path):
     nncf.set_log_level(logging.ERROR)
     ov.save_model(nncf.quantize(model, nncf.Dataset(calibration_batches()), subset_size=32), tmp_path / "int8.xml", compress_to_fp16=False)
     code, stdout, stderr = run_cli("refine", str(tmp_path / "int8.xml"), "-r", str(tmp_path / "fp32.xml"), "--selection-size", "64", "--verification-size", "64",
-                                   "--selection-pool", "128", "--generations", "3", "-q", "-o", str(tmp_path / "refined.xml"), "--report", str(tmp_path / "r.json"))
+                                   "--selection-pool", "128", "-q", "-o", str(tmp_path / "refined.xml"), "--report", str(tmp_path / "r.json"))
     assert code == 0, stderr
     import json
 
