@@ -10,6 +10,7 @@ images. Held-out: 1,000 real MNIST digits never used for calibration or selectio
     python benchmarks/stages.py --source fractal > benchmarks/results/stages.jsonl
     python benchmarks/stages.py --models residual_cnn --bits 4 --seeds 0,1,2
     python benchmarks/stages.py --stages reconstruct --baselines gptq,adaround >> benchmarks/results/stages.jsonl
+    python benchmarks/stages.py --stages ranges,reconstruct --baselines gptq,adaround --baseline-ranges --source gan   # against the default
     python benchmarks/readme_table.py stages benchmarks/results/stages.jsonl
 """
 
@@ -78,6 +79,7 @@ def main() -> int:
                         "moves guided by the reconstruction's flip costs); the stage-set label gets '+' and the overrides")
     parser.add_argument("--compose", default="", metavar="YAML", help="compose settings for every run, a YAML mapping (e.g. '{fits: [{inputs: fp32}, {damping: 0.1}]}')")
     parser.add_argument("--baselines", default="", help="classic layer-wise methods to add, comma-separated (gptq, adaround)")
+    parser.add_argument("--baseline-ranges", action="store_true", help="also run each baseline after the ranges stage (label baseline:NAME+ranges), as the default runs evoquant's solver")
     args = parser.parse_args()
 
     import nncf
@@ -100,7 +102,11 @@ def main() -> int:
     preset = preset.replace(search=overrides, compose=yaml.safe_load(args.compose) or {})
     suffix = f"+{args.search}" if args.search else ""
     runs = [(stages + (suffix if "evolve" in stages else ""), stages, preset) for stages in args.stages.split(";") if stages]
-    runs += [(f"baseline:{name}", "reconstruct", dataclasses.replace(preset, reconstruct=dataclasses.replace(preset.reconstruct, solver=name, max_shift=None))) for name in baselines]
+    for name in baselines:
+        solver = dataclasses.replace(preset, reconstruct=dataclasses.replace(preset.reconstruct, solver=name, max_shift=None))
+        runs.append((f"baseline:{name}", "reconstruct", solver))
+        if args.baseline_ranges:
+            runs.append((f"baseline:{name}+ranges", "ranges,reconstruct", solver))
 
     for name, bits, built, model, spec, heldout in zoo_models(args.source, args.models, args.bits, "evoquant-stages-"):
         for label, stages, config in runs:
