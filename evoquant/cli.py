@@ -54,7 +54,7 @@ WEIGHT_STORAGE_HELP = ("4-bit convolution weights in the written IR: auto runs i
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evoquant",
-        description="Evolutionary weight-rounding for OpenVINO INT8 models, driven by synthetic data.",
+        description="Better integer weight rounding for quantized OpenVINO models (W8A8, W4A8), driven by synthetic data.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="run 'evoquant COMMAND --help' for a command's options; 'evoquant demo' runs the whole pipeline",
     )
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     refine = commands.add_parser(
         "refine",
-        help="evolve the rounding of an INT8 IR toward its FP32 reference and write a better IR",
+        help="refine the integer weights (and activation ranges) of a quantized IR toward its FP32 reference and write a better IR",
         description="Evolve the integer weight states of an NNCF INT8 OpenVINO model so that it matches its FP32 original more closely, scored on synthetic images, and write the refined IR (never a worse one).",
         epilog=REFINE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
