@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     refine = commands.add_parser(
         "refine",
         help="refine the integer weights (and activation ranges) of a quantized IR toward its FP32 reference and write a better IR",
-        description="Evolve the integer weight states of an NNCF INT8 OpenVINO model so that it matches its FP32 original more closely, scored on synthetic images, and write the refined IR (never a worse one).",
+        description="Refine the integer weight states (and activation ranges) of an NNCF-quantized OpenVINO model so that it matches its FP32 original more closely, on synthetic images, and write the refined IR (never a worse one).",
         epilog=REFINE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

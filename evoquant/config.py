@@ -236,8 +236,9 @@ class RefineConfig:
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
     compose: ComposeConfig = field(default_factory=ComposeConfig)
     ranges: RangesConfig = field(default_factory=RangesConfig)
-    # which of ranges, reconstruct, compose, evolve run (always in that order); evolve (the search over single
-    # weights) is opt-in: after compose it moved held-out KL within noise at most of the time (docs/reconstruct.md)
+    # which of ranges, reconstruct, compose, evolve run (always in that order); the search stages are opt-in:
+    # compose (per-layer fits) moved held-out KL by 2 % for 2-3x the time, evolve (single weights) within noise
+    # (docs/reconstruct.md)
     stages: tuple[str, ...] = ("ranges", "reconstruct")
     objective: str = "auto"  # auto | kl | mse | ce | agreement (or a hook given separately)
     data: str = "fractal"  # source spec for selection and verification batches
