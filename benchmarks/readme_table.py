@@ -73,7 +73,8 @@ def quality_table(rows: list[dict]) -> str:
     for row in rows:
         gan = row.get("gan_seed")
         runs.setdefault(f"GAN instance {gan}" if gan is not None else str(row.get("source", row.get("data"))), set()).add(row.get("seed", 0))
-    searched = any({"compose", "evolve"} & set(row.get("stage_seconds", {"evolve": 0})) for row in rows)
+    # rows from before the stages were recorded ran the search; otherwise whether a search stage ran
+    searched = any("stage_seconds" not in row or {"compose", "evolve"} & set(row["stage_seconds"]) for row in rows)
     if searched:
         over = "; ".join(f"{what}: search seeds {', '.join(map(str, sorted(seeds)))}" for what, seeds in runs.items())
     else:  # no stage draws random numbers: one run per start

@@ -213,12 +213,13 @@ def with_sample_shape(model: ov.Model, sample_shape: "tuple[int, ...] | None" = 
         if batch.is_static:
             raise EvoquantError(f"the model's input batch is fixed at {batch} and its graph takes no other ({_last_line(str(error))}); {hint}") from None
         raise EvoquantError(f"the model does not accept inputs of shape {wanted}: {_last_line(str(error))}") from None
-    pinned = [output for output in copy.outputs if output.get_partial_shape().rank.is_static and len(output.get_partial_shape()) >= 1 and output.get_partial_shape()[0].is_static]
-    if batch.is_static and pinned:
-        output = pinned[0]
-        name = output.get_any_name() if output.get_names() else output.get_node().get_friendly_name()
-        raise EvoquantError(f"the model's input batch is fixed at {batch} and its graph pins it: output {name} stays {output.get_partial_shape()} "
-                            f"with a dynamic input batch; {hint}")
+    if batch.is_static:  # the user's batch is gone from the input: an output that keeps a fixed one pins it inside
+        for output in copy.outputs:
+            out_shape = output.get_partial_shape()
+            if out_shape.rank.is_static and len(out_shape) >= 1 and out_shape[0].is_static:
+                name = output.get_any_name() if output.get_names() else output.get_node().get_friendly_name()
+                raise EvoquantError(f"the model's input batch is fixed at {batch} and its graph pins it: output {name} stays {out_shape} "
+                                    f"with a dynamic input batch; {hint}")
     return copy
 
 
