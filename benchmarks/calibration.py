@@ -20,6 +20,7 @@ directory is not given is skipped.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -61,6 +62,7 @@ def main() -> int:
     parser.add_argument("--datafree", default="", help="data-free methods to add as sources, comma-separated (zeroq,genie,gdfq,qimera,clusterq)")
     parser.add_argument("--bits", default="8", help="weight bits, comma-separated (8: W8A8, 4: W4A8)")
     parser.add_argument("--seeds", default="0", help="refine seeds (with --refine)")
+    parser.add_argument("--data-seeds", help="refine data seeds (the draw from each source: data_seed), comma-separated; default: the preset's")
     parser.add_argument("--no-baselines", action="store_true", help="only the --datafree sources")
     parser.add_argument("--start", metavar="SOURCE", help="quantize every model once, calibrated on this source, and refine that one "
                         "start with each source's data (the refine comparison at a fixed start); default: each source quantizes its own")
@@ -70,6 +72,7 @@ def main() -> int:
     import numpy as np
 
     from evoquant import quantize, refine, zoo
+    from evoquant.config import RefineConfig
     from evoquant.data import Batch
     from evoquant.demo import calibration_images, data_free_source
     from evoquant.ir.runtime import compile_ir, infer, read_ir
@@ -133,13 +136,15 @@ def main() -> int:
                     if not args.refine:
                         print(json.dumps(row), flush=True)
                         continue
-                    for seed in (int(s) for s in args.seeds.split(",")):
+                    preset = RefineConfig.from_yaml(args.refine)
+                    data_seeds = [int(s) for s in args.data_seeds.split(",")] if args.data_seeds else [preset.data_seed]
+                    for seed, data_seed in itertools.product((int(s) for s in args.seeds.split(",")), data_seeds):
                         started = time.perf_counter()
                         refined_xml = Path(workdir) / f"{name}_{source_name}_w{bits}_refined.xml"
-                        result = refine(int8_xml, reference=built.fp32_xml, data=refine_data.get(source_name, spec), output=refined_xml, preset=args.refine,
-                                        jobs=args.jobs, seed=seed, progress=False, weight_storage="keep")
+                        result = refine(int8_xml, reference=built.fp32_xml, data=refine_data.get(source_name, spec), output=refined_xml,
+                                        config=preset.replace(data_seed=data_seed), jobs=args.jobs, seed=seed, progress=False, weight_storage="keep")
                         refined = heldout_scores(refined_xml, fp32_logits, x_heldout, y_heldout)
-                        row.update({"seed": seed, "refined_accuracy": refined["accuracy"], "refined_kl": refined["kl"], "refine_improved": result.improved,
+                        row.update({"seed": seed, "data_seed": data_seed, "refined_accuracy": refined["accuracy"], "refined_kl": refined["kl"], "refine_improved": result.improved,
                                     "refine_evaluations": result.evaluations, "chosen_stage": result.chosen_stage, "seconds": round(time.perf_counter() - started, 1)})
                         print(json.dumps(row), flush=True)
     return 0

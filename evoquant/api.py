@@ -344,6 +344,11 @@ def refine(
                 _warn("the model has no activation quantizers with constant ranges: the ranges stage leaves it as it is")
             if details["not_constant"]:
                 _warn(f"the ranges stage leaves {len(details['not_constant'])} activation quantizer(s) whose range is not a constant: {', '.join(details['not_constant'][:5])}")
+            widest = max(details["input_factors"].values(), default=1.0)
+            if widest > INPUT_RANGE_WARNING:
+                low, high = config.value_range
+                _warn(f"the model's input quantizer covered 1/{widest:.2f} of the declared input range [{low:g}, {high:g}]: widened to cover it "
+                      "(if the model takes a narrower range, give it with --input-range)")
             if "reconstruction" in details:
                 ranged = (ranged_states, details.pop("reconstruction"))
             metrics = start_metrics
@@ -845,6 +850,11 @@ def _stage_states(run, stage: str, compute: Callable[[], tuple]) -> tuple:
     return result
 
 
+#: The ranges stage warns when it widens the model input's quantizer by more than this factor (the user may
+#: have a model whose input range is narrower than the declared one, which defaults to [0, 1]).
+INPUT_RANGE_WARNING = 1.5
+
+
 def _ranges_stage(working, table, teacher_model, pool, teacher_pool, objective_spec, config: RefineConfig, workdir: Path):
     """:func:`evoquant.reconstruct.ranges.fit_ranges` with each trial scored on the pool's last
     ``config.ranges.score_images`` images (after the ones the reconstruction fits, when the pool has room)."""
@@ -860,7 +870,10 @@ def _ranges_stage(working, table, teacher_model, pool, teacher_pool, objective_s
         evaluator = PlainEvaluator(FitnessContext(str(_write_states(model, model_table, states, workdir / "ranges_trial.xml")), images, teacher, labels, objective_spec, None))
         return evaluator.score(evaluator.outputs({}))
 
-    result = fit_ranges(working, table, teacher_model, pool.images, config.reconstruct, config.ranges, score, progress=config.progress)
+    inputs = config.input_spec
+    low, high = inputs.value_range
+    ends = np.stack([np.full(inputs.source_shape(pool.images.shape[1:]), value, dtype=np.float32) for value in (low, high)])
+    result = fit_ranges(working, table, teacher_model, pool.images, config.reconstruct, config.ranges, score, extremes=inputs.apply(ends), progress=config.progress)
     fitted = min(len(pool), config.reconstruct.images + config.reconstruct.check_images)
     result.score_images, result.score_images_fitted_on = count, max(0, fitted - (len(pool) - count))
     return result

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--verification-size", type=int, help=f"disjoint images that confirm the result (default {default.verification_size})")
     refine.add_argument("--selection-pool", type=int, metavar="N", help=f"draw the selection from a pool of N images by importance (default {default.selection_pool}; N <= the selection size: a plain batch)")
     refine.add_argument("--importance", type=float, metavar="SHARE", help=f"share of the draw proportional to the start model's per-image loss, 0-1 (default {default.importance:g}; 0: the first images, unweighted)")
-    refine.add_argument("--input-range", metavar="LOW,HIGH", help="the model's input value range (default 0,1)")
+    refine.add_argument("--input-range", metavar="LOW,HIGH", help="the model's input value range (default 0,1): synthetic images are made in it, and the ranges stage widens the quantizer on the model's input to cover it")
     _add_preprocessing_flags(refine)
     refine.add_argument("--report", metavar="FILE.json", help="write a JSON report")
     refine.add_argument("--plot", metavar="FILE.png", help="plot the fitness history")

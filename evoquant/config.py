@@ -194,6 +194,9 @@ class RangesConfig:
     # a later candidate wins only when it scores better than the best so far by this much (relative): the
     # smaller change wins a near tie (on fractal data a last step to x2 won by 3 % and lost on real digits)
     min_gain: float = 0.05
+    # widen the quantizer on the model's input to the input's declared range (--input-range, mean/scale
+    # values): NNCF estimates it from the calibration images, and synthetic ones rarely reach the range's ends
+    cover_input: bool = True
 
     def __post_init__(self):
         factors = tuple(float(f) if isinstance(f, (int, float)) and not isinstance(f, bool) else f for f in self.factors)

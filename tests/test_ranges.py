@@ -12,9 +12,9 @@ import pytest
 
 import evoquant
 from conftest import INPUT_SHAPE
-from evoquant import EvoquantError
+from evoquant import EvoquantError, EvoquantWarning
 from evoquant.config import RangesConfig, RefineConfig, ReconstructConfig
-from evoquant.ir.ranges import activation_quantizers, observed_range_factors, scale_activation_ranges
+from evoquant.ir.ranges import activation_quantizers, input_quantizers, input_range_factors, observed_range_factors, scale_activation_ranges
 from evoquant.ir.runtime import compile_ir, infer, read_ir
 from evoquant.ir.weights import find_quantized_weights
 from evoquant.reconstruct import ranges as ranges_module
@@ -44,12 +44,12 @@ def _fake_quantize(x, low: float, high: float, *, name: str, fp16_bounds: bool =
     return node
 
 
-def _quantized_chain(fp16_bounds: bool = False, shared: bool = False) -> ov.Model:
+def _quantized_chain(fp16_bounds: bool = False, shared: bool = False, input_high: float = 1.0) -> ov.Model:
     """input → Multiply(1/255) → FQ(input) → conv with an FQ'd weight → relu → FQ(act) → + → FQ(sum):
     one quantizer of each kind (the model input's, a weight's, activations')."""
     x = opset.parameter([-1, 1, 4, 4], np.float32, name="input")
     scaled = opset.multiply(x, opset.constant(np.float32(1 / 255)))
-    quantized_input = _fake_quantize(scaled, 0.0, 1.0, name="fq_input")
+    quantized_input = _fake_quantize(scaled, 0.0, input_high, name="fq_input")
     weight = _fake_quantize(opset.constant(np.full((1, 1, 1, 1), 0.5, dtype=np.float32)), -1.0, 1.0, name="fq_weight")
     conv = opset.convolution(quantized_input, weight, [1, 1], [0, 0], [0, 0], [1, 1])
     relu = _fake_quantize(opset.relu(conv), 0.0, 0.25, name="fq_relu", fp16_bounds=fp16_bounds)
@@ -60,6 +60,19 @@ def _quantized_chain(fp16_bounds: bool = False, shared: bool = False) -> ov.Mode
 
 def test_activation_quantizers_leave_out_the_model_inputs_and_the_weights():
     assert [node.get_friendly_name() for node in activation_quantizers(_quantized_chain())] == ["fq_relu", "fq_other", "fq_sum"]
+    assert [node.get_friendly_name() for node in input_quantizers(_quantized_chain())] == ["fq_input"]
+
+
+def test_the_input_quantizer_is_widened_to_the_declared_range_through_the_preprocessing():
+    # the graph divides by 255: a declared range [0, 255] reaches 1.0 at the quantizer, whose range ends at 0.8
+    extremes = np.stack([np.zeros((1, 4, 4)), np.full((1, 4, 4), 255.0)]).astype(np.float32)
+    assert input_range_factors(_quantized_chain(input_high=0.8), extremes) == {"fq_input": pytest.approx(1.25, rel=1e-4)}
+    assert input_range_factors(_quantized_chain(input_high=0.8), extremes * 0.5) == {"fq_input": 1.0}  # never narrowed
+    model = _quantized_chain(input_high=0.8)
+    scale_activation_ranges(model, {"fq_input": 1.25})  # a mapping may name the input's quantizer
+    assert _bounds(input_quantizers(model)[0])[1] == pytest.approx(1.0)
+    scale_activation_ranges(model, 2.0)  # a number scales the activation quantizers only
+    assert _bounds(input_quantizers(model)[0])[1] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("fp16_bounds", [False, True])
@@ -67,7 +80,7 @@ def test_scaling_multiplies_all_four_bounds_of_activation_quantizers_only(fp16_b
     model = _quantized_chain(fp16_bounds=fp16_bounds)
     before = {node.get_friendly_name(): _bounds(node) for node in model.get_ordered_ops() if node.get_type_name() == "FakeQuantize"}
     scaling = scale_activation_ranges(model, {"fq_relu": 2.0, "fq_sum": 1.5})
-    assert scaling.scaled == 3 and scaling.not_constant == ()
+    assert scaling.scaled == 4 and scaling.not_constant == ()  # a mapping may name the input's quantizer too: counted
     after = {node.get_friendly_name(): _bounds(node) for node in model.get_ordered_ops() if node.get_type_name() == "FakeQuantize"}
     for name, factor in {"fq_relu": 2.0, "fq_sum": 1.5, "fq_other": 1.0, "fq_input": 1.0, "fq_weight": 1.0}.items():
         for old, new in zip(before[name], after[name]):
@@ -176,7 +189,25 @@ def test_refine_reports_the_ranges_stage_and_writes_the_widened_ranges(tiny_irs,
     start = {node.get_friendly_name(): _bounds(node)[1] for node in activation_quantizers(read_ir(tiny_irs.int8))}
     if result.chosen_stage != "start":  # the written model is the widened one (when a stage beat the start)
         for name, factor in details["factors"].items():
-            np.testing.assert_allclose(written[name], start[name] * factor, rtol=1e-5)
+            if name not in details["input_factors"]:
+                np.testing.assert_allclose(written[name], start[name] * factor, rtol=1e-5)
+    # NNCF's input range came from images that stop short of 1.0: widened to the declared [0, 1]
+    (name, factor), = details["input_factors"].items()
+    start_high = _bounds(input_quantizers(read_ir(tiny_irs.int8))[0])[1]
+    assert float(start_high) < 1.0 and factor == pytest.approx(1.0 / float(start_high), rel=1e-4)
+    if result.chosen_stage != "start":
+        assert float(_bounds(input_quantizers(read_ir(output))[0])[1]) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_the_input_quantizer_covers_the_declared_input_range_or_is_kept(tiny_irs):
+    start_high = float(_bounds(input_quantizers(read_ir(tiny_irs.int8))[0])[1])
+    wide = SMALL["config"].replace(value_range=(0.0, 2.0))
+    with pytest.warns(EvoquantWarning, match=r"input quantizer covered 1/2\.0.*--input-range"):
+        result = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, data=tiny_irs.data, stages="ranges,reconstruct", **{**SMALL, "config": wide})
+    assert list(result.stages[0].details["input_factors"].values()) == [pytest.approx(2.0 / start_high, rel=1e-4)]
+    kept = SMALL["config"].replace(ranges={"cover_input": False})
+    result = evoquant.refine(tiny_irs.int8, reference=tiny_irs.fp32, data=tiny_irs.data, stages="ranges,reconstruct", **{**SMALL, "config": kept})
+    assert result.stages[0].details["input_factors"] == {}
 
 
 def test_candidates_reuse_the_chosen_reconstruction(tiny_irs):

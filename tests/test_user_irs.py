@@ -65,9 +65,14 @@ def test_input_shape_that_does_not_fit_is_one_line(user_irs):
 @pytest.mark.parametrize("shape_flag", [["--input-shape", "[1,3,8,8]"], []])  # given, or fixed by the .npz
 def test_refine_dynamic_ir_keeps_its_shape_and_changes_only_weights(user_irs, tmp_path, shape_flag):
     out = tmp_path / "refined.xml"
+    # the input quantizer's range is kept: on this random-weight model any change of it (x0.999 as well as
+    # x1.0016, what covering [0, 1] takes) raises NNCF's KL by 10-17 % and the 128-row classifier fit flips
+    # with it, so whether refine beats the start would be a coin toss; test_ranges covers the input rule
+    config = tmp_path / "keep_input.yaml"
+    config.write_text("ranges:\n  cover_input: false\n")
     code, stdout, stderr = run_cli("refine", str(user_irs / "int8.xml"), "-r", str(user_irs / "fp32.xml"), "--data", str(user_irs / "data.npz"),
                                    *shape_flag, "-o", str(out), "-q", "--selection-size", "64", "--verification-size", "64", "--selection-pool", "128",
-                                   "--engine", "plain")
+                                   "--engine", "plain", "--config", str(config))
     assert code == 0, stderr
     assert _input_shape(out) == _input_shape(user_irs / "int8.xml") == "[?,?,?,?]"
     before, after = read_ir(user_irs / "int8.xml"), read_ir(out)

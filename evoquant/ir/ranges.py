@@ -6,8 +6,11 @@ per-batch minima and maxima: with the one-image calibration batches users give i
 an average image's largest activation, which clips every larger one (the zoo's quantizers: 1.2-2.3x below
 the largest activation of 1,000 images). The range-refit stage (:mod:`evoquant.reconstruct.ranges`) widens
 them: the same levels spread over a wider range (less clipping, coarser steps). Left alone: a weight's
-FakeQuantize (its data input is a Constant, possibly through Convert) and the quantizer on the model's input
-(reached from a Parameter through preprocessing only: an image's range is the image's range).
+FakeQuantize (its data input is a Constant, possibly through Convert). The quantizer on the model's input
+(reached from a Parameter through preprocessing only) is not an activation quantizer: its range should be
+the input's declared range (the user's ``--input-range``), which NNCF estimates from the calibration images
+instead — from synthetic images that rarely reach full brightness it clips real ones
+(:func:`input_range_factors` widens it to the declared range).
 """
 
 from __future__ import annotations
@@ -73,6 +76,13 @@ def activation_quantizers(model: ov.Model) -> list[ov.Node]:
     return found
 
 
+def input_quantizers(model: ov.Model) -> list[ov.Node]:
+    """The FakeQuantize nodes of ``model`` on a model input (reached from a Parameter through preprocessing
+    ops only), in graph order."""
+    return [node for node in model.get_ordered_ops()
+            if node.get_type_name() == "FakeQuantize" and not _is_weight(node.input_value(0)) and _is_model_input(node.input_value(0))]
+
+
 def _bounds(node: ov.Node) -> list[np.ndarray] | None:
     """A quantizer's four range bounds (input low/high, output low/high), or None where one is not a constant."""
     bounds = [_constant_data(node.input_value(port)) for port in (1, 2, 3, 4)]
@@ -90,13 +100,17 @@ def constant_range_quantizers(model: ov.Model) -> tuple[list[str], list[str]]:
 
 def scale_activation_ranges(model: ov.Model, factors: float | Mapping[str, float]) -> RangeScaling:
     """Multiply activation quantizers' four range bounds in ``model`` (in place): every one by ``factors``
-    (a number), or each named one by its own (a mapping from friendly name; the rest stay as they are).
+    (a number), or each named one by its own (a mapping from friendly name, which may also name the model
+    input's quantizers: :func:`input_quantizers`; the rest stay as they are).
 
     Scaling low and high together keeps zero where it was on the level grid (an asymmetric range stays
     zero-aligned) and the quantizer's output in the units of its input."""
     scaled, not_constant, changed = 0, [], False
     replacements: dict = {}  # (bound's source node, factor) -> its scaled replacement: a bound shared by ports stays shared
-    for node in activation_quantizers(model):
+    quantizers = activation_quantizers(model)
+    if isinstance(factors, Mapping):
+        quantizers += input_quantizers(model)
+    for node in quantizers:
         factor = factors.get(node.get_friendly_name(), 1.0) if isinstance(factors, Mapping) else factors
         if not np.isfinite(factor) or factor <= 0:
             raise ValueError(f"a range factor must be positive, got {factor} for {node.get_friendly_name()}")
@@ -138,10 +152,24 @@ def observed_range_factors(model: ov.Model, images: np.ndarray, batch_size: int 
     takes on ``images`` (as ``model`` computes them): ``max(1, largest / high, smallest / low)``, so a range
     is only ever widened. Quantizers NNCF gave one shared range (the inputs of one Add, Concat or Multiply:
     all four bounds equal) keep sharing one: each takes the group's largest factor."""
+    return _covering_factors(model, activation_quantizers, images, batch_size)
+
+
+def input_range_factors(model: ov.Model, extremes: np.ndarray) -> dict[str, float]:
+    """Per quantizer on the model's input (friendly name), the factor that makes its range cover the input's
+    declared range: ``extremes`` are the images at the declared range's two ends (every pixel at the low end,
+    every pixel at the high end) as the model takes them. Preprocessing in the graph is element-wise and
+    linear, so each element's extremes are reached on those two images. Only ever widens."""
+    return _covering_factors(model, input_quantizers, extremes, len(extremes))
+
+
+def _covering_factors(model: ov.Model, find, images: np.ndarray, batch_size: int) -> dict[str, float]:
+    """``max(1, largest / high, smallest / low)`` for each quantizer ``find(model)`` returns that has constant
+    bounds, over the values its input takes on ``images``; a group sharing one range takes its largest."""
     from evoquant.ir.runtime import compile_ir
 
     copy = model.clone()
-    quantizers = [(node, bounds) for node in activation_quantizers(copy) if (bounds := _bounds(node)) is not None]
+    quantizers = [(node, bounds) for node in find(copy) if (bounds := _bounds(node)) is not None]
     if not quantizers:
         return {}
     probe = ov.Model([opset.result(node.input_value(0)) for node, _ in quantizers], copy.get_parameters(), "range-probe")

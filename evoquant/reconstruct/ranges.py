@@ -11,13 +11,18 @@ outwards from the best of those, the ``factors`` times its ranges, each directio
 that does not beat the best so far by ``min_gain``. With one candidate and no factors there is nothing to
 choose: its ranges are taken with no trial (the default, ``observed``: on the zoo it reconstructed to a
 better model than NNCF's ranges on held-out digits in every measured case).
+
+The quantizer on the model's input is set apart: its range should be the input's declared range (an
+image's range is the image's range), and NNCF's estimate from synthetic images falls short of it (a
+data-free generator's pixels peaked at 0.945 where digits reach 1.0: every bright stroke was clipped).
+With ``cover_input`` each candidate's ranges include it widened to the declared range (``extremes``).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -43,7 +48,7 @@ class RangesResult:
     the same model)."""
 
     chosen: str
-    factors: dict[str, float]
+    factors: dict[str, float]  # activation quantizers and the input's (input_factors), by name
     trials: list[RangeTrial]
     quantizers: int  # activation quantizers with constant ranges (the ones a trial can scale)
     not_constant: tuple[str, ...]  # activation quantizers whose range is not a constant: left as they are
@@ -51,12 +56,14 @@ class RangesResult:
     seconds: float = 0.0
     score_images: int = 0  # images each trial was scored on (set by the caller that scores)
     score_images_fitted_on: int = 0  # ... of which the reconstruction also fitted on (a small pool)
+    input_factors: dict[str, float] = field(default_factory=dict)  # the model input's quantizers, widened to the declared range
 
     def to_dict(self) -> dict:
-        factors = list(self.factors.values())
+        factors = [factor for name, factor in self.factors.items() if name not in self.input_factors]
         return {"chosen": self.chosen, "trials": [asdict(trial) for trial in self.trials], "quantizers": self.quantizers,
                 "widened": int(sum(factor != 1.0 for factor in factors)),
                 "factor_median": float(np.median(factors)) if factors else 1.0, "factor_max": max(factors, default=1.0),
+                "input_factors": self.input_factors,
                 "factors": self.factors, "not_constant": list(self.not_constant), "seconds": self.seconds,
                 "score_images": self.score_images, "score_images_fitted_on": self.score_images_fitted_on}
 
@@ -81,15 +88,17 @@ def scaled_copy(model, table, factors):
 
 
 def fit_ranges(model, table, teacher, images, reconstruct_config: ReconstructConfig, config: RangesConfig, score: TrialScore, *,
-               progress: bool = False) -> RangesResult:
+               extremes: np.ndarray | None = None, progress: bool = False) -> RangesResult:
     """Choose the activation ranges for ``model`` (static shape; not modified): for each candidate, reconstruct
-    a scaled copy against ``teacher`` on ``images`` and ``score`` it (see the module doc)."""
-    from evoquant.ir.ranges import constant_range_quantizers, observed_range_factors
+    a scaled copy against ``teacher`` on ``images`` and ``score`` it (see the module doc). ``extremes``: the
+    declared input range's two end images as the model takes them (``config.cover_input``)."""
+    from evoquant.ir.ranges import constant_range_quantizers, input_range_factors, observed_range_factors
 
     started = time.perf_counter()
     names, not_constant = constant_range_quantizers(model)
+    inputs = input_range_factors(model, extremes) if config.cover_input and extremes is not None else {}
     if not names:
-        return RangesResult("nncf", {}, [], 0, tuple(not_constant), None, time.perf_counter() - started)
+        return RangesResult("nncf", dict(inputs), [], 0, tuple(not_constant), None, time.perf_counter() - started, input_factors=inputs)
     fitted = min(reconstruct_config.images, len(images))
     candidates = {}
     for candidate in config.candidates:
@@ -99,14 +108,14 @@ def fit_ranges(model, table, teacher, images, reconstruct_config: ReconstructCon
             candidates[candidate] = observed_range_factors(model, images[:fitted], reconstruct_config.batch_size)
     if len(candidates) == 1 and not config.factors:  # nothing to choose between: no trial
         (chosen, factors), = candidates.items()
-        return RangesResult(chosen, factors, [], len(names), tuple(not_constant), None, time.perf_counter() - started)
+        return RangesResult(chosen, {**factors, **inputs}, [], len(names), tuple(not_constant), None, time.perf_counter() - started, input_factors=inputs)
     trials: list[RangeTrial] = []
     best: list = []  # [name, factors, score, reconstruction]
 
     def trial(name: str, factors: dict[str, float]) -> bool:
         """Run one trial; whether it beat the best so far (by min_gain: the smaller change wins a near tie)."""
         trial_started = time.perf_counter()
-        scaled, scaled_table = scaled_copy(model, table, factors)
+        scaled, scaled_table = scaled_copy(model, table, {**factors, **inputs})
         rebuilt = reconstruct(scaled, scaled_table, teacher, images, reconstruct_config, progress=progress, label=f"ranges: {name}")
         value = float(score(scaled, scaled_table, dict(rebuilt.states)))
         trials.append(RangeTrial(name, value, round(time.perf_counter() - trial_started, 2)))
@@ -129,5 +138,5 @@ def fit_ranges(model, table, teacher, images, reconstruct_config: ReconstructCon
             if not trial(f"{base_name} x{factor:g}", {name: value * factor for name, value in base.items()}):
                 break
     chosen, factors, _, rebuilt = best
-    return RangesResult(chosen, {name: float(value) for name, value in factors.items()}, trials, len(names), tuple(not_constant), rebuilt,
-                        time.perf_counter() - started)
+    return RangesResult(chosen, {**{name: float(value) for name, value in factors.items()}, **inputs}, trials, len(names), tuple(not_constant), rebuilt,
+                        time.perf_counter() - started, input_factors=inputs)
