@@ -35,7 +35,9 @@ def heldout_scores(int8_xml, fp32_logits, x_heldout, y_heldout) -> dict:
     from evoquant.fitness.objectives import kl_to_teacher
     from evoquant.ir.runtime import compile_ir, infer, read_ir
 
-    logits = infer(compile_ir(read_ir(int8_xml)), x_heldout)[0]
+    from evoquant.ir.runtime import with_sample_shape
+
+    logits = infer(compile_ir(with_sample_shape(read_ir(int8_xml), x_heldout.shape[1:])), x_heldout)[0]
     return {"accuracy": float(np.mean(logits.argmax(1) == y_heldout)), "kl": kl_to_teacher([logits], [fp32_logits])}
 
 
@@ -74,35 +76,45 @@ def main() -> int:
     from evoquant import quantize, refine, zoo
     from evoquant.config import RefineConfig
     from evoquant.data import Batch
-    from evoquant.demo import calibration_images, data_free_source
-    from evoquant.ir.runtime import compile_ir, infer, read_ir
+    from evoquant.demo import calibration_images, data_free_source, resolve_models, synthetic_source
+    from evoquant.ir.runtime import compile_ir, infer, read_ir, with_sample_shape
 
     names = list(zoo.CLASSIFIERS) if args.models == "classifiers" else [n.strip() for n in args.models.split(",")]
-    x_train, y_train, x_heldout, y_heldout = zoo.mnist_split()
-    # Real calibration digits come from the training split (never the held-out one), a seeded draw.
-    pick = np.random.default_rng(7).permutation(len(x_train))[: args.images]
-    sources = {"real": Batch(x_train[pick], y_train[pick])}
-    # Refining with real data: the whole training split, shuffled (the preset's pool shrinks to what remains
-    # after the verification images; never the held-out digits).
-    refine_real = np.random.default_rng(8).permutation(len(x_train))
-    refine_data = {"real": Batch(x_train[refine_real], y_train[refine_real])}
-    if args.gan:
-        sources["gan"] = f"gan:{args.gan}"
-    if args.student:
-        sources["distilled_gan"] = f"gan:{args.student}"
-    sources["fractal"] = "fractal"
-    sources["gaussian_noise"] = "noise:gaussian"
-    if args.no_baselines:
-        sources = {}
-    if args.sources:
-        keep = {name.strip() for name in args.sources.split(",")}
-        sources = {name: spec for name, spec in sources.items() if name in keep}
+    names = list(resolve_models(",".join(names)))
     methods = split_methods(args.datafree)
+
+    def sources_for(shape) -> tuple[dict, dict]:
+        """The calibration sources and refine data for models taking ``shape`` (C, H, W)."""
+        x_train, y_train, _, _ = zoo.mnist_split(shape)
+        # Real calibration digits come from the training split (never the held-out one), a seeded draw.
+        pick = np.random.default_rng(7).permutation(len(x_train))[: args.images]
+        sources = {"real": Batch(x_train[pick], y_train[pick])}
+        # Refining with real data: the whole training split, shuffled (the preset's pool shrinks to what remains
+        # after the verification images; never the held-out digits).
+        refine_real = np.random.default_rng(8).permutation(len(x_train))
+        refine_data = {"real": Batch(x_train[refine_real], y_train[refine_real])}
+        if shape != zoo.INPUT_SHAPE:  # the families: the demo's GAN of their image size (trained on the digits they take)
+            sources["gan"] = synthetic_source("gan", shape=shape, progress=False, echo=lambda *_: None)
+        elif args.gan:
+            sources["gan"] = f"gan:{args.gan}"
+        if args.student and shape == zoo.INPUT_SHAPE:
+            sources["distilled_gan"] = f"gan:{args.student}"
+        sources["fractal"] = "fractal"
+        sources["gaussian_noise"] = "noise:gaussian"
+        if args.no_baselines:
+            sources = {}
+        if args.sources:
+            keep = {name.strip() for name in args.sources.split(",")}
+            sources = {name: spec for name, spec in sources.items() if name in keep}
+        return sources, refine_data
 
     with tempfile.TemporaryDirectory(prefix="evoquant-calibration-") as workdir:
         for name in names:
-            built = zoo.build(name, calibration=calibration_images())
-            fp32_logits = infer(compile_ir(read_ir(built.fp32_xml), f32=True), x_heldout)[0]
+            shape = zoo.input_shape_of(name)
+            sources, refine_data = sources_for(shape)
+            _, _, x_heldout, y_heldout = zoo.mnist_split(shape)
+            built = zoo.build(name, calibration=calibration_images(synthetic_source("gan", shape=shape, progress=False, echo=lambda *_: None), shape=shape))
+            fp32_logits = infer(compile_ir(with_sample_shape(read_ir(built.fp32_xml), shape), f32=True), x_heldout)[0]
             fp32_accuracy = float(np.mean(fp32_logits.argmax(1) == y_heldout))
             model_sources = dict(sources)
             for method in methods:
@@ -118,6 +130,7 @@ def main() -> int:
                     if not int8_xml.exists():
                         calibration = model_sources[calibrated_on] if calibrated_on in model_sources else calibrated_on
                         quantize(built.fp32_xml, calibration=calibration, output=int8_xml, subset_size=args.images, weight_bits=bits,
+                                 model_type=zoo.REGISTRY[name].model_type, input_shape=(1, *shape),
                                  weight_storage="keep")  # 4-bit weights as NNCF writes them (stages.zoo_models says why)
                     row = {
                         "benchmark": "calibration",
@@ -142,7 +155,8 @@ def main() -> int:
                         started = time.perf_counter()
                         refined_xml = Path(workdir) / f"{name}_{source_name}_w{bits}_refined.xml"
                         result = refine(int8_xml, reference=built.fp32_xml, data=refine_data.get(source_name, spec), output=refined_xml,
-                                        config=preset.replace(data_seed=data_seed), jobs=args.jobs, seed=seed, progress=False, weight_storage="keep")
+                                        config=preset.replace(data_seed=data_seed), jobs=args.jobs, seed=seed, progress=False, weight_storage="keep",
+                                        input_shape=(1, *shape))
                         refined = heldout_scores(refined_xml, fp32_logits, x_heldout, y_heldout)
                         row.update({"seed": seed, "data_seed": data_seed, "refined_accuracy": refined["accuracy"], "refined_kl": refined["kl"], "refine_improved": result.improved,
                                     "refine_evaluations": result.evaluations, "chosen_stage": result.chosen_stage, "seconds": round(time.perf_counter() - started, 1)})

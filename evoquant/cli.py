@@ -28,7 +28,8 @@ examples:
 
 stages (default ranges,reconstruct): ranges (each activation quantizer's range widened to cover
 every value its input takes on the calibration images: NNCF's ranges clip the larger activations; config
-ranges.candidates [observed, nncf] reconstructs under each and keeps the better), reconstruct (layer by
+ranges.candidates [observed, nncf] reconstructs under each and keeps the better; the model input's quantizer
+is widened to --input-range), reconstruct (layer by
 layer, the integer states that best reproduce each FP32 layer's output on the calibration images; needs
 --reference), and, opt-in, compose (per layer, NNCF's states,
 that fit, or another fit -- config compose.fits, default one fitted on the reference's own layer inputs --
