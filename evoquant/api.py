@@ -341,10 +341,10 @@ def refine(
 
             ranged_states, details, seconds, _ = _stage_states(run, "ranges", fit)
             if not details["quantizers"]:
-                _warn("the model has no activation quantizers with constant ranges: the ranges stage leaves it as it is")
+                _warn("the model has no activation quantizers with constant ranges: the ranges stage leaves its activation ranges as they are")
             if details["not_constant"]:
                 _warn(f"the ranges stage leaves {len(details['not_constant'])} activation quantizer(s) whose range is not a constant: {', '.join(details['not_constant'][:5])}")
-            widest = max(details["input_factors"].values(), default=1.0)
+            widest = max(details.get("input_factors", {}).values(), default=1.0)
             if widest > INPUT_RANGE_WARNING:
                 low, high = config.value_range
                 _warn(f"the model's input quantizer covered 1/{widest:.2f} of the declared input range [{low:g}, {high:g}]: widened to cover it "
