@@ -13,6 +13,7 @@ NNCF calibrated on 300 images of the source (``stages.zoo_models``); held-out 1,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -25,6 +26,7 @@ def main() -> int:
     parser.add_argument("--source", choices=["gan", "fractal"], default="gan")
     parser.add_argument("--bits", default="4")
     parser.add_argument("--images", default="512,1024,2048", help="reconstruct.images values, comma-separated")
+    parser.add_argument("--settings", help='a JSON list of reconstruct settings to sweep instead of --images, e.g. \'[{"max_shift": 1}, {"max_shift": null}]\'')
     parser.add_argument("--data-seeds", default="1234,1,2", help="draws of refine's data (data_seed), comma-separated")
     args = parser.parse_args()
 
@@ -38,11 +40,15 @@ def main() -> int:
 
     base = RefineConfig.from_yaml("default")
     for name, bits, built, model, spec, heldout in zoo_models(args.source, args.models, args.bits, "evoquant-draws-"):
-        for images in (int(value) for value in args.images.split(",")):
+        settings = json.loads(args.settings) if args.settings else [{"images": int(value)} for value in args.images.split(",")]
+        for setting in settings:
             for data_seed in (int(value) for value in args.data_seeds.split(",")):
                 started = time.perf_counter()
-                result = zoo_refine(model, built, spec, heldout, config=base.replace(data_seed=data_seed, reconstruct={"images": images}))
-                print(json.dumps({"benchmark": "reconstruct_draws", "model": name, "weight_bits": bits, "source": args.source, "images": images,
+                reconstruct = dataclasses.replace(base.reconstruct, **setting)
+                config = dataclasses.replace(base.replace(data_seed=data_seed), reconstruct=reconstruct)
+                result = zoo_refine(model, built, spec, heldout, config=config)
+                print(json.dumps({"benchmark": "reconstruct_draws", "model": name, "weight_bits": bits, "source": args.source, "images": reconstruct.images,
+                                  "setting": setting,
                                   "data_seed": data_seed, "int8_kl": result.heldout_before.kl, "refined_kl": result.heldout_after.kl,
                                   "refined_accuracy": result.heldout_after.accuracy, "chosen_stage": result.chosen_stage,
                                   "wall_seconds": round(time.perf_counter() - started, 1), "openvino": openvino.__version__.split("-")[0], "nncf": nncf.__version__}), flush=True)
