@@ -341,8 +341,9 @@ def datafree_seeds_table(rows: list[dict]) -> str:
     for model, bits in dict.fromkeys((row["model"], row["weight_bits"]) for row in rows):
         medians, cells, seeds = {}, [], set()
         for source in sources:
-            values = [row["refined_kl"] for row in rows if (row["model"], row["weight_bits"], row["source"]) == (model, bits, source)]
-            seeds |= {row.get("data_seed") for row in rows if (row["model"], row["source"]) == (model, source)}
+            runs = [row for row in rows if (row["model"], row["weight_bits"], row["source"]) == (model, bits, source)]
+            values = [row["refined_kl"] for row in runs]
+            seeds |= {row.get("data_seed") for row in runs}
             medians[source] = float(np.median(values)) if values else None
             cells.append(_median_range(values, ".2g") if values else "-")
         rivals = [medians[source] for source in ("gan", "fractal") if medians.get(source)]

@@ -48,7 +48,7 @@ class RangesResult:
     the same model)."""
 
     chosen: str
-    factors: dict[str, float]  # activation quantizers and the input's (input_factors), by name
+    factors: dict[str, float]  # activation quantizers, by name
     trials: list[RangeTrial]
     quantizers: int  # activation quantizers with constant ranges (the ones a trial can scale)
     not_constant: tuple[str, ...]  # activation quantizers whose range is not a constant: left as they are
@@ -58,13 +58,18 @@ class RangesResult:
     score_images_fitted_on: int = 0  # ... of which the reconstruction also fitted on (a small pool)
     input_factors: dict[str, float] = field(default_factory=dict)  # the model input's quantizers, widened to the declared range
 
+    @property
+    def all_factors(self) -> dict[str, float]:
+        """Every quantizer's factor, the activations' and the model input's, by name: what the model is scaled by."""
+        return {**self.factors, **self.input_factors}
+
     def to_dict(self) -> dict:
-        factors = [factor for name, factor in self.factors.items() if name not in self.input_factors]
+        factors = list(self.factors.values())
         return {"chosen": self.chosen, "trials": [asdict(trial) for trial in self.trials], "quantizers": self.quantizers,
                 "widened": int(sum(factor != 1.0 for factor in factors)),
                 "factor_median": float(np.median(factors)) if factors else 1.0, "factor_max": max(factors, default=1.0),
                 "input_factors": self.input_factors,
-                "factors": self.factors, "not_constant": list(self.not_constant), "seconds": self.seconds,
+                "factors": self.all_factors, "not_constant": list(self.not_constant), "seconds": self.seconds,
                 "score_images": self.score_images, "score_images_fitted_on": self.score_images_fitted_on}
 
 
@@ -98,7 +103,7 @@ def fit_ranges(model, table, teacher, images, reconstruct_config: ReconstructCon
     names, not_constant = constant_range_quantizers(model)
     inputs = input_range_factors(model, extremes) if config.cover_input and extremes is not None else {}
     if not names:
-        return RangesResult("nncf", dict(inputs), [], 0, tuple(not_constant), None, time.perf_counter() - started, input_factors=inputs)
+        return RangesResult("nncf", {}, [], 0, tuple(not_constant), None, time.perf_counter() - started, input_factors=inputs)
     fitted = min(reconstruct_config.images, len(images))
     candidates = {}
     for candidate in config.candidates:
@@ -108,7 +113,7 @@ def fit_ranges(model, table, teacher, images, reconstruct_config: ReconstructCon
             candidates[candidate] = observed_range_factors(model, images[:fitted], reconstruct_config.batch_size)
     if len(candidates) == 1 and not config.factors:  # nothing to choose between: no trial
         (chosen, factors), = candidates.items()
-        return RangesResult(chosen, {**factors, **inputs}, [], len(names), tuple(not_constant), None, time.perf_counter() - started, input_factors=inputs)
+        return RangesResult(chosen, factors, [], len(names), tuple(not_constant), None, time.perf_counter() - started, input_factors=inputs)
     trials: list[RangeTrial] = []
     best: list = []  # [name, factors, score, reconstruction]
 
@@ -138,5 +143,5 @@ def fit_ranges(model, table, teacher, images, reconstruct_config: ReconstructCon
             if not trial(f"{base_name} x{factor:g}", {name: value * factor for name, value in base.items()}):
                 break
     chosen, factors, _, rebuilt = best
-    return RangesResult(chosen, {**{name: float(value) for name, value in factors.items()}, **inputs}, trials, len(names), tuple(not_constant), rebuilt,
+    return RangesResult(chosen, {name: float(value) for name, value in factors.items()}, trials, len(names), tuple(not_constant), rebuilt,
                         time.perf_counter() - started, input_factors=inputs)
