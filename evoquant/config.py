@@ -96,7 +96,10 @@ class ReconstructConfig:
     # report says so)
     inputs: str = "quantized"
     max_rows: int = 65536  # output rows (positions x images) a layer is fitted on at most
-    damping: float = 0.01  # pull toward the starting weights, relative to the mean input energy
+    damping: float = 0.01  # pull toward the anchor weights, relative to the mean input energy
+    # what the damping pulls toward: "start" (the starting states' weights) or "fp32" (the FP32 layer's own
+    # weight, where the reference holds it as a constant; the start elsewhere)
+    anchor: str = "start"
     max_shift: int | None = 1  # states stay within this many of the start (None: the quantizer's range)
     act_order: bool = True  # quantize high-energy input columns first (GPTQ's order)
     batch_size: int = 64  # images per forward while gathering activations
@@ -108,6 +111,8 @@ class ReconstructConfig:
             raise EvoquantError("reconstruct: images, max_rows and batch_size must be at least 1")
         if self.inputs not in ("quantized", "fp32"):
             raise EvoquantError(f"reconstruct: inputs must be 'quantized' or 'fp32', got {self.inputs!r}")
+        if self.anchor not in ("start", "fp32"):
+            raise EvoquantError(f"reconstruct: anchor must be 'start' or 'fp32', got {self.anchor!r}")
         if self.check_images < 0:
             raise EvoquantError(f"reconstruct: check_images must be 0 or more, got {self.check_images}")
         if self.damping <= 0:

@@ -18,7 +18,7 @@ from evoquant.ir.layers import ActivationTap, layer_geometry
 from evoquant.ir.weights import find_quantized_weights
 from evoquant.reconstruct import reconstruct
 from evoquant.reconstruct.rows import input_rows, output_rows, rows_per_image, weight_from_matrices, weight_matrices
-from evoquant.reconstruct.solver import Grid, NormalEquations, brute_force_states, solve_states
+from evoquant.reconstruct.solver import Grid, LayerProblem, NormalEquations, brute_force_states, output_target_solver, solve_states
 
 
 def _tiny_problem(seed: int, rows: int = 2, columns: int = 4, samples: int = 40):
@@ -56,6 +56,33 @@ def test_solver_respects_every_bound():
     solved = solve_states(equations, narrow, start, damping=0.01)
     assert np.all(solved >= narrow.low) and np.all(solved <= narrow.high)
     assert np.abs(solved - start).max() <= 1
+
+
+def test_damping_pulls_toward_the_fp32_weight_when_asked_and_only_where_it_is_the_starts_own():
+    """``anchor: fp32``: with damping that dominates the data, the solve is the FP32 weight rounded (the start
+    is that rounding moved by one state in a few places), ``start`` keeps the start; a reference that is
+    another matrix (SmoothQuant's rescaled columns) is not pulled toward."""
+    rng = np.random.default_rng(3)
+    rows, columns = 20, 20
+    scale = np.full((rows, columns), 0.1)
+    exact = rng.normal(0, 0.3, size=(rows, columns))
+    nearest = np.rint(exact / scale)
+    start = nearest.copy()
+    start[0, :2] += 1  # 2 of 400 states one off the FP32 weight's rounding
+    x = rng.normal(size=(400, columns))
+    equations = NormalEquations(columns, rows)
+    equations.add(x, x @ exact.T)
+    grid = Grid(scale, np.zeros_like(scale), start - 1, start + 1)
+
+    def solve(anchor, reference):
+        return output_target_solver(LayerProblem(equations, grid, start.astype(np.int32), reference, 1e9, True, anchor))
+
+    assert np.array_equal(solve("fp32", exact), nearest)
+    assert np.array_equal(solve("start", exact), start)
+    rescaled = exact * rng.uniform(0.2, 5.0, size=columns)
+    assert np.array_equal(solve("fp32", rescaled), start)
+    with pytest.raises(EvoquantError, match="anchor"):
+        ReconstructConfig(anchor="nearest")
 
 
 def test_flip_residual_ranks_single_moves_by_their_exact_cost():

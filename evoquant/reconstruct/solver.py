@@ -93,16 +93,18 @@ def solve_states(
     act_order: bool = True,
     block: int = 128,
     target_weight: np.ndarray | None = None,
+    anchor: np.ndarray | None = None,
 ) -> np.ndarray:
     """Integer states ``[R, K]`` minimising the damped output error (see the module docstring).
 
     ``damping`` is λ relative to the mean diagonal of ``XᵀX``; ``act_order`` quantizes the columns with the
     largest input energy first (GPTQ's order), which leaves the low-energy ones to absorb the errors.
     ``target_weight`` replaces the continuous optimum ``W*`` as the weight to round (classic GPTQ rounds the
-    FP32 weight itself); the error feedback still runs on the damped ``H``.
+    FP32 weight itself); the error feedback still runs on the damped ``H``. ``anchor`` is the weight the
+    damping pulls toward (``W₀``; default the starting weight).
     """
     start_states = np.asarray(start_states, dtype=np.float64)
-    start_weight = grid.values(start_states)
+    start_weight = grid.values(start_states) if anchor is None else np.asarray(anchor, dtype=np.float64)
     gram = equations.gram
     diagonal = np.diag(gram)
     lam = damping * float(diagonal.mean()) if diagonal.size and diagonal.mean() > 0 else 1.0
@@ -209,16 +211,32 @@ class LayerProblem:
     reference_weight: np.ndarray | None  # [R, K] the FP32 layer's weight, when the reference holds it as a constant
     damping: float
     act_order: bool
+    anchor: str = "start"  # what the damping pulls toward: "start" or "fp32" (the reference weight, where it is the start's own)
 
 
 def output_target_solver(problem: LayerProblem) -> np.ndarray:
     """evoquant's solver: the FP32 layer's output as the target (see the module docstring); a layer is
     never made worse on its own data (damping can pull the solve elsewhere: then the start is kept)."""
     start = np.asarray(problem.start_states, dtype=np.int32)
-    states = solve_states(problem.equations, problem.grid, start, damping=problem.damping, act_order=problem.act_order)
+    anchor = problem.reference_weight if problem.anchor == "fp32" and quantizes_to(problem.reference_weight, problem.grid, start) else None
+    states = solve_states(problem.equations, problem.grid, start, damping=problem.damping, act_order=problem.act_order, anchor=anchor)
     if problem.equations.error(problem.grid.values(states)) > problem.equations.error(problem.grid.values(start)):
         return start
     return states
+
+
+#: The FP32 weight counts as the start's own only when it lies within one state of the starting states
+#: everywhere but this share of elements: SmoothQuant rescales a layer's weight columns, and its FP32
+#: weight is then another matrix that the damping must not pull toward.
+ANCHOR_MISMATCH = 0.01
+
+
+def quantizes_to(reference: np.ndarray | None, grid: Grid, start: np.ndarray) -> bool:
+    """Whether ``start`` is ``reference`` on ``grid`` up to a state (see :data:`ANCHOR_MISMATCH`)."""
+    if reference is None:
+        return False
+    off = np.abs(reference / grid.scale + grid.zero - start) > 1.0
+    return float(np.mean(off)) <= ANCHOR_MISMATCH
 
 
 SOLVERS: dict = {"output": output_target_solver}

@@ -234,7 +234,7 @@ class _LayerFit:
         new_matrices, flips, gradients, before, after, refit = [], [], [], 0.0, 0.0, 0.0
         check_before, check_after, kept = 0.0, 0.0, 0
         for grid, start, system, check, fp32 in zip(groups, start_matrices, self.equations, self.checks, references):
-            states = np.clip(solver(LayerProblem(system, grid, start, fp32, config.damping, config.act_order)), grid.low, grid.high).astype(np.int32)
+            states = np.clip(solver(LayerProblem(system, grid, start, fp32, config.damping, config.act_order, config.anchor)), grid.low, grid.high).astype(np.int32)
             if check.rows:
                 moved = np.any(states != start, axis=1)
                 worse = moved & (check.row_errors(grid.values(states)) > check.row_errors(grid.values(start)))
