@@ -332,12 +332,15 @@ def datafree_table(rows: list[dict]) -> str:
 def datafree_seeds_table(rows: list[dict]) -> str:
     """Per model (one weight width): each source's refined held-out KL, median [range] over the refine data
     seeds, and the data-free source's median against the better of the GAN's and the fractals' (the
-    data-free issue's target: at most 1.00)."""
+    data-free issue's target: at most 1.00), and the minutes it took to make (from the rows that made it; a
+    cached source's row says 0)."""
+    made = {(row["model"], row["source"]): row["datafree_seconds"] for row in rows if row.get("datafree_seconds")}
     rows = [row for row in rows if row.get("refined_kl") is not None]
     sources = list(dict.fromkeys(row["source"] for row in rows))
     free = [source for source in sources if source not in ("real", "gan", "fractal", "gaussian_noise", "distilled_gan")]
-    lines = ["| model | weights | " + " | ".join(sources) + " | " + " | ".join(f"{source} / min(gan, fractal)" for source in free) + " | data seeds |",
-             "|---|---|" + "---|" * (len(sources) + len(free)) + "---|"]
+    lines = ["| model | weights | " + " | ".join(sources) + " | " + " | ".join(f"{source} / min(gan, fractal)" for source in free)
+             + "".join(f" | {source} made in min" for source in free) + " | data seeds |",
+             "|---|---|" + "---|" * (len(sources) + 2 * len(free)) + "---|"]
     for model, bits in dict.fromkeys((row["model"], row["weight_bits"]) for row in rows):
         medians, cells, seeds = {}, [], set()
         for source in sources:
@@ -348,7 +351,8 @@ def datafree_seeds_table(rows: list[dict]) -> str:
             cells.append(_median_range(values, ".2g") if values else "-")
         rivals = [medians[source] for source in ("gan", "fractal") if medians.get(source)]
         ratios = [f"{medians[source] / min(rivals):.2f}" if rivals and medians.get(source) else "-" for source in free]
-        lines.append(f"| {model} | W{bits}A8 | " + " | ".join(cells) + " | " + " | ".join(ratios) + f" | {len(seeds)} |")
+        minutes = "".join(f" | {made[(model, source)] / 60:.1f}" if (model, source) in made else " | -" for source in free)
+        lines.append(f"| {model} | W{bits}A8 | " + " | ".join(cells) + " | " + " | ".join(ratios) + minutes + f" | {len(seeds)} |")
     return "\n".join(lines)
 
 
