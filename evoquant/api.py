@@ -283,6 +283,9 @@ def refine(
     if not isinstance(sample_objective, SampleObjective) or config.importance <= 0:
         sample_objective = None  # a hook is a black box: it gets a plain batch, no pool is drawn
     data_label, pool, verification, labels_are_classes = _fitness_batches(data, config, shape, pooled=sample_objective is not None or "reconstruct" in run_stages)
+    if "reconstruct" in run_stages and len(pool) < config.reconstruct.images <= max(config.selection_pool, config.selection_size):  # the data is what limits
+        _warn(f"the data leaves {len(pool)} images after the {len(verification)} verification images: the reconstruct stage fits each layer on "
+              f"{len(pool)}, not reconstruct.images={config.reconstruct.images} (give {config.reconstruct.images + len(verification)} images or more)")
     teacher_pool = infer(teacher_compiled, pool.images) if teacher_model is not None else None
     teacher_verification = infer(teacher_compiled, verification.images) if teacher_model is not None else None
     classifier = looks_like_classifier(output_signature(original))

@@ -85,7 +85,7 @@ class SearchConfig:
 class ReconstructConfig:
     """The layer-wise reconstruction stage (see :mod:`evoquant.reconstruct`)."""
 
-    images: int = 512  # calibration images the layers are fitted on (drawn from the selection pool)
+    images: int = 1024  # calibration images the layers are fitted on (drawn from the selection pool; 512 measured worse: docs/reconstruct.md)
     # more images, after those, that each solve is checked on: an output row (channel) whose error rises on
     # them keeps its starting states -- a layer with fewer rows than inputs (a fully-connected layer after
     # pooling) otherwise fits noise (0: no check)

@@ -394,3 +394,14 @@ def _small_config():
     from evoquant import RefineConfig
 
     return RefineConfig().replace(selection_size=64, verification_size=64, selection_pool=128, engine="plain", search={"generations": 2})
+
+
+def test_refine_warns_when_the_data_leaves_fewer_images_than_the_reconstruction_fits(tiny_irs, tmp_path):
+    """A finite source (an .npz) of 400 images with 64 to verify leaves a pool of 336: fewer than
+    reconstruct.images (1,024 by default) -- said, not silently fitted on fewer."""
+    from evoquant import refine
+    from evoquant.errors import EvoquantWarning
+
+    config = _small_config().replace(selection_pool=4096)
+    with pytest.warns(EvoquantWarning, match=r"leaves 336 images .* fits each layer on 336, not reconstruct.images=1024"):
+        refine(tiny_irs.int8, reference=tiny_irs.fp32, data=str(tiny_irs.data), output=tmp_path / "out.xml", stages="reconstruct", config=config, progress=False)

@@ -2,7 +2,7 @@
 
     >>> import evoquant
     >>> evoquant.datafree("fp32.pt2", method="clusterq", output="gen/")      # then --data gan:gen/
-    >>> evoquant.datafree("fp32.pt2", method="genie", output="genie.npz", n=2560)      # then --data genie.npz
+    >>> evoquant.datafree("fp32.pt2", method="genie", output="genie.npz", n=3072)      # then --data genie.npz
 
 See :mod:`evoquant.dfq.synthesis` for what each method does and :mod:`evoquant.dfq.teacher` for
 how the model's BatchNorm statistics are read.
@@ -76,7 +76,7 @@ def datafree(
         value_range, mean_values, scale_values: how images in [0, 1] become the model's input (the range
             map, then (x - mean) / scale per channel, as ``ovc`` spells them); images are written in [0, 1]
             as every evoquant source, so give the same settings to quantize and refine.
-        n: ZeroQ's and Genie's number of images (default 2,560: refine's default selection and verification).
+        n: ZeroQ's and Genie's number of images (default 3,072: what default refine fits on and verifies on).
         steps: optimisation steps per batch (ZeroQ 500, Genie 200), or the generator's training steps (1,500).
         resume: continue from the checkpoint (generators) or the finished batches (ZeroQ, Genie) in ``output``.
         options: the generator methods' settings (:class:`MethodOptions`, the papers' values by default);

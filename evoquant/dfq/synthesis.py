@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from evoquant.config import ReconstructConfig, RefineConfig
 from evoquant.errors import EvoquantError
 from evoquant.gan.models import import_torch
 
@@ -41,13 +42,15 @@ GENERATOR_METHODS = ("gdfq", "qimera", "clusterq")  # write a generator director
 
 #: Defaults sized for 2 CPU cores (a zoo model's data in minutes); the papers' values where they fit.
 DEFAULT_STEPS = {"zeroq": 500, "genie": 200, "gdfq": 1500, "qimera": 1500, "clusterq": 1500}
-DEFAULT_IMAGES = 2560  # image methods: refine's default selection (512) + verification (2048)
+# image methods: what default refine draws from a finite source -- the images the reconstruction fits on
+# (1,024) and the verification images (2,048); fewer and refine fits on fewer (it warns)
+DEFAULT_IMAGES = ReconstructConfig.images + RefineConfig.verification_size
 BNS_WEIGHT = 0.1
 GENERATOR_LEARNING_RATE = 1e-3
 GENERATOR_BETAS = (0.5, 0.999)
 ZEROQ_LEARNING_RATE = 0.5
 # Genie-D (the paper: latent 256, generator 128/64 channels, 4,000 steps per batch of 128 on a GPU): the
-# generator halved and 200 steps per batch of 64, a zoo model's 2,560 images in ~7 minutes on 2 cores.
+# generator halved and 200 steps per batch of 64, a classic zoo model's 2,560 images in ~7 minutes on 2 cores (3,072 since the default went to 1,024 fit images).
 GENIE_LATENT_SIZE = 256
 GENIE_WIDTH = 32
 GENIE_LATENT_LEARNING_RATE = 0.1
