@@ -50,7 +50,7 @@ GENERATOR_LEARNING_RATE = 1e-3
 GENERATOR_BETAS = (0.5, 0.999)
 ZEROQ_LEARNING_RATE = 0.5
 # Genie-D (the paper: latent 256, generator 128/64 channels, 4,000 steps per batch of 128 on a GPU): the
-# generator halved and 200 steps per batch of 64, a classic zoo model's 2,560 images in ~7 minutes on 2 cores (3,072 since the default went to 1,024 fit images).
+# generator halved and 200 steps per batch of 64: a classic zoo model's 3,072 images in ~8.5 minutes on 2 cores.
 GENIE_LATENT_SIZE = 256
 GENIE_WIDTH = 32
 GENIE_LATENT_LEARNING_RATE = 0.1

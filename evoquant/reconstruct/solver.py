@@ -5,7 +5,7 @@ A quantized layer computes ``y = W x + b_q`` with ``W = (Q - z) * s`` on its own
 quantized model feeds them) and targets ``T`` (the FP32 layer's output, bias included, minus ``b_q``), the
 solver minimises
 
-    ‖Q X − T‖² + λ ‖W − W₀‖²        (W₀: the starting dequantized weight)
+    ‖Q X − T‖² + λ ‖W − W₀‖²        (W₀: the starting dequantized weight, or the FP32 weight: ``anchor``)
 
 over integer ``Q``. With ``H = XᵀX + λI`` the objective equals ``(W − W*) H (W − W*)ᵀ`` plus a constant,
 where ``W* = (TᵀX + λW₀) H⁻¹`` is the continuous optimum; the integer states are then chosen column by
@@ -104,14 +104,14 @@ def solve_states(
     damping pulls toward (``W₀``; default the starting weight).
     """
     start_states = np.asarray(start_states, dtype=np.float64)
-    start_weight = grid.values(start_states) if anchor is None else np.asarray(anchor, dtype=np.float64)
+    anchor_weight = grid.values(start_states) if anchor is None else np.asarray(anchor, dtype=np.float64)
     gram = equations.gram
     diagonal = np.diag(gram)
     lam = damping * float(diagonal.mean()) if diagonal.size and diagonal.mean() > 0 else 1.0
     lam = max(lam, 1e-12)
     hessian = gram + lam * np.eye(len(gram))
     if target_weight is None:
-        target_weight = np.linalg.solve(hessian, (equations.cross + lam * start_weight).T).T
+        target_weight = np.linalg.solve(hessian, (equations.cross + lam * anchor_weight).T).T
     target_weight = np.array(target_weight, dtype=np.float64)
 
     order = np.argsort(-diagonal, kind="stable") if act_order else np.arange(len(gram))
