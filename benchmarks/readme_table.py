@@ -415,8 +415,8 @@ def reconstruct_draws_table(rows: list[dict]) -> str:
 
     defaults = ReconstructConfig()
 
-    def key(row):  # the setting without the keys that equal the default (older rows name only images)
-        setting = row.get("setting") or {"images": row["images"]}
+    def key(row):  # the setting run, images included (every row records them), less the keys that equal today's default
+        setting = {"images": row["images"], **(row.get("setting") or {})}
         return json.dumps({k: v for k, v in sorted(setting.items()) if getattr(defaults, k) != v})
 
     latest = {(row["source"], row["model"], key(row), row["data_seed"]): row for row in rows}  # a run made twice: the later row
