@@ -31,8 +31,12 @@ def test_refine_writes_a_valid_ir_and_never_touches_the_input(tiny_irs, tmp_path
     start = find_quantized_weights(read_ir(tiny_irs.int8))
     moved = sum(int(np.sum(w.states != s.states)) for w, s in zip(written, start))
     assert moved == result.shifted_weights
+    # the search moves weights within ±search.max_shift of its own start, the reconstruction, which is itself
+    # within ±reconstruct.max_shift of NNCF's states: two bounds that add up (whether evolve's moves land on
+    # weights the reconstruction moved the same way depends on the CPU's arithmetic; on one CPU they do)
+    bound = SMALL.reconstruct.max_shift + (SMALL.search.max_shift if result.chosen_stage == "evolve" else 0)
     for w, s in zip(written, start):
-        assert np.abs(w.states - s.states).max() <= 1
+        assert np.abs(w.states - s.states).max() <= bound
         assert w.low <= w.states.min() and w.states.max() <= w.high
     if result.improved:
         assert result.verification_after.kl < result.verification_before.kl
