@@ -87,7 +87,9 @@ def quality_table(rows: list[dict]) -> str:
                    "OpenVINO computes the 4-bit form wrongly with several streams: [docs/usage.md](docs/usage.md)); "
                  + ("refine s: the refine call's wall time less its held-out scoring, i.e. what `evoquant refine` takes without `--heldout`; "
                     if all("refine_seconds" in row for row in rows) else "refine s: the refine call's wall time, held-out scoring included; ")
-                 + f"OpenVINO {first['openvino']}, NNCF {first['nncf']}, 2 CPU cores)._")
+                 + f"OpenVINO {first['openvino']}, NNCF {first['nncf']}, 2 CPU cores"
+                 + (f" of {', '.join(sorted({row['cpu'] for row in rows if row.get('cpu')}))}, zoo and GANs trained on it" if any(row.get("cpu") for row in rows) else "")
+                 + ")._")
     return "\n".join(lines)
 
 
@@ -474,7 +476,7 @@ def ranges_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"ranges": ranges_table, "compose": compose_table, "compose_choice": compose_choice_table, "reconstruct_knobs": reconstruct_knobs_table, "reconstruct_check": reconstruct_knobs_table, "reconstruct_draws": reconstruct_draws_table, "datafree": datafree_table, "datafree_input": datafree_seeds_table, "datafree_input_1024": datafree_seeds_table, "islands_quality": islands_quality_table, "islands_throughput": islands_throughput_table, "importance": lambda rows: seeds_table(rows, IMPORTANCE_CAPTION), "offspring_groups": lambda rows: seeds_table(rows, GROUPS_CAPTION), "offspring_groups_gan": lambda rows: seeds_table(rows, GROUPS_GAN_CAPTION), "quality": quality_table, "ablation": ablation_table, "ablation_gan": ablation_table, "eval_speed": eval_speed_table, "calibration": calibration_table, "stages": stages_table, "stages_gan": stages_table, "baselines_gan": stages_table, "baselines_fractal": stages_table}
+TABLES = {"ranges": ranges_table, "compose": compose_table, "compose_choice": compose_choice_table, "reconstruct_knobs": reconstruct_knobs_table, "reconstruct_check": reconstruct_knobs_table, "reconstruct_draws": reconstruct_draws_table, "datafree": datafree_table, "datafree_input": datafree_seeds_table, "datafree_input_1024": datafree_seeds_table, "islands_quality": islands_quality_table, "islands_throughput": islands_throughput_table, "importance": lambda rows: seeds_table(rows, IMPORTANCE_CAPTION), "offspring_groups": lambda rows: seeds_table(rows, GROUPS_CAPTION), "offspring_groups_gan": lambda rows: seeds_table(rows, GROUPS_GAN_CAPTION), "quality": quality_table, "quality_second_machine": quality_table, "ablation": ablation_table, "ablation_gan": ablation_table, "eval_speed": eval_speed_table, "calibration": calibration_table, "stages": stages_table, "stages_gan": stages_table, "baselines_gan": stages_table, "baselines_fractal": stages_table}
 
 
 def main(argv: list[str]) -> int:
