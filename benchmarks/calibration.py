@@ -78,6 +78,8 @@ def main() -> int:
     from evoquant.data import Batch
     from evoquant.demo import calibration_images, data_free_source, resolve_models, synthetic_source
     from evoquant.ir.runtime import compile_ir, infer, read_ir, with_sample_shape
+    from evoquant.paths import file_digest
+    from quality import cpu_name
 
     names = list(zoo.CLASSIFIERS) if args.models == "classifiers" else [n.strip() for n in args.models.split(",")]
     names = list(resolve_models(",".join(names)))
@@ -141,6 +143,8 @@ def main() -> int:
                         "calibrated_on": calibrated_on,
                         "images": args.images,
                         "fp32_accuracy": fp32_accuracy,
+                        "cpu": cpu_name(),  # the zoo instance: another CPU trains other models (quality.py says why)
+                        "fp32_bin_sha256": file_digest(Path(built.fp32_xml).with_suffix(".bin"))[:12],
                     }
                     scores = heldout_scores(int8_xml, fp32_logits, x_heldout, y_heldout)
                     row["int8_accuracy"], row["int8_kl"] = scores["accuracy"], scores["kl"]
