@@ -78,8 +78,7 @@ def main() -> int:
     from evoquant.data import Batch
     from evoquant.demo import calibration_images, data_free_source, resolve_models, synthetic_source
     from evoquant.ir.runtime import compile_ir, infer, read_ir, with_sample_shape
-    from evoquant.paths import file_digest
-    from quality import cpu_name
+    from quality import zoo_instance
 
     names = list(zoo.CLASSIFIERS) if args.models == "classifiers" else [n.strip() for n in args.models.split(",")]
     names = list(resolve_models(",".join(names)))
@@ -118,6 +117,7 @@ def main() -> int:
             built = zoo.build(name, calibration=calibration_images(synthetic_source("gan", shape=shape, progress=False, echo=lambda *_: None), shape=shape))
             fp32_logits = infer(compile_ir(with_sample_shape(read_ir(built.fp32_xml), shape), f32=True), x_heldout)[0]
             fp32_accuracy = float(np.mean(fp32_logits.argmax(1) == y_heldout))
+            instance = zoo_instance(built.fp32_xml)  # which zoo model the rows score
             model_sources = dict(sources)
             for method in methods:
                 made = time.perf_counter()
@@ -143,8 +143,7 @@ def main() -> int:
                         "calibrated_on": calibrated_on,
                         "images": args.images,
                         "fp32_accuracy": fp32_accuracy,
-                        "cpu": cpu_name(),  # the zoo instance: another CPU trains other models (quality.py says why)
-                        "fp32_bin_sha256": file_digest(Path(built.fp32_xml).with_suffix(".bin"))[:12],
+                        **instance,
                     }
                     scores = heldout_scores(int8_xml, fp32_logits, x_heldout, y_heldout)
                     row["int8_accuracy"], row["int8_kl"] = scores["accuracy"], scores["kl"]

@@ -39,6 +39,14 @@ def cpu_name() -> str:
     return f"{name} ({widest})"
 
 
+def zoo_instance(fp32_xml) -> dict:
+    """Which zoo model a row scored: the zoo and the GAN are trained on the machine that runs the benchmark,
+    and another CPU trains other instances (measured: bn_cnn FP32 98.1 vs 98.3 %)."""
+    from evoquant.paths import file_digest
+
+    return {"cpu": cpu_name(), "fp32_bin_sha256": file_digest(Path(fp32_xml).with_suffix(".bin"))[:12]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="all", help="zoo models or groups: classic, families, all (default: %(default)s)")
@@ -54,7 +62,6 @@ def main() -> int:
     import openvino
 
     from evoquant.config import RefineConfig
-    from evoquant.paths import file_digest
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from stages import zoo_models, zoo_refine
@@ -92,10 +99,7 @@ def main() -> int:
                         "refine_seconds": round(wall - result.heldout_seconds, 1),
                         "openvino": openvino.__version__.split("-")[0], "nncf": nncf.__version__,
                         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                        # the zoo and the GAN are trained on the machine that runs this; another CPU trains other
-                        # instances (measured: bn_cnn FP32 98.1 vs 98.3 %), so each row names the instance it scored
-                        "cpu": cpu_name(),
-                        "fp32_bin_sha256": file_digest(Path(built.fp32_xml).with_suffix(".bin"))[:12],
+                        **zoo_instance(built.fp32_xml),
                     }
                     for label, metrics in (("fp32", result.heldout_reference), ("int8", result.heldout_before), ("refined", result.heldout_after)):
                         row[f"{label}_accuracy"] = metrics.accuracy

@@ -69,6 +69,7 @@ def quality_table(rows: list[dict]) -> str:
             f"| {_median_range(changes, '+.0f')} % | {len(runs)}{f' ({instances} GANs)' if instances > 1 else ''} | {np.median([_refine_seconds(r) for r in runs]):.0f} |"
         )
     first = rows[0]
+    cpus = sorted({row['cpu'] for row in rows if row.get('cpu')})  # rows before the CPU was recorded have none
     runs = {}
     for row in rows:
         gan = row.get("gan_seed")
@@ -88,7 +89,7 @@ def quality_table(rows: list[dict]) -> str:
                  + ("refine s: the refine call's wall time less its held-out scoring, i.e. what `evoquant refine` takes without `--heldout`; "
                     if all("refine_seconds" in row for row in rows) else "refine s: the refine call's wall time, held-out scoring included; ")
                  + f"OpenVINO {first['openvino']}, NNCF {first['nncf']}, 2 CPU cores"
-                 + (f" of {', '.join(sorted({row['cpu'] for row in rows if row.get('cpu')}))}, zoo and GANs trained on it" if any(row.get("cpu") for row in rows) else "")
+                 + (f" of {', '.join(cpus)}, zoo and GANs trained on it" if cpus else "")
                  + ")._")
     return "\n".join(lines)
 
