@@ -8,6 +8,7 @@ NNCF calibrated on 300 images of the source (``stages.zoo_models``); held-out 1,
 
     python benchmarks/reconstruct_draws.py --models mobilenet_v3_small --source gan > benchmarks/results/reconstruct_draws.jsonl
     python benchmarks/reconstruct_draws.py --models dw_separable_cnn,residual_cnn --source gan >> benchmarks/results/reconstruct_draws.jsonl
+    python benchmarks/reconstruct_draws.py --models dw_separable_cnn --settings '[{}, {"solver": "exhaustive"}]'
 """
 
 from __future__ import annotations
@@ -36,10 +37,15 @@ def main() -> int:
     from evoquant.config import RefineConfig
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from baselines import register
+    from quality import zoo_instance
     from stages import zoo_models, zoo_refine
+
+    register()  # a setting may name a baseline solver: {"solver": "adaround"}
 
     base = RefineConfig.from_yaml("default")
     for name, bits, built, model, spec, heldout in zoo_models(args.source, args.models, args.bits, "evoquant-draws-"):
+        instance = zoo_instance(built.fp32_xml)  # which zoo model the rows score
         settings = json.loads(args.settings) if args.settings else [{"images": int(value)} for value in args.images.split(",")]
         for setting in settings:
             for data_seed in (int(value) for value in args.data_seeds.split(",")):
@@ -51,7 +57,7 @@ def main() -> int:
                                   "setting": setting,
                                   "data_seed": data_seed, "int8_kl": result.heldout_before.kl, "refined_kl": result.heldout_after.kl,
                                   "refined_accuracy": result.heldout_after.accuracy, "chosen_stage": result.chosen_stage,
-                                  "wall_seconds": round(time.perf_counter() - started, 1), "openvino": openvino.__version__.split("-")[0], "nncf": nncf.__version__}), flush=True)
+                                  "wall_seconds": round(time.perf_counter() - started, 1), **instance, "openvino": openvino.__version__.split("-")[0], "nncf": nncf.__version__}), flush=True)
     return 0
 
 

@@ -13,8 +13,11 @@ and verification. They differ only in what they fit:
 - ``adaround``: AdaRound (Nagel et al. 2020) with the output target (the asymmetric form: the quantized
   model's inputs, the FP32 layer's output including its bias): a soft rounding variable per weight between
   floor and ceil of the FP32 weight, Adam on the reconstruction loss plus the annealed rounding regulariser.
+- ``exhaustive``: evoquant's own objective solved exactly (every assignment within the grid) on layers of
+  at most 10 columns, evoquant's solver on the rest: whether GPTQ's greedy column order costs anything.
 
-Nothing here is shipped with evoquant: ``benchmarks/stages.py --baselines gptq,adaround`` runs them.
+Nothing here is shipped with evoquant: ``benchmarks/stages.py --baselines gptq,adaround`` runs them;
+``benchmarks/reconstruct_draws.py --settings '[{"solver": "exhaustive"}]'`` takes any of them as a setting.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from __future__ import annotations
 from evoquant.reconstruct.solver import register_solver
 
 from .adaround import adaround_solver
+from .exhaustive import exhaustive_solver
 from .gptq import gptq_solver
 
-BASELINES = {"gptq": gptq_solver, "adaround": adaround_solver}
+BASELINES = {"gptq": gptq_solver, "adaround": adaround_solver, "exhaustive": exhaustive_solver}
 
 
 def register() -> None:
