@@ -20,6 +20,7 @@ directory is not given is skipped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -153,6 +154,10 @@ def main() -> int:
                         print(json.dumps(row), flush=True)
                         continue
                     preset = RefineConfig.from_yaml(args.refine)
+                    # a preset file (--refine my.yaml) is named by what it changes in the reconstruction, which a row must say
+                    changed = {key: value for key, value in dataclasses.asdict(preset.reconstruct).items()
+                               if value != getattr(RefineConfig.from_yaml("default").reconstruct, key)}
+                    row.update({"refine_preset": args.refine, **({"reconstruct_changes": changed} if changed else {})})
                     data_seeds = [int(s) for s in args.data_seeds.split(",")] if args.data_seeds else [preset.data_seed]
                     for seed, data_seed in itertools.product((int(s) for s in args.seeds.split(",")), data_seeds):
                         started = time.perf_counter()
