@@ -84,6 +84,7 @@ def main() -> int:
     names = list(zoo.CLASSIFIERS) if args.models == "classifiers" else [n.strip() for n in args.models.split(",")]
     names = list(resolve_models(",".join(names)))
     methods = split_methods(args.datafree)
+    default_reconstruct = dataclasses.asdict(RefineConfig.from_yaml("default").reconstruct)
 
     def sources_for(shape) -> tuple[dict, dict]:
         """The calibration sources and refine data for models taking ``shape`` (C, H, W)."""
@@ -155,8 +156,7 @@ def main() -> int:
                         continue
                     preset = RefineConfig.from_yaml(args.refine)
                     # a preset file (--refine my.yaml) is named by what it changes in the reconstruction, which a row must say
-                    changed = {key: value for key, value in dataclasses.asdict(preset.reconstruct).items()
-                               if value != getattr(RefineConfig.from_yaml("default").reconstruct, key)}
+                    changed = {key: value for key, value in dataclasses.asdict(preset.reconstruct).items() if value != default_reconstruct[key]}
                     row.update({"refine_preset": args.refine, **({"reconstruct_changes": changed} if changed else {})})
                     data_seeds = [int(s) for s in args.data_seeds.split(",")] if args.data_seeds else [preset.data_seed]
                     for seed, data_seed in itertools.product((int(s) for s in args.seeds.split(",")), data_seeds):
