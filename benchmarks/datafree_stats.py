@@ -96,20 +96,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from evoquant import zoo
     from evoquant.data import load_source
-    from evoquant.demo import calibration_images, data_free_source
+    from evoquant.demo import calibration_images, data_free_source, synthetic_source
     from evoquant.dfq import load_teacher
     from evoquant.dfq.losses import bns_loss
     from evoquant.dfq.synthesis import image_prior
     from evoquant.gan.models import import_torch
 
     torch = import_torch()
-    x_train, _, x_heldout, _ = zoo.mnist_split()
+    quiet = {"progress": False, "echo": lambda *_: None}
     for name in (n.strip() for n in args.models.split(",")):
-        built = zoo.build(name, calibration=calibration_images())
+        shape = zoo.input_shape_of(name)
+        gan = synthetic_source("gan", shape=shape, **quiet)  # the zoo GAN at the model's image size, as the other benchmarks use
+        built = zoo.build(name, calibration=calibration_images(gan, shape=shape))
         teacher = load_teacher(built.fp32_program)
-        shape = tuple(teacher.input_shape)
+        x_train, _, x_heldout, _ = zoo.mnist_split(shape)
         sources = {"real": x_train[np.random.default_rng(0).permutation(len(x_train))[:IMAGES]]}
-        sources["gan"] = load_source(f"gan:{zoo.build_gan()}").sample(IMAGES, shape, seed=0).images
+        sources["gan"] = load_source(gan).sample(IMAGES, shape, seed=0).images
         sources["fractal"] = load_source("fractal").sample(IMAGES, shape, seed=0).images
         for method in split_methods(args.datafree):
             spec = data_free_source(built, method, progress=False, echo=lambda *_: None)
