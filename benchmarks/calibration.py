@@ -84,7 +84,12 @@ def main() -> int:
     names = list(zoo.CLASSIFIERS) if args.models == "classifiers" else [n.strip() for n in args.models.split(",")]
     names = list(resolve_models(",".join(names)))
     methods = split_methods(args.datafree)
-    default_reconstruct = dataclasses.asdict(RefineConfig.from_yaml("default").reconstruct)
+    preset = RefineConfig.from_yaml(args.refine) if args.refine else None
+    preset_labels = {}
+    if preset is not None:  # a preset file (--refine my.yaml) is named by what it changes in the reconstruction, which a row must say
+        default_reconstruct = dataclasses.asdict(RefineConfig.from_yaml("default").reconstruct)
+        changed = {key: value for key, value in dataclasses.asdict(preset.reconstruct).items() if value != default_reconstruct[key]}
+        preset_labels = {"refine_preset": args.refine, **({"reconstruct_changes": changed} if changed else {})}
 
     def sources_for(shape) -> tuple[dict, dict]:
         """The calibration sources and refine data for models taking ``shape`` (C, H, W)."""
@@ -154,10 +159,7 @@ def main() -> int:
                     if not args.refine:
                         print(json.dumps(row), flush=True)
                         continue
-                    preset = RefineConfig.from_yaml(args.refine)
-                    # a preset file (--refine my.yaml) is named by what it changes in the reconstruction, which a row must say
-                    changed = {key: value for key, value in dataclasses.asdict(preset.reconstruct).items() if value != default_reconstruct[key]}
-                    row.update({"refine_preset": args.refine, **({"reconstruct_changes": changed} if changed else {})})
+                    row.update(preset_labels)
                     data_seeds = [int(s) for s in args.data_seeds.split(",")] if args.data_seeds else [preset.data_seed]
                     for seed, data_seed in itertools.product((int(s) for s in args.seeds.split(",")), data_seeds):
                         started = time.perf_counter()

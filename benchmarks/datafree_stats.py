@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = zoo.input_shape_of(name)
         gan = synthetic_source("gan", shape=shape, **quiet)  # the zoo GAN at the model's image size, as the other benchmarks use
         built = zoo.build(name, calibration=calibration_images(gan, shape=shape))
+        instance = zoo_instance(built.fp32_xml)  # which zoo model the rows score: hashed once per model
         teacher = load_teacher(built.fp32_program)
         x_train, _, x_heldout, _ = zoo.mnist_split(shape)
         sources = {"real": x_train[np.random.default_rng(0).permutation(len(x_train))[:IMAGES]]}
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             means = [float(torch.mean((layer.mean - layer.running_mean) ** 2)) for layer in stats]
             variances = [float(torch.mean((layer.var - layer.running_var) ** 2)) for layer in stats]
             print(json.dumps({
-                "benchmark": "datafree_stats", "model": name, "source": source, "images": len(x), **zoo_instance(built.fp32_xml),
+                "benchmark": "datafree_stats", "model": name, "source": source, "images": len(x), **instance,
                 "bns": float(bns_loss(stats)), "bns_mean_part": means, "bns_var_part": variances,
                 "confidence": float(torch.softmax(logits, dim=1).max(dim=1).values.mean()),
                 "pixel_mean": float(x.mean()), "pixel_square": float(image_prior(x, tv_weight=0.0, l2_weight=1.0)),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from evoquant.reconstruct.solver import LayerProblem, brute_force_states, output_target_solver
+from evoquant.reconstruct.solver import LayerProblem, brute_force_states, no_worse_than_start, output_target_solver
 
 MAX_COLUMNS = 10
 MAX_ASSIGNMENTS = 3**MAX_COLUMNS
@@ -22,8 +22,5 @@ def exhaustive_solver(problem: LayerProblem) -> np.ndarray:
     choices = (problem.grid.high - problem.grid.low + 1).prod(axis=1)
     if problem.anchor != "start" or problem.start_states.shape[1] > MAX_COLUMNS or float(choices.max()) > MAX_ASSIGNMENTS:
         return output_target_solver(problem)
-    start = np.asarray(problem.start_states, dtype=np.int32)
-    states = brute_force_states(problem.equations, problem.grid, start, damping=problem.damping)
-    if problem.equations.error(problem.grid.values(states)) > problem.equations.error(problem.grid.values(start)):
-        return start  # as evoquant's solver: never worse than the start on the layer's own data
-    return states
+    states = brute_force_states(problem.equations, problem.grid, problem.start_states, damping=problem.damping)
+    return no_worse_than_start(problem, states)  # as evoquant's solver

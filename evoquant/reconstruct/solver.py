@@ -219,7 +219,12 @@ def output_target_solver(problem: LayerProblem) -> np.ndarray:
     never made worse on its own data (damping can pull the solve elsewhere: then the start is kept)."""
     start = np.asarray(problem.start_states, dtype=np.int32)
     anchor = problem.reference_weight if problem.anchor == "fp32" and quantizes_to(problem.reference_weight, problem.grid, start) else None
-    states = solve_states(problem.equations, problem.grid, start, damping=problem.damping, act_order=problem.act_order, anchor=anchor)
+    return no_worse_than_start(problem, solve_states(problem.equations, problem.grid, start, damping=problem.damping, act_order=problem.act_order, anchor=anchor))
+
+
+def no_worse_than_start(problem: LayerProblem, states: np.ndarray) -> np.ndarray:
+    """``states``, or the start's where they leave a higher (undamped) output error on the layer's own data."""
+    start = np.asarray(problem.start_states, dtype=np.int32)
     if problem.equations.error(problem.grid.values(states)) > problem.equations.error(problem.grid.values(start)):
         return start
     return states
