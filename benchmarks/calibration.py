@@ -43,15 +43,18 @@ def heldout_scores(int8_xml, fp32_logits, x_heldout, y_heldout) -> dict:
 
 
 def split_methods(listing: str) -> list[str]:
-    """``clusterq:width=32,steps=3000,gdfq`` → ``["clusterq:width=32,steps=3000", "gdfq"]``: an item with '=' and
-    no ':' is an option of the method before it."""
+    """``clusterq:width=32,steps=3000,genie`` → ``["clusterq:width=32,steps=3000", "genie:mixes=3"]``: an item
+    with '=' and no ':' is an option of the method before it; each method named so that the name says which
+    data it is (``evoquant.demo.canonical_method``: Genie's default mixes written out)."""
+    from evoquant.demo import canonical_method
+
     methods: list[str] = []
     for item in (item.strip() for item in listing.split(",") if item.strip()):
         if methods and "=" in item and ":" not in item:
             methods[-1] += f",{item}"
         else:
             methods.append(item)
-    return methods
+    return [canonical_method(method) for method in methods]
 
 
 def main() -> int:

@@ -63,20 +63,33 @@ def synthetic_source(source: str, *, shape: tuple[int, int, int] | None = None, 
     raise EvoquantError(f"unknown demo source {source!r}; choose gan or fractal")
 
 
+def canonical_method(method: str) -> str:
+    """``method`` with Genie's default ``mixes`` written out when not given (``genie:seed=0`` →
+    ``genie:seed=0,mixes=3``): the name that says which data it is, in cache entries and benchmark rows."""
+    from evoquant.dfq.synthesis import DEFAULT_MIXES, parse_settings
+
+    name, _, settings = method.partition(":")
+    items = [item for item in settings.split(",") if item]
+    if name in DEFAULT_MIXES and "mixes" not in parse_settings(items, f"data-free method options {settings!r}"):
+        items.append(f"mixes={DEFAULT_MIXES[name]}")
+    return f"{name}:{','.join(items)}" if items else name
+
+
 def data_free_source(built, method: str, *, progress: bool = True, echo=print) -> str:
     """The data spec of ``method``'s data for zoo model ``built``, made from its FP32 program alone (cached
     beside the zoo; an interrupted run resumes). ``method`` may carry generator options after a colon,
-    e.g. ``qimera:embedding=classifier``, and ``steps=N``, ``seed=N`` (each variant has its own cache entry)."""
+    e.g. ``qimera:embedding=classifier``, and ``steps=N``, ``seed=N``, ``mixes=N`` (Genie; each variant has
+    its own cache entry, named by :func:`canonical_method`)."""
     from evoquant.dfq import datafree
     from evoquant.dfq.synthesis import IMAGE_METHODS
     from evoquant.dfq.synthesis import method_options as build_options
     from evoquant.dfq.synthesis import parse_settings
     from evoquant.zoo import default_cache_dir
 
-    method, _, settings = method.partition(":")
+    method, _, settings = canonical_method(method).partition(":")
     what = f"data-free method options {settings!r}"
     options = parse_settings([item for item in settings.split(",") if item], what)
-    method_options = build_options({key: value for key, value in options.items() if key not in ("steps", "seed")}, what)
+    method_options = build_options({key: value for key, value in options.items() if key not in ("steps", "seed", "mixes")}, what)
     label = "-".join([method, *(f"{key}{value}" if not isinstance(value, str) else value for key, value in sorted(options.items()))])
     folder = default_cache_dir() / "datafree"
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,7 +99,7 @@ def data_free_source(built, method: str, *, progress: bool = True, echo=print) -
     if not ready:
         echo(f"== {built.name}: {label} data from the FP32 model alone (its BatchNorm statistics; cached after the first run)")
         datafree(built.fp32_program, method=method, output=output, resume=True, progress=progress, options=method_options, steps=options.get("steps"),
-                 seed=options.get("seed", 0))
+                 seed=options.get("seed", 0), mixes=options.get("mixes"))
     return str(output) if images else f"gan:{output}"
 
 

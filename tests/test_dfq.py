@@ -154,25 +154,25 @@ def test_image_methods_match_the_statistics_and_resume_to_the_same_images(progra
     teacher = load_teacher(program)
     start = torch.sigmoid(torch.randn(16, *SHAPE, generator=torch.Generator().manual_seed(3)))
     before = float(bns_loss(teacher(start)[1], std=True))
-    images, labels = distilled_images(teacher, 16, method=method, steps=steps, batch_size=8, progress=False)
+    images, labels = distilled_images(teacher, 16, method=method, steps=steps, batch_size=8, progress=False, mixes=0)
     after = float(bns_loss(teacher(torch.from_numpy(images))[1], std=True))
     assert after < shrink * before and images.min() >= 0 and images.max() <= 1 and labels.max() < 5
     if method == "genie":  # classes dealt evenly: the model sees most of them among 16 images
         assert len(set(labels.tolist())) >= 4, labels
-    result = evoquant.datafree(program, method=method, output=tmp_path / "z.npz", n=16, steps=steps, batch_size=8, progress=False)
+    result = evoquant.datafree(program, method=method, output=tmp_path / "z.npz", n=16, steps=steps, batch_size=8, progress=False, mixes=0)
     with np.load(tmp_path / "z.npz") as archive:
         np.testing.assert_array_equal(archive["x"], images)
         np.testing.assert_array_equal(archive["y"], labels)
     assert result.data_spec.endswith("z.npz") and result.images == 16 and not list(tmp_path.glob(".*partial*"))
     # interrupted after the first batch: the partial file holds it, a resumed run finishes identically
-    distilled_images(teacher, 8, method=method, steps=steps, batch_size=8, progress=False, partial=tmp_path / ".r.npz.partial.npz")
-    evoquant.datafree(program, method=method, output=tmp_path / "r.npz", n=16, steps=steps, batch_size=8, progress=False, resume=True)
+    distilled_images(teacher, 8, method=method, steps=steps, batch_size=8, mixes=0, progress=False, partial=tmp_path / ".r.npz.partial.npz")
+    evoquant.datafree(program, method=method, output=tmp_path / "r.npz", n=16, steps=steps, batch_size=8, progress=False, resume=True, mixes=0)
     with np.load(tmp_path / "r.npz") as archive:
         np.testing.assert_array_equal(archive["x"], images)
     # the other image method's partial file is not taken for this one's
     other = "genie" if method == "zeroq" else "zeroq"
-    distilled_images(teacher, 8, method=other, steps=steps, batch_size=8, progress=False, partial=tmp_path / ".o.npz.partial.npz")
-    evoquant.datafree(program, method=method, output=tmp_path / "o.npz", n=16, steps=steps, batch_size=8, progress=False, resume=True)
+    distilled_images(teacher, 8, method=other, steps=steps, batch_size=8, mixes=0, progress=False, partial=tmp_path / ".o.npz.partial.npz")
+    evoquant.datafree(program, method=method, output=tmp_path / "o.npz", n=16, steps=steps, batch_size=8, progress=False, resume=True, mixes=0)
     with np.load(tmp_path / "o.npz") as archive:
         np.testing.assert_array_equal(archive["x"], images)
     # generator settings do not apply to image methods: refused, not ignored
@@ -180,6 +180,51 @@ def test_image_methods_match_the_statistics_and_resume_to_the_same_images(progra
         evoquant.datafree(program, method=method, output=tmp_path / "w.npz", n=8, steps=2, batch_size=8, progress=False, options=MethodOptions(width=8))
     code, _, stderr = run_cli("datafree", "--teacher", str(program), "--method", method, "--set", "width=8", "-n", "8", "-o", str(tmp_path / "c.npz"))
     assert code == 2 and stderr.count("\n") == 1 and "generator settings" in stderr and not (tmp_path / "c.npz").exists()
+
+
+def test_genie_mixes_more_batches_from_each_optimised_generator(program, tmp_path):
+    from evoquant.dfq.synthesis import distilled_images, mixed_latents
+
+    # each mixed latent combines its own row and one other, scale kept: a² + b² = 1 over the two weights
+    rows = torch.eye(8) * 2.0
+    mixed = mixed_latents(torch, rows, torch.Generator().manual_seed(0)) / 2.0
+    pairs = 0
+    for i, row in enumerate(mixed):
+        support = torch.nonzero(row).flatten().tolist()
+        assert i in support and len(support) <= 2  # (the permutation may pair a row with itself: a rescaled copy)
+        if len(support) == 2:
+            pairs += 1
+            assert abs(float((row**2).sum()) - 1.0) < 1e-5
+    assert pairs >= 4
+    gaussian = torch.randn(4096, 16, generator=torch.Generator().manual_seed(1))
+    assert abs(float(mixed_latents(torch, gaussian, torch.Generator().manual_seed(2)).std()) - 1.0) < 0.05
+
+    teacher = load_teacher(program)
+    start = torch.sigmoid(torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(3)))
+    before = float(bns_loss(teacher(start)[1], std=True))
+    plain, _ = distilled_images(teacher, 8, method="genie", steps=40, batch_size=8, progress=False, mixes=0)
+    images, labels = distilled_images(teacher, 24, method="genie", steps=40, batch_size=8, progress=False, mixes=2)
+    assert images.shape == (24, *SHAPE) and labels.shape == (24,) and images.min() >= 0 and images.max() <= 1
+    np.testing.assert_array_equal(images[:8], plain)  # one optimisation: its own batch first, as without mixes
+    for mix in (images[8:16], images[16:]):
+        assert not np.allclose(mix, plain) and float(bns_loss(teacher(torch.from_numpy(mix))[1], std=True)) < before
+    # a partial file made without mixes is not taken for a run with them (nor the other way)
+    distilled_images(teacher, 8, method="genie", steps=40, batch_size=8, progress=False, partial=tmp_path / ".m.npz.partial.npz", mixes=0)
+    evoquant.datafree(program, method="genie", output=tmp_path / "m.npz", n=24, steps=40, batch_size=8, mixes=2, progress=False, resume=True)
+    with np.load(tmp_path / "m.npz") as archive:
+        np.testing.assert_array_equal(archive["x"], images)
+    # only Genie has latents to mix: refused for the others, in one line
+    for method, output in (("zeroq", "z.npz"), ("gdfq", "gen")):
+        code, _, stderr = run_cli("datafree", "--teacher", str(program), "--method", method, "--mixes", "2", "-o", str(tmp_path / output))
+        assert code == 2 and stderr.count("\n") == 1 and "mix" in stderr and not (tmp_path / output).exists()
+
+
+def test_a_genie_source_is_named_with_its_mixes():
+    from evoquant.demo import canonical_method
+
+    assert canonical_method("genie:seed=0") == "genie:seed=0,mixes=3" and canonical_method("genie") == "genie:mixes=3"
+    assert canonical_method("genie:mixes=0,seed=1") == "genie:mixes=0,seed=1"
+    assert canonical_method("clusterq:width=32") == "clusterq:width=32" and canonical_method("zeroq") == "zeroq"
 
 
 def test_the_image_prior_is_total_variation_plus_energy_and_prefers_smooth_images():

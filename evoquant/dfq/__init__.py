@@ -38,6 +38,7 @@ class DataFreeResult:
     seconds: float
     images: int | None = None  # ZeroQ, Genie: images written
     samples: str | None = None  # generators: the sample grid
+    mixes: int | None = None  # Genie: batches made per optimised batch from mixes of its latents
 
     @property
     def data_spec(self) -> str:
@@ -58,6 +59,7 @@ def datafree(
     steps: int | None = None,
     batch_size: int = 64,
     seed: int = 0,
+    mixes: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
     checkpoint_every: int = 250,
@@ -78,6 +80,9 @@ def datafree(
             as every evoquant source, so give the same settings to quantize and refine.
         n: ZeroQ's and Genie's number of images (default 3,072: what default refine fits on and verifies on).
         steps: optimisation steps per batch (ZeroQ 500, Genie 200), or the generator's training steps (1,500).
+        mixes: Genie: batches made per optimised batch on top of it, by its generator from mixes of its
+            latents (``1 + mixes`` times the images per optimisation; default 3: a quarter of the time, as
+            good for refine on the zoo; 0: every image optimised).
         resume: continue from the checkpoint (generators) or the finished batches (ZeroQ, Genie) in ``output``.
         options: the generator methods' settings (:class:`MethodOptions`, the papers' values by default);
             refused for ZeroQ and Genie, which have none.
@@ -86,7 +91,7 @@ def datafree(
         EvoquantError: a teacher that is not a torch.export program, has no BatchNorm layers, does not take
             ``input_shape`` or is not a classifier; bad settings; an output in the way.
     """
-    from evoquant.dfq.synthesis import DEFAULT_STEPS, distilled_images, teacher_digest, train_generator
+    from evoquant.dfq.synthesis import DEFAULT_MIXES, DEFAULT_STEPS, distilled_images, teacher_digest, train_generator
 
     if method not in METHODS:
         raise EvoquantError(f"unknown data-free method {method!r}; choose {', '.join(METHODS)}")
@@ -106,6 +111,8 @@ def datafree(
         partial = output.with_name(f".{output.name}.partial.npz")
         if overwrite and not resume:
             partial.unlink(missing_ok=True)
+    elif mixes:
+        raise EvoquantError(f"mixes applies to genie's optimised latents; {method} trains a generator (draw any number of images from it)")
     elif output.suffix.lower() == ".npz":
         raise EvoquantError(f"{method} trains a generator: the output is a directory (then --data gan:{output.with_suffix('')}), not an .npz")
     from evoquant.data.preprocess import parse_values
@@ -113,12 +120,12 @@ def datafree(
     model = load_teacher(teacher, shape, value_range, parse_values(mean_values, "--mean-values"), parse_values(scale_values, "--scale-values"))
     if method in IMAGE_METHODS:
         n = DEFAULT_IMAGES if n is None else n
-        images, labels = distilled_images(model, n, method=method, steps=steps, batch_size=batch_size, seed=seed, progress=progress, partial=partial)
+        images, labels = distilled_images(model, n, method=method, steps=steps, batch_size=batch_size, seed=seed, progress=progress, partial=partial, mixes=mixes)
         with staged(output) as temporary:
             np.savez(temporary, x=images, y=labels)
         partial.unlink(missing_ok=True)
         return DataFreeResult(method, str(output), "npz", model.num_classes, model.input_shape, DEFAULT_STEPS[method] if steps is None else steps,
-                              time.perf_counter() - started, images=len(images))
+                              time.perf_counter() - started, images=len(images), mixes=DEFAULT_MIXES.get(method, 0) if mixes is None else mixes)
     if n is not None:
         raise EvoquantError(f"-n is the number of images of {' and '.join(IMAGE_METHODS)}; {method} trains a generator (draw any number from gan:{output})")
     identity = teacher_digest(teacher) if isinstance(teacher, (str, os.PathLike)) else "module"
