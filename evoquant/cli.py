@@ -506,7 +506,7 @@ def _add_datafree_parser(commands) -> None:
     datafree.add_argument("--batch-size", type=int, default=64, help="images per batch or step (default: %(default)s)")
     datafree.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     datafree.add_argument("--mixes", type=int, metavar="K", help="genie: K more batches per optimised batch, from mixes of its latents "
-                          f"(K+1 times the images per optimisation; default {DEFAULT_MIXES['genie']}: a quarter of the time, as good for refine; 0: every image optimised)")
+                          f"(K+1 times the images per optimisation; default {DEFAULT_MIXES['genie']}: a quarter of the time, about as good for refine; 0: every image optimised)")
     datafree.add_argument("--embedding", choices=["random", "classifier"], default="random", help="qimera: class embeddings random (the released code) or from the model's last layer with a mapping layer (the paper)")
     datafree.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="a generator setting (evoquant.dfq.MethodOptions: width, latent_size, bns_weight, centroid_weight, diversity, tv_weight, l2_weight, ...); repeatable")

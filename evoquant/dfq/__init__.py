@@ -81,8 +81,8 @@ def datafree(
         n: ZeroQ's and Genie's number of images (default 3,072: what default refine fits on and verifies on).
         steps: optimisation steps per batch (ZeroQ 500, Genie 200), or the generator's training steps (1,500).
         mixes: Genie: batches made per optimised batch on top of it, by its generator from mixes of its
-            latents (``1 + mixes`` times the images per optimisation; default 3: a quarter of the time, as
-            good for refine on the zoo; 0: every image optimised).
+            latents (``1 + mixes`` times the images per optimisation; default 3: a quarter of the time, about
+            as good for refine on the zoo; 0: every image optimised).
         resume: continue from the checkpoint (generators) or the finished batches (ZeroQ, Genie) in ``output``.
         options: the generator methods' settings (:class:`MethodOptions`, the papers' values by default);
             refused for ZeroQ and Genie, which have none.
