@@ -91,10 +91,11 @@ def datafree(
         EvoquantError: a teacher that is not a torch.export program, has no BatchNorm layers, does not take
             ``input_shape`` or is not a classifier; bad settings; an output in the way.
     """
-    from evoquant.dfq.synthesis import DEFAULT_MIXES, DEFAULT_STEPS, distilled_images, teacher_digest, train_generator
+    from evoquant.dfq.synthesis import DEFAULT_STEPS, distilled_images, resolve_mixes, teacher_digest, train_generator
 
     if method not in METHODS:
         raise EvoquantError(f"unknown data-free method {method!r}; choose {', '.join(METHODS)}")
+    mixes = resolve_mixes(method, mixes)
     shape = _image_shape(input_shape)
     output = Path(output)
     started = time.perf_counter()
@@ -111,8 +112,6 @@ def datafree(
         partial = output.with_name(f".{output.name}.partial.npz")
         if overwrite and not resume:
             partial.unlink(missing_ok=True)
-    elif mixes:
-        raise EvoquantError(f"mixes applies to genie's optimised latents; {method} trains a generator (draw any number of images from it)")
     elif output.suffix.lower() == ".npz":
         raise EvoquantError(f"{method} trains a generator: the output is a directory (then --data gan:{output.with_suffix('')}), not an .npz")
     from evoquant.data.preprocess import parse_values
@@ -125,7 +124,7 @@ def datafree(
             np.savez(temporary, x=images, y=labels)
         partial.unlink(missing_ok=True)
         return DataFreeResult(method, str(output), "npz", model.num_classes, model.input_shape, DEFAULT_STEPS[method] if steps is None else steps,
-                              time.perf_counter() - started, images=len(images), mixes=DEFAULT_MIXES.get(method, 0) if mixes is None else mixes)
+                              time.perf_counter() - started, images=len(images), mixes=mixes)
     if n is not None:
         raise EvoquantError(f"-n is the number of images of {' and '.join(IMAGE_METHODS)}; {method} trains a generator (draw any number from gan:{output})")
     identity = teacher_digest(teacher) if isinstance(teacher, (str, os.PathLike)) else "module"

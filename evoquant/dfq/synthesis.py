@@ -304,6 +304,19 @@ def _load_generator_checkpoint(torch: Any, path: Path, settings: dict, teacher, 
 # --------------------------------------------------------------------------------------------------
 
 
+def resolve_mixes(method: str, mixes: int | None) -> int:
+    """How many mixed batches ``method`` makes per optimised one: ``mixes``, or the method's default
+    (:data:`DEFAULT_MIXES`; 0 for a method without latents to mix). A negative count, or mixes for a
+    method that has no latents, is a one-line error."""
+    if mixes is None:
+        return DEFAULT_MIXES.get(method, 0)
+    if mixes < 0:
+        raise EvoquantError(f"mixes must be 0 or more, got {mixes}")
+    if mixes and method not in DEFAULT_MIXES:
+        raise EvoquantError(f"mixes applies to the optimised latents of {', '.join(DEFAULT_MIXES)}; {method} has none to mix (got mixes {mixes})")
+    return mixes
+
+
 def distilled_images(teacher, n: int, *, method: str = "zeroq", steps: int | None = None, batch_size: int = 64, seed: int = 0, progress: bool = True,
                      partial: Path | None = None, mixes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``n`` images in [0, 1] optimised batch by batch for ``teacher``'s BatchNorm statistics, and the
@@ -322,9 +335,7 @@ def distilled_images(teacher, n: int, *, method: str = "zeroq", steps: int | Non
         raise EvoquantError(f"unknown image method {method!r}; choose {', '.join(IMAGE_METHODS)}")
     steps = DEFAULT_STEPS[method] if steps is None else steps
     _check_positive(n=n, steps=steps, batch_size=batch_size)
-    mixes = DEFAULT_MIXES.get(method, 0) if mixes is None else mixes
-    if mixes < 0 or (mixes and method != "genie"):
-        raise EvoquantError(f"mixes must be 0 or more, and only Genie has latents to mix (got {mixes} for {method})")
+    mixes = resolve_mixes(method, mixes)
     torch = import_torch()
     per_batch = batch_size * (1 + mixes)  # images one optimisation yields
     done_images, done_labels = [], []
@@ -337,11 +348,11 @@ def distilled_images(teacher, n: int, *, method: str = "zeroq", steps: int | Non
     have = sum(len(x) for x in done_images)
     batches = -(-n // per_batch)
     bar = _bar(progress, batches * steps, (have // per_batch) * steps, f"datafree {method}")
+    tick = bar.update if bar is not None else lambda _: None
     try:
         for batch in range(have // per_batch, batches):
             size = min(batch_size, -(-(n - batch * per_batch) // (1 + mixes)))
             batch_seed = int(np.random.SeedSequence([seed, batch]).generate_state(1)[0] % 2**31)
-            tick = bar.update if bar is not None else lambda _: None
             if method == "zeroq":
                 outputs = [_zeroq_batch(torch, teacher, size, steps, batch_seed, tick)]
             else:
