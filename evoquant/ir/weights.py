@@ -403,6 +403,25 @@ def _match_fakequantize(constant: ov.Node) -> QuantizedWeight | None:
     )
 
 
+def reference_weight(weight: QuantizedWeight, reference_ops: dict[str, ov.Node]) -> np.ndarray | None:
+    """The FP32 reference's weight for ``weight`` (float64, ``weight.shape``), or None where it has none.
+
+    ``reference_ops`` maps the reference model's friendly names to its ops. Matched by the consumer's name
+    and input port (NNCF keeps layer names), through reshapes, converts and a weight FakeQuantize, then
+    checked by size. SmoothQuant'ed layers match too: their FP32 weight is not states x scale (callers that
+    need the rounding relation check it themselves)."""
+    layer = reference_ops.get(weight.consumer)
+    if layer is None or weight.consumer_port >= layer.get_input_size():
+        return None
+    source = layer.input_value(weight.consumer_port).get_node()
+    while source.get_type_name() in _PASS_THROUGH | {"FakeQuantize"}:
+        source = source.input_value(0).get_node()
+    if source.get_type_name() != "Constant":
+        return None
+    fp_weight = _read_constant(source).astype(np.float64)
+    return fp_weight.reshape(weight.shape) if fp_weight.size == weight.size else None
+
+
 def attach_reference(table: WeightTable, reference: ov.Model) -> int:
     """Fill each compressed weight's ``rounding_residual`` from the FP32 reference; return how many matched.
 
@@ -416,18 +435,10 @@ def attach_reference(table: WeightTable, reference: ov.Model) -> int:
         if weight.rounding_residual is not None:
             matched += 1
             continue
-        layer = by_name.get(weight.consumer)
-        if layer is None or weight.consumer_port >= layer.get_input_size():
+        fp_weight = reference_weight(weight, by_name)
+        if fp_weight is None:
             continue
-        source = layer.input_value(weight.consumer_port).get_node()
-        while source.get_type_name() in _PASS_THROUGH | {"FakeQuantize"}:
-            source = source.input_value(0).get_node()
-        if source.get_type_name() != "Constant":
-            continue
-        fp_weight = _read_constant(source).astype(np.float64)
-        if fp_weight.size != weight.size:
-            continue
-        exact = fp_weight.reshape(weight.shape) / weight.scale + weight.offset
+        exact = fp_weight / weight.scale + weight.offset
         residual = exact - weight.states
         if np.abs(residual).max() > 1.0 + 1e-3 and np.mean(np.abs(residual) <= 0.5 + 1e-3) < 0.9:
             continue  # not the weight these states were rounded from
