@@ -1,4 +1,5 @@
-"""Where the held-out KL left after refine comes from: weights or activations, and which layers.
+"""Where the held-out KL left after refine comes from: weights or activations, and which layers
+(``evoquant.analyze`` on the zoo).
 
     python benchmarks/error_sources.py --models dw_separable_cnn --bits 4 --source gan
     python benchmarks/error_sources.py --models all --bits 4 >> benchmarks/results/error_sources.jsonl
@@ -31,93 +32,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
+def analyse(xml: Path, reference_xml: Path, heldout, *, layers: bool) -> dict:
+    """``evoquant.analyze`` on the held-out digits, as a row's fields."""
+    from evoquant import analyze
+    from evoquant.data import Batch
 
-def kl(outputs: np.ndarray, teacher: np.ndarray) -> float:
-    from evoquant.fitness.objectives import kl_to_teacher
-
-    return float(kl_to_teacher([outputs], [teacher]))
-
-
-def fp32_weights(model, reference, only: int | None = None):
-    """``model`` with its quantized weights (or only weight ``only``) replaced by ``reference``'s FP32 ones."""
-    import openvino.opset13 as opset
-
-    from evoquant.ir.weights import find_quantized_weights, reference_weight
-
-    table = find_quantized_weights(model)
-    reference_ops = {op.get_friendly_name(): op for op in reference.get_ordered_ops()}
-    ops = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
-    replaced = 0
-    for index, weight in enumerate(table):
-        if only is not None and index != only:
-            continue
-        value = reference_weight(weight, reference_ops)
-        if value is None or np.mean(np.abs(value - weight.values(weight.states)) <= 1.5 * np.abs(weight.scale)) < 0.9:
-            continue  # no FP32 weight, or not the one these states stand for (SmoothQuant rescaled it)
-        consumer = ops[weight.consumer]
-        # Where the reference's weight went through a reshape, the consumer's port takes the reshaped value.
-        port_shape = consumer.input_value(weight.consumer_port).get_partial_shape()
-        data = value.reshape(port_shape.to_shape()) if port_shape.is_static else value
-        consumer.input(weight.consumer_port).replace_source_output(opset.constant(data.astype(np.float32)).output(0))
-        replaced += 1
-        # NNCF's bias correction moved the bias after the layer to cancel its rounding's mean error: the
-        # FP32 weight goes with the FP32 bias.
-        for target in consumer.output(0).get_target_inputs():
-            _reference_bias(target.get_node(), reference_ops)
-    model.validate_nodes_and_infer_types()
-    return model, replaced
-
-
-def _reference_bias(add, reference_ops) -> None:
-    """Give ``add`` (a bias Add, matched by name) the reference's constant operand, where shapes agree."""
-    import openvino.opset13 as opset
-
-    reference = reference_ops.get(add.get_friendly_name())
-    if add.get_type_name() != "Add" or reference is None or reference.get_type_name() != "Add":
-        return
-    for port in range(2):
-        mine, theirs = add.input_value(port).get_node(), reference.input_value(port).get_node()
-        while mine.get_type_name() == "Convert":  # FP16-compressed IRs (ov.save_model's default)
-            mine = mine.input_value(0).get_node()
-        while theirs.get_type_name() == "Convert":
-            theirs = theirs.input_value(0).get_node()
-        if mine.get_type_name() == "Constant" and theirs.get_type_name() == "Constant" and tuple(mine.get_output_shape(0)) == tuple(theirs.get_output_shape(0)):
-            add.input(port).replace_source_output(opset.constant(np.asarray(theirs.get_data(), dtype=np.float32)).output(0))
-
-
-def without_activation_quantizers(model):
-    """``model`` with every FakeQuantize on an activation (a non-constant input) bypassed."""
-    removed = 0
-    for op in model.get_ordered_ops():
-        if op.get_type_name() == "FakeQuantize" and op.input_value(0).get_node().get_type_name() != "Constant":
-            source = op.input_value(0)
-            for target in list(op.output(0).get_target_inputs()):
-                target.replace_source_output(source)
-            removed += 1
-    model.validate_nodes_and_infer_types()
-    return model, removed
-
-
-def analyse(xml: Path, reference_xml: Path, images: np.ndarray, teacher: np.ndarray, *, layers: bool) -> dict:
-    from evoquant.ir.runtime import compile_ir, infer, read_ir
-    from evoquant.ir.weights import find_quantized_weights
-
-    run = lambda model: infer(compile_ir(model), images)[0]  # noqa: E731
-    reference = read_ir(reference_xml)
-    row = {"kl": kl(run(read_ir(xml)), teacher)}
-    model, replaced = fp32_weights(read_ir(xml), reference)
-    row["kl_fp32_weights"], row["weights_replaced"] = kl(run(model), teacher), replaced
-    model, removed = without_activation_quantizers(read_ir(xml))
-    row["kl_no_activation_quantizers"], row["activation_quantizers"] = kl(run(model), teacher), removed
-    row["weights"] = len(find_quantized_weights(read_ir(xml)))
+    images, labels = heldout
+    result = analyze(xml, reference=reference_xml, data=Batch(images, labels), images=len(images), layers=layers)
+    row = {"kl": result.quantized, "kl_fp32_weights": result.fp32_weights, "weights_replaced": result.weights_replaced,
+           "kl_no_activation_quantizers": result.no_activation_quantizers, "activation_quantizers": result.activation_quantizers,
+           "kl_nothing_quantized": result.nothing_quantized, "weights": result.weights}
     if layers:
-        row["layers"] = []
-        for index, weight in enumerate(find_quantized_weights(read_ir(xml))):
-            model, replaced = fp32_weights(read_ir(xml), reference, only=index)
-            row["layers"].append({"layer": weight.consumer, "type": weight.consumer_type, "shape": list(weight.shape), "bits": 4 if weight.element_type in ("i4", "u4") else 8,
-                                  "kl_this_fp32": kl(run(model), teacher) if replaced else None})
+        row["layers"] = [{"layer": layer.layer, "type": layer.type, "shape": list(layer.shape), "bits": 4 if layer.element_type in ("i4", "u4") else 8,
+                          "kl_this_fp32": layer.error_fp32} for layer in result.layers]
     return row
 
 
@@ -134,19 +62,17 @@ def main() -> int:
     import openvino
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from quality import cpu_name, zoo_instance
+    from quality import zoo_instance
     from stages import zoo_models, zoo_refine
 
     from evoquant import quantize, zoo
     from evoquant.demo import CALIBRATION_SIZE, calibration_images
-    from evoquant.ir.runtime import compile_ir, infer, read_ir
 
     work = Path(tempfile.mkdtemp(prefix="evoquant-errors-"))
     for name, bits, built, model, spec, heldout in zoo_models(args.source, args.models, args.bits, "evoquant-errors-", gan_seed=args.gan_seed):
         if zoo.REGISTRY[name].task != "classification":
             continue
         images = heldout[0]
-        teacher = infer(compile_ir(read_ir(built.fp32_xml), f32=True), images)[0]
         starts = [(None, Path(model))]
         if args.keep_fp32:
             start = work / f"{name}_w{bits}_mixed.xml"
@@ -160,8 +86,8 @@ def main() -> int:
             seconds = time.perf_counter() - started
             row = {"benchmark": "error_sources", "model": name, "weight_bits": bits, "source": args.source, "gan_seed": args.gan_seed if args.source == "gan" else None,
                    "fp32_scope": scope, "refine_seconds": round(seconds, 1),
-                   "nncf": analyse(start, built.fp32_xml, images, teacher, layers=False),
-                   "refined": analyse(refined, built.fp32_xml, images, teacher, layers=scope is None),
+                   "nncf": analyse(start, built.fp32_xml, heldout, layers=False),
+                   "refined": analyse(refined, built.fp32_xml, heldout, layers=scope is None),
                    "openvino": openvino.__version__.split("-")[0], "nncf_version": nncf.__version__, **zoo_instance(built.fp32_xml)}
             print(json.dumps(row), flush=True)
     return 0
