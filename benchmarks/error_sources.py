@@ -4,6 +4,7 @@
     python benchmarks/error_sources.py --models dw_separable_cnn --bits 4 --source gan
     python benchmarks/error_sources.py --models all --bits 4 >> benchmarks/results/error_sources.jsonl
     python benchmarks/error_sources.py --models dw_separable_cnn --keep-fp32 type:GroupConvolution
+    python benchmarks/error_sources.py --models classic --source genie:seed=0   # no real image before the scores
 
 For each zoo model: NNCF's start (300 images of the source, as in benchmarks/quality.py) and the default
 refine of it on the same source. For both models, held-out KL(FP32 || model) on 1,000 real digits
@@ -53,7 +54,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="classic", help="zoo models or groups: classic, families, all (default: %(default)s)")
     parser.add_argument("--bits", default="4", help="weight bits, comma-separated (default: %(default)s)")
-    parser.add_argument("--source", default="gan", help="gan or fractal (default: %(default)s)")
+    parser.add_argument("--source", default="gan", help="gan, fractal, or a data-free method as calibration.py --datafree takes it (genie:seed=0; its images cached beside the zoo) (default: %(default)s)")
     parser.add_argument("--gan-seed", type=int, default=0)
     parser.add_argument("--keep-fp32", default=None, metavar="SCOPE", help="also quantize with SCOPE left in floating point and refine that")
     args = parser.parse_args()
@@ -66,13 +67,20 @@ def main() -> int:
     from stages import zoo_models, zoo_refine
 
     from evoquant import quantize, zoo
-    from evoquant.demo import CALIBRATION_SIZE, calibration_images
+    from evoquant.demo import CALIBRATION_SIZE, calibration_images, canonical_method, data_free_source
 
     work = Path(tempfile.mkdtemp(prefix="evoquant-errors-"))
-    for name, bits, built, model, spec, heldout in zoo_models(args.source, args.models, args.bits, "evoquant-errors-", gan_seed=args.gan_seed):
+    datafree = args.source not in ("gan", "fractal")
+    source = canonical_method(args.source) if datafree else args.source
+    for name, bits, built, model, spec, heldout in zoo_models("gan" if datafree else args.source, args.models, args.bits, "evoquant-errors-", gan_seed=args.gan_seed):
         if zoo.REGISTRY[name].task != "classification":
             continue
         images = heldout[0]
+        if datafree:  # NNCF calibrated on the data-free method's images (made once, cached beside the zoo), refine on them
+            spec = data_free_source(built, args.source, progress=False, echo=lambda *_: None)
+            model = work / f"{name}_w{bits}_datafree.xml"
+            quantize(built.fp32_xml, calibration=calibration_images(spec, shape=images.shape[1:])[:CALIBRATION_SIZE], output=model, weight_bits=bits,
+                     model_type=zoo.REGISTRY[name].model_type, weight_storage="keep")
         starts = [(None, Path(model))]
         if args.keep_fp32:
             start = work / f"{name}_w{bits}_mixed.xml"
@@ -84,7 +92,7 @@ def main() -> int:
             started = time.perf_counter()
             zoo_refine(start, built, spec, heldout, output=refined)
             seconds = time.perf_counter() - started
-            row = {"benchmark": "error_sources", "model": name, "weight_bits": bits, "source": args.source, "gan_seed": args.gan_seed if args.source == "gan" else None,
+            row = {"benchmark": "error_sources", "model": name, "weight_bits": bits, "source": source, "gan_seed": args.gan_seed if args.source == "gan" else None,
                    "fp32_scope": scope, "refine_seconds": round(seconds, 1),
                    "nncf": analyse(start, built.fp32_xml, heldout, layers=False),
                    "refined": analyse(refined, built.fp32_xml, heldout, layers=scope is None),
