@@ -72,8 +72,12 @@ class AnalysisResult:
         rows = [("as quantized", _number(self.quantized)),
                 (f"FP32 weights ({self.weights_replaced} of {self.weights}): activations only", _number(self.fp32_weights)),
                 (f"no activation quantizers ({self.activation_quantizers}): weights only", _number(self.no_activation_quantizers)),
-                ("nothing quantized (a check: ~0)", _number(self.nothing_quantized))]
+                ("nothing quantized (a check: ~0)" if self.weights_replaced == self.weights
+                 else f"no activation quantizers, FP32 weights ({self.weights_replaced} of {self.weights})", _number(self.nothing_quantized))]
         lines.append(format_rows(("model", self.metric), rows))
+        if self.weights_replaced < self.weights:
+            lines.append(f"{self.weights - self.weights_replaced} weight(s) have no FP32 weight their states stand for (SmoothQuant rescales weights and "
+                         "their activations together): they stay quantized in every line")
         if self.accuracy:
             lines.append("top-1 accuracy: " + ", ".join(f"{name} {100 * value:.2f} %" for name, value in self.accuracy.items()))
         if self.layers:
