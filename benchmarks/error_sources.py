@@ -17,7 +17,8 @@ refine of it on the same source. For both models, held-out KL(FP32 || model) on 
   SmoothQuant rescaled, as in the ViT, is not the FP32 one and stays);
 - ``kl_no_activation_quantizers``: every activation FakeQuantize removed (only the weights quantized);
 - ``layers`` (refined model only): per quantized weight, the KL with that one weight (and its bias) back in FP32 and the
-  rest as refined. A value above ``kl`` means the later layers' fits compensate this layer's error.
+  rest as refined. A value above ``kl`` means the later layers' fits compensate this layer's error;
+  ``activations`` likewise, per activation quantizer removed alone.
 
 ``--keep-fp32 SCOPE`` adds one more NNCF start with SCOPE left in floating point (``evoquant quantize
 --ignored-scope`` syntax: names, ``re:``, ``type:``) and its refine: what mixed precision would buy.
@@ -47,6 +48,7 @@ def analyse(xml: Path, reference_xml: Path, heldout, *, layers: bool) -> dict:
     if layers:
         row["layers"] = [{"layer": layer.layer, "type": layer.type, "shape": list(layer.shape), "bits": 4 if layer.element_type in ("i4", "u4") else 8,
                           "kl_this_fp32": layer.error_fp32} for layer in result.layers]
+        row["activations"] = [{"quantizer": quantizer.quantizer, "kl_without": quantizer.error_without} for quantizer in result.activations]
     return row
 
 

@@ -8,6 +8,8 @@ The questions AIMET's QuantAnalyzer asks, for an OpenVINO IR against its FP32 or
 - with every activation quantizer removed: only the weights left;
 - with both: nothing quantized, which must be (close to) zero, or the reference is not the model the
   quantized one was made from;
+- per activation quantizer, the model with that one removed: which activations cost most (their ranges,
+  or a candidate to leave in float);
 - per quantized weight, the model with that one weight (and its bias) back in FP32. Above the model's own
   figure: the later layers compensate this one (refine's reconstruction fits each layer to the ones before),
   and keeping it in float alone would not help; far below: the layer to keep at 8 bits or in float
@@ -42,6 +44,14 @@ class LayerSensitivity:
 
 
 @dataclass
+class QuantizerSensitivity:
+    """One activation quantizer: the model's error with only this quantizer removed."""
+
+    quantizer: str
+    error_without: float
+
+
+@dataclass
 class AnalysisResult:
     """What :func:`analyze` measured; ``metric`` is ``kl`` (classifiers: KL(FP32 ‖ model)) or ``mse``
     (normalized MSE of all outputs)."""
@@ -59,6 +69,7 @@ class AnalysisResult:
     weights_replaced: int
     activation_quantizers: int
     layers: list[LayerSensitivity] = field(default_factory=list)
+    activations: list[QuantizerSensitivity] = field(default_factory=list)
     accuracy: dict[str, float] | None = None  # with labelled images: top-1 of the reference and the model
     seconds: float = 0.0
 
@@ -89,6 +100,13 @@ class AnalysisResult:
                                        _number(layer.error_fp32) if layer.error_fp32 is not None else "-",
                                        f"{100 * (layer.error_fp32 - self.quantized) / self.quantized:+.0f}%" if layer.error_fp32 is not None and self.quantized > 0 else (layer.reason or "-"))
                                       for layer in ranked]))
+        if self.activations:
+            lines.append("")
+            shown = sorted(self.activations, key=lambda quantizer: quantizer.error_without)[:10]
+            lines.append(f"one activation quantizer removed (the {len(shown)} that matter most of {len(self.activations)}):")
+            lines.append(format_rows(("quantizer", self.metric, "change"),
+                                     [(quantizer.quantizer, _number(quantizer.error_without),
+                                       f"{100 * (quantizer.error_without - self.quantized) / self.quantized:+.0f}%" if self.quantized > 0 else "-") for quantizer in shown]))
         return "\n".join(lines)
 
 
@@ -116,7 +134,8 @@ def analyze(
             a ``DataSource``, a ``Batch`` or an (N, C, H, W) array in the model's input. Real labelled data
             (an .npz with labels, a folder per class) adds top-1 accuracy.
         images: how many to draw (a finite source gives at most what it holds).
-        layers: also score the model with each quantized weight alone back in FP32 (one compile each).
+        layers: also score the model with each quantized weight alone back in FP32, and with each activation
+            quantizer alone removed (one compile each).
         input_shape: the model's input shape, batch first, for a dynamic input the data does not fix.
         value_range, mean_values, scale_values, layout: the model's input, as for :func:`evoquant.quantize`.
         seed: the draw.
@@ -131,7 +150,7 @@ def analyze(
     """
     from evoquant.api import _as_batch, _check_reference, _data_sample_shape, input_spec
     from evoquant.fitness.objectives import kl_to_teacher, looks_like_classifier, normalized_mse
-    from evoquant.ir.analysis import fp32_weight, with_fp32_weights, without_activation_quantizers
+    from evoquant.ir.analysis import activation_quantizer_names, fp32_weight, with_fp32_weights, without_activation_quantizers
     from evoquant.ir.runtime import compile_ir, infer, output_signature, parse_input_shape, read_ir, with_sample_shape
     from evoquant.ir.runtime import input_shape as sample_shape_of
     from evoquant.ir.weights import find_quantized_weights, require_quantized_weights
@@ -160,7 +179,8 @@ def analyze(
     def error(edited) -> float:
         return float(score(infer(compile_ir(with_sample_shape(edited, shape), f32=True), batch.images), teacher))
 
-    bar = _bar(progress, 4 + (len(table) if layers else 0))
+    quantizer_names = activation_quantizer_names(original) if layers else []
+    bar = _bar(progress, 4 + (len(table) + len(quantizer_names) if layers else 0))
     quantized_outputs = infer(compile_ir(with_sample_shape(read_ir(model), shape), f32=True), batch.images)
     quantized = float(score(quantized_outputs, teacher))
     bar.update(1)
@@ -183,12 +203,16 @@ def analyze(
             sensitivities.append(LayerSensitivity(weight.consumer, weight.consumer_type, tuple(weight.shape), weight.element_type, value,
                                                   None if value is not None else "no FP32 weight these states stand for"))
             bar.update(1)
+    activations = []
+    for name in quantizer_names:
+        activations.append(QuantizerSensitivity(name, error(without_activation_quantizers(read_ir(model), only=name)[0])))
+        bar.update(1)
     bar.close()
     accuracy = None
     if classifier and labels_are_classes and batch.labels is not None:
         accuracy = {"reference": float(np.mean(teacher[0].argmax(1) == batch.labels)), "model": float(np.mean(quantized_outputs[0].argmax(1) == batch.labels))}
     return AnalysisResult(str(model), str(reference), data_label, len(batch.images), "kl" if classifier else "mse", quantized, fp32, no_activations, nothing,
-                          len(table), replaced, removed, sensitivities, accuracy, round(time.perf_counter() - started, 1))
+                          len(table), replaced, removed, sensitivities, activations, accuracy, round(time.perf_counter() - started, 1))
 
 
 def _finite_share(data, images: int):

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import INPUT_SHAPE, ops_by_name, tiny_fp32_model
 from evoquant import EvoquantError, analyze
-from evoquant.ir.analysis import with_fp32_weights, without_activation_quantizers
+from evoquant.ir.analysis import activation_quantizer_names, with_fp32_weights, without_activation_quantizers
 from evoquant.ir.runtime import read_ir
 from test_cli import run_cli
 
@@ -28,6 +28,8 @@ def test_quantization_taken_out_piece_by_piece(tiny_irs, form):
     assert result.fp32_weights != pytest.approx(result.quantized) and result.no_activation_quantizers != pytest.approx(result.quantized)
     assert [layer.layer for layer in result.layers] == ["conv1", "depthwise", "fc"]
     assert all(layer.error_fp32 is not None and layer.error_fp32 != pytest.approx(result.quantized) for layer in result.layers)
+    assert len(result.activations) == result.activation_quantizers
+    assert all(quantizer.error_without != pytest.approx(result.quantized) for quantizer in result.activations)
 
 
 def test_edits_leave_only_what_they_say(tiny_irs):
@@ -40,6 +42,9 @@ def test_edits_leave_only_what_they_say(tiny_irs):
     model, removed = without_activation_quantizers(read_ir(tiny_irs.int8))
     kinds = {op.get_type_name() for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"}
     assert removed >= 3 and not kinds
+    names = activation_quantizer_names(read_ir(tiny_irs.int8))
+    model, removed = without_activation_quantizers(read_ir(tiny_irs.int8), only=names[1])
+    assert removed == 1 and activation_quantizer_names(model) == names[:1] + names[2:]
 
 
 def test_a_weight_its_states_were_not_rounded_from_is_not_put_back(tiny_irs, tmp_path):

@@ -6,7 +6,7 @@ Two edits of a quantized model, each on a copy the caller owns:
   one of them), together with the bias after it: NNCF's bias correction moved that bias to cancel the
   rounding's mean error, so the FP32 weight goes with the FP32 bias. A weight whose FP32 value is not
   what its integer states stand for (SmoothQuant rescaled it and its activation) stays as it is.
-* :func:`without_activation_quantizers` bypasses every FakeQuantize on an activation.
+* :func:`without_activation_quantizers` bypasses every FakeQuantize on an activation (or one of them).
 
 Both leave the graph otherwise as it was; neither is ever saved over the user's files.
 """
@@ -54,10 +54,19 @@ def fp32_weight(weight, reference_ops: dict[str, ov.Node]) -> np.ndarray | None:
     return value
 
 
-def without_activation_quantizers(model: ov.Model) -> tuple[ov.Model, int]:
-    """``model`` (edited in place) with every FakeQuantize on an activation bypassed; returns it and how many."""
+def activation_quantizer_names(model: ov.Model) -> list[str]:
+    """The friendly names of the FakeQuantize ops on activations (a non-constant input), in graph order."""
+    return [op.get_friendly_name() for op in model.get_ordered_ops()
+            if op.get_type_name() == "FakeQuantize" and op.input_value(0).get_node().get_type_name() != "Constant"]
+
+
+def without_activation_quantizers(model: ov.Model, only: str | None = None) -> tuple[ov.Model, int]:
+    """``model`` (edited in place) with every FakeQuantize on an activation (or only the one named ``only``)
+    bypassed; returns it and how many."""
     removed = 0
     for op in model.get_ordered_ops():
+        if only is not None and op.get_friendly_name() != only:
+            continue
         if op.get_type_name() == "FakeQuantize" and op.input_value(0).get_node().get_type_name() != "Constant":
             source = op.input_value(0)
             for target in list(op.output(0).get_target_inputs()):
