@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--reference", "-r", metavar="FP32.xml", required=True, help="the FP32 IR it was quantized from")
     analyze.add_argument("--data", "-d", metavar="SPEC", default="fractal", help="images to score on (default: %(default)s); real labelled data (an .npz with labels, a folder per class) adds top-1 accuracy")
     analyze.add_argument("--images", "-n", type=int, default=512, help="how many images (default: %(default)s)")
-    analyze.add_argument("--no-layers", action="store_true", help="skip the per-layer scores (one compile per quantized weight)")
+    analyze.add_argument("--no-layers", action="store_true", help="skip the per-layer and per-quantizer scores (one compile per quantized weight and per activation quantizer)")
     analyze.add_argument("--input-shape", "-shape", dest="input_shape", metavar="SHAPE", help="the model's input shape, batch first (1,3,224,224), for a dynamic input the data does not fix")
     analyze.add_argument("--input-range", metavar="LOW,HIGH", help="the model's input value range (default 0,1)")
     _add_preprocessing_flags(analyze)
