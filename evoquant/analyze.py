@@ -133,7 +133,7 @@ def analyze(
         data: the images to score on: a source spec (``fractal``, ``gan:DIR``, ``data.npz``, a folder, ...),
             a ``DataSource``, a ``Batch`` or an (N, C, H, W) array in the model's input. Real labelled data
             (an .npz with labels, a folder per class) adds top-1 accuracy.
-        images: how many to draw (a finite source gives at most what it holds).
+        images: how many to draw (a finite source must hold that many; an array or Batch is used whole).
         layers: also score the model with each quantized weight alone back in FP32, and with each activation
             quantizer alone removed (one compile each).
         input_shape: the model's input shape, batch first, for a dynamic input the data does not fix.
