@@ -77,18 +77,18 @@ def main() -> int:
     for name, bits, built, model, spec, heldout in zoo_models("gan" if datafree else args.source, args.models, args.bits, "evoquant-errors-", gan_seed=args.gan_seed):
         if zoo.REGISTRY[name].task != "classification":
             continue
-        images = heldout[0]
-        if datafree:  # NNCF calibrated on the data-free method's images (made once, cached beside the zoo), refine on them
+        if datafree:  # the data-free method's images (made once, cached beside the zoo) for calibration and refine
             spec = data_free_source(built, args.source, progress=False, echo=lambda *_: None)
-            model = work / f"{name}_w{bits}_datafree.xml"
-            quantize(built.fp32_xml, calibration=calibration_images(spec, shape=images.shape[1:])[:CALIBRATION_SIZE], output=model, weight_bits=bits,
-                     model_type=zoo.REGISTRY[name].model_type, weight_storage="keep")
-        starts = [(None, Path(model))]
+
+        def nncf_start(output: Path, **options) -> Path:
+            """NNCF's W{bits}A8 model of ``built`` on 300 images of ``spec``, as ``stages.zoo_models`` makes it."""
+            quantize(built.fp32_xml, calibration=calibration_images(spec, shape=heldout[0].shape[1:])[:CALIBRATION_SIZE], output=output, weight_bits=bits,
+                     model_type=zoo.REGISTRY[name].model_type, weight_storage="keep", **options)
+            return output
+
+        starts = [(None, nncf_start(work / f"{name}_w{bits}_datafree.xml") if datafree else Path(model))]
         if args.keep_fp32:
-            start = work / f"{name}_w{bits}_mixed.xml"
-            quantize(built.fp32_xml, calibration=calibration_images(spec, shape=images.shape[1:])[:CALIBRATION_SIZE], output=start, weight_bits=bits,
-                     model_type=zoo.REGISTRY[name].model_type, weight_storage="keep", ignored_scope=args.keep_fp32)
-            starts.append((args.keep_fp32, start))
+            starts.append((args.keep_fp32, nncf_start(work / f"{name}_w{bits}_mixed.xml", ignored_scope=args.keep_fp32)))
         for scope, start in starts:
             refined = work / f"{name}_w{bits}_{'mixed' if scope else 'all'}_refined.xml"
             started = time.perf_counter()

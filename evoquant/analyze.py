@@ -150,7 +150,7 @@ def analyze(
     """
     from evoquant.api import _as_batch, _check_reference, _data_sample_shape, input_spec
     from evoquant.fitness.objectives import kl_to_teacher, looks_like_classifier, normalized_mse
-    from evoquant.ir.analysis import activation_quantizer_names, fp32_weight, with_fp32_weights, without_activation_quantizers
+    from evoquant.ir.analysis import activation_quantizer_names, with_fp32_weights, without_activation_quantizers
     from evoquant.ir.runtime import compile_ir, infer, output_signature, parse_input_shape, read_ir, with_sample_shape
     from evoquant.ir.runtime import input_shape as sample_shape_of
     from evoquant.ir.weights import find_quantized_weights, require_quantized_weights
@@ -181,31 +181,29 @@ def analyze(
 
     quantizer_names = activation_quantizer_names(original) if layers else []
     bar = _bar(progress, 4 + (len(table) + len(quantizer_names) if layers else 0))
-    quantized_outputs = infer(compile_ir(with_sample_shape(read_ir(model), shape), f32=True), batch.images)
+    quantized_outputs = infer(compile_ir(with_sample_shape(original, shape), f32=True), batch.images)
     quantized = float(score(quantized_outputs, teacher))
     bar.update(1)
-    edited, replaced = with_fp32_weights(read_ir(model), teacher_model)
+    edited, replaced = with_fp32_weights(original.clone(), teacher_model)
     fp32 = error(edited)
     bar.update(1)
-    edited, removed = without_activation_quantizers(read_ir(model))
+    edited, removed = without_activation_quantizers(original.clone())
     no_activations = error(edited)
     bar.update(1)
-    edited, _ = without_activation_quantizers(with_fp32_weights(read_ir(model), teacher_model)[0])
+    edited, _ = without_activation_quantizers(with_fp32_weights(original.clone(), teacher_model)[0])
     nothing = error(edited)
     bar.update(1)
     sensitivities = []
     if layers:
-        reference_ops = {op.get_friendly_name(): op for op in teacher_model.get_ordered_ops()}
         for index, weight in enumerate(table):
-            value = None
-            if fp32_weight(weight, reference_ops) is not None:
-                value = error(with_fp32_weights(read_ir(model), teacher_model, only=index)[0])
+            edited, one = with_fp32_weights(original.clone(), teacher_model, only=index)
+            value = error(edited) if one else None  # none replaced: no FP32 weight these states stand for
             sensitivities.append(LayerSensitivity(weight.consumer, weight.consumer_type, tuple(weight.shape), weight.element_type, value,
                                                   None if value is not None else "no FP32 weight these states stand for"))
             bar.update(1)
     activations = []
     for name in quantizer_names:
-        activations.append(QuantizerSensitivity(name, error(without_activation_quantizers(read_ir(model), only=name)[0])))
+        activations.append(QuantizerSensitivity(name, error(without_activation_quantizers(original.clone(), only=name)[0])))
         bar.update(1)
     bar.close()
     accuracy = None

@@ -101,3 +101,20 @@ def test_user_saved_reference(tmp_path):
     result = analyze(tmp_path / "int8.xml", reference=tmp_path / "fp32.xml", data=images, images=32)
     assert result.weights_replaced == 3
     assert result.nothing_quantized < 0.01 * result.quantized  # FP16 rounding of the reference's weights only
+
+
+def test_fp16_weights_behind_fakequantize_are_weights_not_activations(tiny_irs):
+    """Older tools' FP16 IRs (POT): Constant(f16) -> Convert -> FakeQuantize is a weight's quantizer, and
+    removing the activation quantizers must leave it."""
+    model = read_ir(tiny_irs.fakequantize)
+    names = activation_quantizer_names(model)
+    weight_fq = [op for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize" and op.input_value(0).get_node().get_type_name() == "Constant"]
+    assert len(weight_fq) == 3
+    for op in weight_fq:
+        half = ov.opset13.constant(op.input_value(0).get_node().get_data().astype(np.float16))
+        op.input(0).replace_source_output(ov.opset13.convert(half, ov.Type.f32).output(0))
+    model.validate_nodes_and_infer_types()
+    assert activation_quantizer_names(model) == names
+    total = sum(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops())
+    model, removed = without_activation_quantizers(model)
+    assert removed == total - 3 and sum(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops()) == 3

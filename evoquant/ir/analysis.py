@@ -17,6 +17,7 @@ import numpy as np
 import openvino as ov
 import openvino.opset13 as opset
 
+from evoquant.ir.ranges import data_quantizers
 from evoquant.ir.weights import find_quantized_weights, reference_weight
 
 
@@ -55,23 +56,22 @@ def fp32_weight(weight, reference_ops: dict[str, ov.Node]) -> np.ndarray | None:
 
 
 def activation_quantizer_names(model: ov.Model) -> list[str]:
-    """The friendly names of the FakeQuantize ops on activations (a non-constant input), in graph order."""
-    return [op.get_friendly_name() for op in model.get_ordered_ops()
-            if op.get_type_name() == "FakeQuantize" and op.input_value(0).get_node().get_type_name() != "Constant"]
+    """The friendly names of the FakeQuantize ops on activations and on the model input (not on weights, also
+    not an FP16 weight's through its Convert), in graph order."""
+    return [node.get_friendly_name() for node in data_quantizers(model)]
 
 
 def without_activation_quantizers(model: ov.Model, only: str | None = None) -> tuple[ov.Model, int]:
-    """``model`` (edited in place) with every FakeQuantize on an activation (or only the one named ``only``)
-    bypassed; returns it and how many."""
+    """``model`` (edited in place) with every FakeQuantize on an activation or the model input (or only the one
+    named ``only``) bypassed; returns it and how many."""
     removed = 0
-    for op in model.get_ordered_ops():
-        if only is not None and op.get_friendly_name() != only:
+    for node in data_quantizers(model):
+        if only is not None and node.get_friendly_name() != only:
             continue
-        if op.get_type_name() == "FakeQuantize" and op.input_value(0).get_node().get_type_name() != "Constant":
-            source = op.input_value(0)
-            for target in list(op.output(0).get_target_inputs()):
-                target.replace_source_output(source)
-            removed += 1
+        source = node.input_value(0)
+        for target in list(node.output(0).get_target_inputs()):
+            target.replace_source_output(source)
+        removed += 1
     model.validate_nodes_and_infer_types()
     return model, removed
 

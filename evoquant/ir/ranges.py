@@ -76,6 +76,12 @@ def activation_quantizers(model: ov.Model) -> list[ov.Node]:
     return found
 
 
+def data_quantizers(model: ov.Model) -> list[ov.Node]:
+    """Every FakeQuantize of ``model`` on data rather than on a weight: :func:`activation_quantizers` and
+    :func:`input_quantizers` together, in graph order."""
+    return [node for node in model.get_ordered_ops() if node.get_type_name() == "FakeQuantize" and not _is_weight(node.input_value(0))]
+
+
 def input_quantizers(model: ov.Model) -> list[ov.Node]:
     """The FakeQuantize nodes of ``model`` on a model input (reached from a Parameter through preprocessing
     ops only), in graph order."""
