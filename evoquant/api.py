@@ -1248,6 +1248,12 @@ class QuantizeResult:
     agreement: float | None = None  # top-1 agreement with FP32 on the calibration images (classifiers)
     agreement_full_bias_correction: float | None = None  # measured only when agreement is low
     weight_storage: dict | None = None  # 4-bit weights: the multi-stream check and widening (evoquant.ir.storage)
+    # mixed precision (weight_bits 4 with ratio < 1 or int8_layers): the layers holding 8-bit weights, the share of
+    # the weights left at 4 bits, and each layer's sensitivity (relative output error at 4 bits after the fit)
+    ratio: float = 1.0
+    int8_layers: tuple[str, ...] = ()
+    four_bit_share: float | None = None
+    sensitivity: dict | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -1275,6 +1281,8 @@ def quantize(
     scale_values: Sequence[float] | str | None = None,
     layout: str | None = None,
     weight_storage: str = "auto",
+    ratio: float = 1.0,
+    int8_layers: str | Sequence[str] | None = None,
     progress: bool = False,
 ) -> QuantizeResult:
     """Quantize an FP32 OpenVINO IR with ``nncf.quantize`` (W8A8 or W4A8), calibrated on any data source.
@@ -1305,6 +1313,13 @@ def quantize(
         weight_storage: at 4 bits, ``auto`` checks the result with one and with several streams on 64
             calibration images and, where OpenVINO's results differ, writes the convolutions' 4-bit states in
             8-bit constants (a warning says so); ``keep`` never, ``widen`` always (:mod:`evoquant.ir.storage`).
+        ratio: with 4-bit weights, the share of the weights (parameters) kept at 4 bits, NNCF's
+            ``compress_weights`` convention; the rest hold 8-bit weights, given to the layers whose error a
+            layer-wise fit at 4 bits leaves largest per weight (:mod:`evoquant.reconstruct.precision`). NNCF
+            quantizes the model twice, at 4 and at 8 bits, on the same images; each chosen layer takes its
+            8-bit weights and corrected bias from the second. 1.0 (default): every weight 4-bit.
+        int8_layers: with 4-bit weights, layers that hold 8-bit weights whatever ``ratio`` (names, ``re:``,
+            ``type:``, as ``ignored_scope``); they count against its budget.
         progress: show NNCF's own log and progress bars.
 
     Returns:
@@ -1312,7 +1327,8 @@ def quantize(
 
     Raises:
         EvoquantError: an unreadable model, a bad output path, data that does not fit the model, an
-            unknown preset, ignored-scope entries that match nothing, or NNCF failing.
+            unknown preset, ignored-scope or int8-layers entries that match nothing, a ratio outside [0, 1] or
+            mixed precision without 4-bit weights, or NNCF failing.
     """
     from evoquant.ir.quantize import QuantizeSettings, nncf_quantize, top1_agreement_with
     from evoquant.ir.runtime import input_shape as sample_shape_of
@@ -1337,6 +1353,12 @@ def quantize(
     if weight_storage not in STORAGE_MODES:
         raise EvoquantError(f"unknown weight storage {weight_storage!r}; choose {', '.join(STORAGE_MODES)}")
     scope_entries = _scope_entries(ignored_scope)
+    int8_entries = _scope_entries(int8_layers, "int8-layers")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+        raise EvoquantError(f"--ratio is the share of the weights kept at 4 bits, between 0 and 1; got {ratio!r}")
+    mixed = ratio < 1.0 or bool(int8_entries)
+    if mixed and weight_bits != 4:
+        raise EvoquantError("--ratio and --int8-layers choose 8-bit layers in a 4-bit model: add --weight-bits 4")
     settings = QuantizeSettings(weight_bits=weight_bits, target_device=target_device, model_type=model_type, preset=preset,
                                 fast_bias_correction=bool(fast_bias_correction), ignored_scope=tuple(scope_entries))
 
@@ -1344,13 +1366,19 @@ def quantize(
     images = batch.images[:subset_size]
     items = _calibration_items(images, static_batch(fp32_model))
 
-    with _nncf_output(progress):
-        quantized = nncf_quantize(fp32_model, items, settings)
+    def make(settings: QuantizeSettings):
+        """NNCF's model with ``settings`` and, when mixed, the 8-bit layers chosen and taken from NNCF's 8-bit run."""
+        with _nncf_output(progress):
+            model = nncf_quantize(fp32_model, items, settings)
+            donor = nncf_quantize(fp32_model, items, dataclasses.replace(settings, weight_bits=8, target_device=settings.device)) if mixed else None
+        choice = _mixed_precision(model, donor, fp32_model, images, shape, ratio, int8_entries, progress) if mixed else None
+        return model, choice
+
+    quantized, choice = make(settings)
     agreement = top1_agreement_with(fp32_model, quantized, images, shape)
     agreement_full = None
     if agreement is not None and agreement < LOW_AGREEMENT and settings.fast_bias_correction:
-        with _nncf_output(progress):
-            alternative = nncf_quantize(fp32_model, items, dataclasses.replace(settings, fast_bias_correction=False))
+        alternative, _ = make(dataclasses.replace(settings, fast_bias_correction=False))
         agreement_full = top1_agreement_with(fp32_model, alternative, images, shape)
         better = "it does better" if agreement_full > agreement else "it does no better"
         _warn(f"the quantized model agrees with FP32 on only {100 * agreement:.1f}% of the calibration images; with --no-fast-bias-correction "
@@ -1375,7 +1403,41 @@ def quantize(
         agreement=agreement,
         agreement_full_bias_correction=agreement_full,
         weight_storage=storage.to_dict() if storage.four_bit else None,
+        ratio=float(ratio),
+        int8_layers=choice.layers if choice else (),
+        four_bit_share=choice.four_bit_share if choice else None,
+        sensitivity=choice.sensitivity if choice else None,
     )
+
+
+def _mixed_precision(model, donor, fp32_model, images: np.ndarray, shape, ratio: float, entries: list[str], progress: bool):
+    """Choose the 8-bit layers of NNCF's 4-bit ``model`` (``entries`` and, for ``ratio`` < 1, the most sensitive
+    per weight) and give them ``donor``'s 8-bit weights and biases, in place; returns the choice."""
+    from evoquant.config import ReconstructConfig
+    from evoquant.ir.mixed import layers_in_scope, take_weights
+    from evoquant.ir.runtime import with_sample_shape
+    from evoquant.ir.weights import find_quantized_weights
+    from evoquant.reconstruct.precision import choose_eight_bit
+    from evoquant.reconstruct.stage import reconstruct
+
+    table = find_quantized_weights(model)
+    fixed = layers_in_scope(table, entries, "--int8-layers") if entries else []
+    sizes: dict[str, int] = {}
+    for weight in table:
+        sizes[weight.consumer] = sizes.get(weight.consumer, 0) + weight.size
+    scored = []
+    if ratio < 1.0:
+        working, teacher = with_sample_shape(model.clone(), shape), with_sample_shape(fp32_model.clone(), shape)
+        scored = reconstruct(working, find_quantized_weights(working), teacher, images, ReconstructConfig(images=len(images)),
+                             progress=progress, label="quantize: 4-bit sensitivity").layers
+    choice = choose_eight_bit(sizes, ratio, fixed, scored)
+    if choice.unscored:
+        _warn(f"{len(choice.unscored)} layer(s) could not be fitted at 4 bits, so --ratio cannot rank them and leaves them 4-bit "
+              f"(name them in --int8-layers to hold them at 8 bits): {', '.join(choice.unscored[:5])}")
+    if ratio < 1.0 and len(choice.layers) == len(fixed):
+        _warn(f"--ratio {ratio:g} leaves room for no (more) 8-bit layer: the smallest holds {100 * min(sizes.values()) / sum(sizes.values()):.1f}% of the weights")
+    take_weights(model, donor, choice.layers)
+    return choice
 
 
 def synthesize(
@@ -1458,15 +1520,15 @@ def _calibration_items(images: np.ndarray, fixed_batch: int | None) -> list[np.n
     return [images[i : i + fixed_batch] for i in range(0, len(images) - fixed_batch + 1, fixed_batch)]
 
 
-def _scope_entries(ignored_scope: str | Sequence[str] | None) -> list[str]:
-    if ignored_scope is None:
+def _scope_entries(scope: str | Sequence[str] | None, option: str = "ignored-scope") -> list[str]:
+    if scope is None:
         return []
-    entries = ignored_scope.split(",") if isinstance(ignored_scope, str) else list(ignored_scope)
+    entries = scope.split(",") if isinstance(scope, str) else list(scope)
     entries = [str(entry).strip() for entry in entries if str(entry).strip()]
     for entry in entries:
         kind, sep, value = entry.partition(":")
         if sep and kind in ("re", "type") and not value:
-            raise EvoquantError(f"empty ignored-scope entry {entry!r}; expected NAME, re:PATTERN or type:OpType")
+            raise EvoquantError(f"empty {option} entry {entry!r}; expected NAME, re:PATTERN or type:OpType")
     return entries
 
 

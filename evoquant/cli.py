@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where a quantized IR's error comes from: weights or activations, and which layers",
         description="Score a quantized IR against its FP32 reference as it is, with every weight back in FP32 (only the activation quantizers left), with no "
                     "activation quantizer (only the weights left), and with each quantized weight alone back in FP32: which part of the error refine can "
-                    "reach (weights) and which layers to keep at 8 bits or in float (evoquant quantize --ignored-scope). KL for classifiers, normalized MSE otherwise.",
+                    "reach (weights) and which layers to keep at 8 bits or in float (evoquant quantize --int8-layers or --ignored-scope). KL for classifiers, normalized MSE otherwise.",
         epilog="examples:\n  evoquant analyze refined.xml -r fp32.xml\n  evoquant analyze int4.xml -r fp32.xml --data digits.npz --images 1000 --report analysis.json\n"
                "  evoquant analyze model.xml -r fp32.xml -shape 1,3,224,224 --data gan:gen/ --no-layers",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -450,6 +450,8 @@ examples:
   evoquant quantize fp32.xml --calibration images/ --ignored-scope "head/fc,re:.*attention.*,type:Softmax" -o int8.xml
   evoquant quantize fp32.xml --calibration gan:gen/ --weight-bits 4 -o w4a8.xml        # W4A8 (NNCF's NPU target)
   evoquant quantize vit.xml --calibration fractal --input-shape 1,3,32,32 --model-type transformer -o int8.xml
+  evoquant quantize fp32.xml --calibration gan:gen/ --weight-bits 4 --ratio 0.95 -o w4a8_mixed.xml   # 5% of the weights at 8 bits, where 4 bits hurt most
+  evoquant quantize fp32.xml --calibration gan:gen/ --weight-bits 4 --int8-layers type:GroupConvolution -o w4a8_dw8.xml
 
 --calibration takes every data spec: gan:GEN_DIR, fractal[:K], noise[:uniform|gaussian], a .npz, a folder.
 """
@@ -609,6 +611,11 @@ def _add_quantize_parser(commands) -> None:
     quantize.add_argument("--preset", choices=["performance", "mixed"], default="performance", help="NNCF preset (default: %(default)s)")
     quantize.add_argument("--ignored-scope", metavar="LIST", help="comma-separated layers to keep in FP32: NAME, re:PATTERN or type:OpType")
     quantize.add_argument("--weight-bits", type=int, choices=[4, 8], default=8, help="weight precision: 8 (W8A8) or 4 (W4A8; default: %(default)s)")
+    quantize.add_argument("--ratio", type=float, default=1.0, metavar="R",
+                          help="with --weight-bits 4: the share of the weights kept at 4 bits, as NNCF's compress_weights spells it; the rest hold 8-bit weights, "
+                               "on the layers whose error a layer-wise fit at 4 bits leaves largest per weight (NNCF quantizes twice, at 4 and 8 bits; default: %(default)s, all 4-bit)")
+    quantize.add_argument("--int8-layers", metavar="LIST", help="with --weight-bits 4: layers that hold 8-bit weights whatever --ratio: NAME, re:PATTERN or type:OpType (evoquant inspect lists them)")
+    quantize.add_argument("--report", metavar="FILE.json", help="write what was done as JSON (settings, agreement with FP32, the 8-bit layers and every layer's sensitivity)")
     quantize.add_argument("--weight-storage", choices=WEIGHT_STORAGE_MODES, default="auto", help=WEIGHT_STORAGE_HELP + " (default: %(default)s)")
     quantize.add_argument("--target-device", choices=["CPU", "GPU", "NPU", "ANY"], type=str.upper, help="NNCF's target device (default CPU for 8-bit weights, NPU for 4-bit: NNCF's CPU target refuses 4 bits)")
     quantize.add_argument("--model-type", choices=["transformer"], type=str.lower, help="NNCF's transformer scheme (SmoothQuant, attention)")
@@ -751,18 +758,24 @@ def run_synth(args) -> int:
 
 def run_quantize(args) -> int:
     from evoquant.api import quantize
+    from evoquant.report import write_json
 
+    _check_writable({"-o": args.output, "--report": args.report}, args.model, args.calibration)
     value_range = _input_range(args.input_range) or (0.0, 1.0)
     result = quantize(args.model, calibration=args.calibration, output=args.output, subset_size=args.subset_size, preset=args.preset,
                       weight_bits=args.weight_bits, target_device=args.target_device, model_type=args.model_type,
                       ignored_scope=args.ignored_scope, fast_bias_correction=not args.full_bias_correction, input_shape=args.input_shape,
                       seed=args.seed, value_range=value_range, mean_values=args.mean_values, scale_values=args.scale_values, layout=args.layout,
-                      weight_storage=args.weight_storage, progress=args.verbose)
+                      weight_storage=args.weight_storage, ratio=args.ratio, int8_layers=args.int8_layers, progress=args.verbose)
     agreement = "" if result.agreement is None else f", top-1 agreement with FP32 {100 * result.agreement:.1f}%"
     widened = (result.weight_storage or {}).get("widened_tensors")
     storage = f", {widened} of them 4-bit states in 8-bit constants" if widened else ""
-    print(f"{result.output}: W{result.weight_bits}A8, {result.quantized_tensors} quantized weight tensors{storage}, calibrated on {result.subset_size} images "
+    mixed = "" if result.four_bit_share is None else f" ({len(result.int8_layers)} layer(s) at 8 bits: {100 * (1 - result.four_bit_share):.1f}% of the weights)"
+    print(f"{result.output}: W{result.weight_bits}A8{mixed}, {result.quantized_tensors} quantized weight tensors{storage}, calibrated on {result.subset_size} images "
           f"from {result.calibration} ({result.preset}, target {result.target_device}{agreement}, {result.seconds:.1f} s)")
+    if args.report:
+        write_json(result.to_dict(), args.report)
+        print(f"report: {args.report}")
     return 0
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import openvino as ov
 import openvino.opset13 as opset
 
+from evoquant.ir.layers import copy_bias
 from evoquant.ir.ranges import data_quantizers
 from evoquant.ir.weights import find_quantized_weights, reference_weight
 
@@ -41,7 +42,7 @@ def with_fp32_weights(model: ov.Model, reference: ov.Model, only: int | None = N
         consumer.input(weight.consumer_port).replace_source_output(opset.constant(data.astype(np.float32)).output(0))
         replaced += 1
         for target in consumer.output(0).get_target_inputs():
-            _reference_bias(target.get_node(), reference_ops)
+            copy_bias(target.get_node(), reference_ops)
     model.validate_nodes_and_infer_types()
     return model, replaced
 
@@ -74,19 +75,3 @@ def without_activation_quantizers(model: ov.Model, only: str | None = None) -> t
         removed += 1
     model.validate_nodes_and_infer_types()
     return model, removed
-
-
-def _reference_bias(add: ov.Node, reference_ops: dict[str, ov.Node]) -> None:
-    """Give ``add`` (a bias Add, matched by name) the reference's constant operand, where the shapes agree;
-    FP16-compressed constants (``ov.save_model``'s default) are read through their Convert."""
-    reference = reference_ops.get(add.get_friendly_name())
-    if add.get_type_name() != "Add" or reference is None or reference.get_type_name() != "Add":
-        return
-    for port in range(2):
-        mine, theirs = add.input_value(port).get_node(), reference.input_value(port).get_node()
-        while mine.get_type_name() == "Convert":
-            mine = mine.input_value(0).get_node()
-        while theirs.get_type_name() == "Convert":
-            theirs = theirs.input_value(0).get_node()
-        if mine.get_type_name() == "Constant" and theirs.get_type_name() == "Constant" and tuple(mine.get_output_shape(0)) == tuple(theirs.get_output_shape(0)):
-            add.input(port).replace_source_output(opset.constant(np.asarray(theirs.get_data(), dtype=np.float32)).output(0))

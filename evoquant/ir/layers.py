@@ -181,6 +181,25 @@ def _bias_add(model: ov.Model, name: str) -> ov.Node | None:
     return add if _bias_value(add) is not None else None
 
 
+def copy_bias(add: ov.Node, source_ops: dict[str, ov.Node]) -> bool:
+    """Give ``add`` (a bias Add) the constant operand of the Add of the same name in another model of the same
+    graph (``source_ops``: its ops by friendly name), where the shapes agree; FP16-compressed constants
+    (``ov.save_model``'s default) are read through their Convert. Returns whether it did."""
+    source = source_ops.get(add.get_friendly_name())
+    if add.get_type_name() != "Add" or source is None or source.get_type_name() != "Add":
+        return False
+    for port in range(2):
+        mine, theirs = add.input_value(port).get_node(), source.input_value(port).get_node()
+        while mine.get_type_name() == "Convert":
+            mine = mine.input_value(0).get_node()
+        while theirs.get_type_name() == "Convert":
+            theirs = theirs.input_value(0).get_node()
+        if mine.get_type_name() == "Constant" and theirs.get_type_name() == "Constant" and tuple(mine.get_output_shape(0)) == tuple(theirs.get_output_shape(0)):
+            add.input(port).replace_source_output(opset.constant(np.asarray(theirs.get_data(), dtype=np.float32)).output(0))
+            return True
+    return False
+
+
 def _bias_value(add: ov.Node) -> np.ndarray | None:
     """The Add's constant operand (possibly behind a Convert, e.g. FP16-compressed), float64."""
     for port in range(2):

@@ -89,20 +89,7 @@ def top1_agreement_with(reference: ov.Model, quantized: ov.Model, images: np.nda
 
 
 def _ignored_scope(nncf, entries: list[str]):
-    import re
+    from evoquant.ir.mixed import parse_scope
 
-    names, patterns, types = [], [], []
-    for entry in entries:
-        kind, sep, value = entry.partition(":")
-        if sep and kind == "re":
-            try:
-                re.compile(value)
-            except re.error as error:
-                raise EvoquantError(f"ignored-scope pattern {value!r} is not a valid regular expression: {error}") from None
-            patterns.append(value)
-        elif sep and kind == "type":
-            types.append(value)
-        else:
-            names.append(entry)
+    names, patterns, types = parse_scope(entries)
     return nncf.IgnoredScope(names=names, patterns=patterns, types=types)
-

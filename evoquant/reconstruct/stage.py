@@ -39,6 +39,14 @@ class LayerResult:
     check_before: float | None = None
     check_after: float | None = None
     rows_kept: int = 0
+    target_energy: float | None = None  # mean square of the layer's target output (bias removed): the scale of its errors
+
+    @property
+    def relative_error(self) -> float | None:
+        """``error_after`` as a share of the target's mean square: comparable across layers."""
+        if self.error_after is None or not self.target_energy:
+            return None
+        return self.error_after / self.target_energy
 
 
 @dataclass
@@ -231,7 +239,7 @@ class _LayerFit:
         weight, geometry, groups = self.weight, self.geometry, self.grids
         start_matrices = weight_matrices(weight.states, geometry)
         references = weight_matrices(self.reference, geometry) if self.reference is not None else [None] * len(groups)
-        new_matrices, flips, gradients, before, after, refit = [], [], [], 0.0, 0.0, 0.0
+        new_matrices, flips, gradients, before, after, refit, energy = [], [], [], 0.0, 0.0, 0.0, 0.0
         check_before, check_after, kept = 0.0, 0.0, 0
         for grid, start, system, check, fp32 in zip(groups, start_matrices, self.equations, self.checks, references):
             states = np.clip(solver(LayerProblem(system, grid, start, fp32, config.damping, config.act_order, config.anchor)), grid.low, grid.high).astype(np.int32)
@@ -250,12 +258,14 @@ class _LayerFit:
             refit += error_after - float(np.mean(np.square(system.mean_residual(grid.values(states)))))
             before += error_before
             after += error_after
+            energy += system.target_square / max(system.rows * grid.scale.shape[0], 1)
         new_states = weight_from_matrices(new_matrices, geometry).reshape(weight.shape).astype(np.int32)
         changed = int(np.count_nonzero(new_states != weight.states))
         count = len(groups)
         checked = self.checks[0].rows
         result = LayerResult(weight.consumer, self.equations[0].rows, before / count, after / count, changed, weight.size, error_bias_refit=refit / count,
-                             check_rows=checked, check_before=check_before / count if checked else None, check_after=check_after / count if checked else None, rows_kept=kept)
+                             check_rows=checked, check_before=check_before / count if checked else None, check_after=check_after / count if checked else None, rows_kept=kept,
+                             target_energy=energy / count)
         if not guides:
             return result, (new_states if changed else None), None
         flip = weight_from_matrices(flips, geometry).reshape(weight.shape)
