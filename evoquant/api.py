@@ -1313,11 +1313,12 @@ def quantize(
         weight_storage: at 4 bits, ``auto`` checks the result with one and with several streams on 64
             calibration images and, where OpenVINO's results differ, writes the convolutions' 4-bit states in
             8-bit constants (a warning says so); ``keep`` never, ``widen`` always (:mod:`evoquant.ir.storage`).
-        ratio: with 4-bit weights, the share of the weights (parameters) kept at 4 bits, NNCF's
-            ``compress_weights`` convention; the rest hold 8-bit weights, given to the layers whose error a
-            layer-wise fit at 4 bits leaves largest per weight (:mod:`evoquant.reconstruct.precision`). NNCF
-            quantizes the model twice, at 4 and at 8 bits, on the same images; each chosen layer takes its
-            8-bit weights and corrected bias from the second. 1.0 (default): every weight 4-bit.
+        ratio: with 4-bit weights, the share of the quantized weights (parameters; ``ignored_scope`` layers do
+            not count) kept at 4 bits, NNCF's ``compress_weights`` convention; the rest hold 8-bit weights, given
+            to the layers whose error a layer-wise fit at 4 bits leaves largest per weight
+            (:mod:`evoquant.reconstruct.precision`). NNCF quantizes the model twice, at 4 and at 8 bits, on the
+            same images; each chosen layer takes its 8-bit weights and corrected bias from the second. 1.0
+            (default): every weight 4-bit.
         int8_layers: with 4-bit weights, layers that hold 8-bit weights whatever ``ratio`` (names, ``re:``,
             ``type:``, as ``ignored_scope``); they count against its budget.
         progress: show NNCF's own log and progress bars.

@@ -612,7 +612,7 @@ def _add_quantize_parser(commands) -> None:
     quantize.add_argument("--ignored-scope", metavar="LIST", help="comma-separated layers to keep in FP32: NAME, re:PATTERN or type:OpType")
     quantize.add_argument("--weight-bits", type=int, choices=[4, 8], default=8, help="weight precision: 8 (W8A8) or 4 (W4A8; default: %(default)s)")
     quantize.add_argument("--ratio", type=float, default=1.0, metavar="R",
-                          help="with --weight-bits 4: the share of the weights kept at 4 bits, as NNCF's compress_weights spells it; the rest hold 8-bit weights, "
+                          help="with --weight-bits 4: the share of the quantized weights (parameters) kept at 4 bits, as NNCF's compress_weights spells it; the rest hold 8-bit weights, "
                                "on the layers whose error a layer-wise fit at 4 bits leaves largest per weight (NNCF quantizes twice, at 4 and 8 bits; default: %(default)s, all 4-bit)")
     quantize.add_argument("--int8-layers", metavar="LIST", help="with --weight-bits 4: layers that hold 8-bit weights whatever --ratio: NAME, re:PATTERN or type:OpType (evoquant inspect lists them)")
     quantize.add_argument("--report", metavar="FILE.json", help="write what was done as JSON (settings, agreement with FP32, the 8-bit layers and every layer's sensitivity)")
