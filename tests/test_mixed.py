@@ -76,6 +76,18 @@ def test_the_bias_after_the_layer_comes_from_the_8_bit_run_too():
     assert [w.element_type for w in find_quantized_weights(mixed)] == ["i8", "i4", "i4"]
 
 
+def test_every_layer_taken_computes_what_nncf_8_bit_model_computes():
+    """All layers taken: the 4-bit model becomes NNCF's 8-bit one (same activation quantizers; weights, scales and
+    biases taken), so the two compute the same outputs."""
+    items, model = list(calibration_batches()), _biased_model()
+    w4 = nncf_quantize(model, items, QuantizeSettings(weight_bits=4))
+    w8 = nncf_quantize(model, items, QuantizeSettings(weight_bits=8, target_device="NPU"))
+    x = np.random.default_rng(1).random((32, 3, 8, 8), dtype=np.float32)
+    assert not np.allclose(infer(compile_ir(w4, f32=True), x)[0], infer(compile_ir(w8, f32=True), x)[0], atol=1e-4)
+    take_weights(w4, w8, [w.consumer for w in find_quantized_weights(w4)])
+    assert np.allclose(infer(compile_ir(w4, f32=True), x)[0], infer(compile_ir(w8, f32=True), x)[0], atol=1e-5)
+
+
 def test_models_of_different_graphs_are_not_mixed(w4_and_w8):
     w4, _ = w4_and_w8
     other = nncf_quantize(tiny_fp32_model(), list(calibration_batches()), QuantizeSettings(weight_bits=8, target_device="NPU", ignored_scope=("fc",)))
