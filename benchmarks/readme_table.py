@@ -526,14 +526,14 @@ def mixed_precision_table(rows: list[dict]) -> str:
     base = {(row["model"], row["source"], row.get("gan_seed")): row["nncf_kl"] for row in rows if row["ratio"] == 1.0}
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["model"], row["ratio"]), []).append(row)
+        groups.setdefault((row["source"], row["model"], row["ratio"]), []).append(row)
     lines = [
-        "| model | ratio | 4-bit share of weights | 8-bit layers | FP32 acc % | NNCF acc % | refined acc % | NNCF KL | refined KL | change from W4A8 NNCF | runs | quantize s | refine s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| data | model | ratio | 4-bit share of weights | 8-bit layers | FP32 acc % | NNCF acc % | refined acc % | NNCF KL | refined KL | change from W4A8 NNCF | runs | quantize s | refine s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (model, ratio), group in groups.items():
+    for (source, model, ratio), group in sorted(groups.items(), key=lambda item: (item[0][0] != "gan", list(groups).index(item[0]))):
         bases = [base[(row["model"], row["source"], row.get("gan_seed"))] for row in group]
-        lines.append(f"| {model} | {ratio:g} | {_median_range([100 * row['four_bit_share'] for row in group], '.1f')} % | "
+        lines.append(f"| {source} | {model} | {ratio:g} | {_median_range([100 * row['four_bit_share'] for row in group], '.1f')} % | "
                      f"{_median_range([len(row['int8_layers']) for row in group], '.0f')} | {_median_range([100 * row['fp32_accuracy'] for row in group], '.1f')} | "
                      f"{_median_range([100 * row['nncf_accuracy'] for row in group], '.1f')} | {_median_range([100 * row['refined_accuracy'] for row in group], '.1f')} | "
                      f"{_median_range([row['nncf_kl'] for row in group], '.2g')} | {_median_range([row['refined_kl'] for row in group], '.2g')} | "
