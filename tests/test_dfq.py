@@ -219,12 +219,51 @@ def test_genie_mixes_more_batches_from_each_optimised_generator(program, tmp_pat
         assert code == 2 and stderr.count("\n") == 1 and "mix" in stderr and not (tmp_path / output).exists()
 
 
+def _stats(mean, var, running_mean, running_var):
+    return type("S", (), {"mean": torch.tensor(mean), "var": torch.tensor(var), "running_mean": torch.tensor(running_mean), "running_var": torch.tensor(running_var)})
+
+
+@pytest.mark.parametrize("std", [True, False])
+def test_the_relative_statistics_loss_counts_every_channel_alike(std):
+    """Two channels off by the same 10 % of their spread, one 10x narrower: the relative loss weighs them alike, the
+    absolute one all but ignores the narrow one."""
+    wide = _stats([1.1], [1.21], [1.0], [1.0])
+    narrow = _stats([0.11], [0.0121], [0.1], [0.01])
+    both = _stats([1.1, 0.11], [1.21, 0.0121], [1.0, 0.1], [1.0, 0.01])
+    absolute = [float(bns_loss([layer], std=std)) for layer in (wide, narrow)]
+    relative = [float(bns_loss([layer], std=std, relative=True)) for layer in (wide, narrow)]
+    assert absolute[1] < 0.02 * absolute[0]
+    assert relative[1] == pytest.approx(relative[0], rel=0.01)
+    assert float(bns_loss([both], std=std, relative=True)) == pytest.approx(sum(relative) / 2, rel=1e-5)
+
+
+def test_relative_statistics_are_a_setting_of_every_method_image_methods_included(program, tmp_path):
+    with pytest.raises(EvoquantError, match="bns must be absolute or relative"):
+        MethodOptions(bns="squared")
+    result = evoquant.datafree(program, method="genie", output=tmp_path / "g.npz", n=8, steps=20, batch_size=8, progress=False, mixes=0,
+                               options=MethodOptions(bns="relative"))
+    assert result.images == 8
+    plain = evoquant.datafree(program, method="genie", output=tmp_path / "p.npz", n=8, steps=20, batch_size=8, progress=False, mixes=0)
+    with np.load(tmp_path / "g.npz") as relative, np.load(tmp_path / "p.npz") as absolute:
+        assert not np.allclose(relative["x"], absolute["x"])  # the setting reached the optimisation
+    del plain
+    # an absolute run's partial images are not taken for a relative run
+    from evoquant.dfq.synthesis import distilled_images
+
+    distilled_images(load_teacher(program), 8, method="genie", steps=20, batch_size=8, mixes=0, progress=False, partial=tmp_path / ".r.npz.partial.npz")
+    evoquant.datafree(program, method="genie", output=tmp_path / "r.npz", n=8, steps=20, batch_size=8, progress=False, resume=True, mixes=0,
+                      options=MethodOptions(bns="relative"))
+    with np.load(tmp_path / "r.npz") as resumed, np.load(tmp_path / "g.npz") as relative:
+        np.testing.assert_array_equal(resumed["x"], relative["x"])
+
+
 def test_a_genie_source_is_named_with_its_mixes():
     from evoquant.demo import canonical_method
 
     assert canonical_method("genie:seed=0") == "genie:seed=0,mixes=3" and canonical_method("genie") == "genie:mixes=3"
     assert canonical_method("genie:mixes=0,seed=1") == "genie:mixes=0,seed=1"
     assert canonical_method("clusterq:width=32") == "clusterq:width=32" and canonical_method("zeroq") == "zeroq"
+    assert canonical_method("genie:seed=0,bns=relative") == "genie:seed=0,bns=relative,mixes=3"
 
 
 def test_the_image_prior_is_total_variation_plus_energy_and_prefers_smooth_images():

@@ -10,6 +10,7 @@ how the model's BatchNorm statistics are read.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -100,8 +101,8 @@ def datafree(
     output = Path(output)
     started = time.perf_counter()
     if method in IMAGE_METHODS:
-        if options is not None and options != MethodOptions():
-            raise EvoquantError(f"{method} optimises images directly: the generator settings (--set) apply to {', '.join(GENERATOR_METHODS)}")
+        if options is not None and dataclasses.replace(options, bns=MethodOptions.bns) != MethodOptions():
+            raise EvoquantError(f"{method} optimises images directly: the generator settings (--set, except bns) apply to {', '.join(GENERATOR_METHODS)}")
         if output.suffix.lower() != ".npz":
             raise EvoquantError(f"{method} writes images: the output must be an .npz path, got {output}")
         if output.exists() and not (resume or overwrite):
@@ -119,7 +120,8 @@ def datafree(
     model = load_teacher(teacher, shape, value_range, parse_values(mean_values, "--mean-values"), parse_values(scale_values, "--scale-values"))
     if method in IMAGE_METHODS:
         n = DEFAULT_IMAGES if n is None else n
-        images, labels = distilled_images(model, n, method=method, steps=steps, batch_size=batch_size, seed=seed, progress=progress, partial=partial, mixes=mixes)
+        images, labels = distilled_images(model, n, method=method, steps=steps, batch_size=batch_size, seed=seed, progress=progress, partial=partial, mixes=mixes,
+                                          bns=(options or MethodOptions()).bns)
         with staged(output) as temporary:
             np.savez(temporary, x=images, y=labels)
         partial.unlink(missing_ok=True)

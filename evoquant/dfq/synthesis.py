@@ -80,8 +80,13 @@ class MethodOptions:
     diversity: float = 0.5
     tv_weight: float = 0.0  # DeepInversion's image priors on the generated images (in [0, 1]): total variation (L1, mean over pixels)
     l2_weight: float = 0.0  # ... and the mean squared pixel
+    # the BatchNorm-statistics loss: absolute (the papers') or relative (each channel's error in units of its
+    # running spread; every method, image methods included)
+    bns: str = "absolute"
 
     def __post_init__(self):
+        if self.bns not in ("absolute", "relative"):
+            raise EvoquantError(f"bns must be absolute or relative, got {self.bns!r}")
         if self.embedding not in ("random", "classifier"):
             raise EvoquantError(f"the embedding must be random or classifier, got {self.embedding!r}")
         if self.latent_size < 1 or self.width < 1:
@@ -211,7 +216,7 @@ def train_generator(teacher, method: str, *, out_dir: str | os.PathLike, steps: 
             fake, targets = state.generator(z, labels), None
         logits, stats = teacher((fake + 1) / 2)
         task = soft_cross_entropy(logits, targets) if targets is not None else cross_entropy(logits, labels)
-        statistics = bns_loss(stats)
+        statistics = bns_loss(stats, relative=options.bns == "relative")
         if method == "clusterq":
             correct = logits.argmax(dim=1) == labels
             state.centroids.update(stats, labels, correct)
@@ -318,13 +323,14 @@ def resolve_mixes(method: str, mixes: int | None) -> int:
 
 
 def distilled_images(teacher, n: int, *, method: str = "zeroq", steps: int | None = None, batch_size: int = 64, seed: int = 0, progress: bool = True,
-                     partial: Path | None = None, mixes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     partial: Path | None = None, mixes: int | None = None, bns: str = "absolute") -> tuple[np.ndarray, np.ndarray]:
     """``n`` images in [0, 1] optimised batch by batch for ``teacher``'s BatchNorm statistics, and the
     teacher's labels: ZeroQ's pixels or Genie's per-batch generator (:data:`IMAGE_METHODS`).
 
     Genie with ``mixes`` > 0 (default :data:`DEFAULT_MIXES`): each optimised batch also yields that many
     batches more from its generator, fed convex mixes of pairs of its optimised latents
-    (:func:`mixed_latents`): ``1 + mixes`` times the images for one optimisation.
+    (:func:`mixed_latents`): ``1 + mixes`` times the images for one optimisation. ``bns``: the statistics
+    loss, absolute or relative (:func:`evoquant.dfq.losses.bns_loss`).
 
     Batch b is seeded by (seed, b), so a run continued from ``partial`` (the finished batches, saved after
     each one) makes the same images as an uninterrupted one."""
@@ -336,6 +342,7 @@ def distilled_images(teacher, n: int, *, method: str = "zeroq", steps: int | Non
     steps = DEFAULT_STEPS[method] if steps is None else steps
     _check_positive(n=n, steps=steps, batch_size=batch_size)
     mixes = resolve_mixes(method, mixes)
+    relative = MethodOptions(bns=bns).bns == "relative"
     torch = import_torch()
     per_batch = batch_size * (1 + mixes)  # images one optimisation yields
     done_images, done_labels = [], []
@@ -343,6 +350,7 @@ def distilled_images(teacher, n: int, *, method: str = "zeroq", steps: int | Non
         with np.load(partial, allow_pickle=False) as archive:
             same = (str(archive["method"]) if "method" in archive else "zeroq") == method and int(archive["steps"]) == steps
             same = same and (int(archive["mixes"]) if "mixes" in archive else 0) == mixes
+            same = same and (str(archive["bns"]) if "bns" in archive else "absolute") == bns
             if same and int(archive["batch_size"]) == batch_size and int(archive["seed"]) == seed and list(archive["shape"]) == list(teacher.input_shape):
                 done_images, done_labels = [archive["x"]], [archive["y"]]
     have = sum(len(x) for x in done_images)
@@ -354,29 +362,29 @@ def distilled_images(teacher, n: int, *, method: str = "zeroq", steps: int | Non
             size = min(batch_size, -(-(n - batch * per_batch) // (1 + mixes)))
             batch_seed = int(np.random.SeedSequence([seed, batch]).generate_state(1)[0] % 2**31)
             if method == "zeroq":
-                outputs = [_zeroq_batch(torch, teacher, size, steps, batch_seed, tick)]
+                outputs = [_zeroq_batch(torch, teacher, size, steps, batch_seed, tick, relative=relative)]
             else:
-                outputs = _genie_batch(torch, teacher, size, steps, batch_seed, tick, mixes=mixes)
+                outputs = _genie_batch(torch, teacher, size, steps, batch_seed, tick, mixes=mixes, relative=relative)
             losses = []
             for images in outputs:
                 with torch.no_grad():
                     logits, stats = teacher(images)
                 done_images.append(images.numpy().astype(np.float32))
                 done_labels.append(logits.argmax(dim=1).numpy().astype(np.int64))
-                losses.append(float(bns_loss(stats, std=True)))
+                losses.append(float(bns_loss(stats, std=True, relative=relative)))
             if bar is not None:
                 bar.set_postfix_str(f"BNS {losses[0]:.4f}" + (f", mixes {np.mean(losses[1:]):.4f}" if mixes else ""))
             if partial is not None:
                 with staged(partial) as temporary:
                     np.savez(temporary, x=np.concatenate(done_images), y=np.concatenate(done_labels), steps=steps, batch_size=batch_size, seed=seed,
-                             shape=np.array(teacher.input_shape), method=method, mixes=mixes)
+                             shape=np.array(teacher.input_shape), method=method, mixes=mixes, bns=bns)
     finally:
         if bar is not None:
             bar.close()
     return np.concatenate(done_images)[:n], np.concatenate(done_labels)[:n]
 
 
-def _zeroq_batch(torch: Any, teacher, size: int, steps: int, seed: int, tick) -> Any:
+def _zeroq_batch(torch: Any, teacher, size: int, steps: int, seed: int, tick, *, relative: bool = False) -> Any:
     """ZeroQ: pixels ``sigmoid(v)`` from Gaussian noise, Adam (lr 0.5) on the BatchNorm statistics."""
     from evoquant.dfq.losses import bns_loss
 
@@ -384,7 +392,7 @@ def _zeroq_batch(torch: Any, teacher, size: int, steps: int, seed: int, tick) ->
     optimizer = torch.optim.Adam([pixels], lr=ZEROQ_LEARNING_RATE)
     for _ in range(steps):
         _, stats = teacher(torch.sigmoid(pixels))
-        loss = bns_loss(stats, std=True)
+        loss = bns_loss(stats, std=True, relative=relative)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -392,7 +400,7 @@ def _zeroq_batch(torch: Any, teacher, size: int, steps: int, seed: int, tick) ->
     return torch.sigmoid(pixels).detach()
 
 
-def _genie_batch(torch: Any, teacher, size: int, steps: int, seed: int, tick, *, mixes: int = 0) -> list:
+def _genie_batch(torch: Any, teacher, size: int, steps: int, seed: int, tick, *, mixes: int = 0, relative: bool = False) -> list:
     """Genie-D: a fresh small generator and one latent vector per image, both optimised on the BatchNorm
     statistics (latents Adam lr 0.1 with a plateau schedule, generator Adam lr 0.01 decayed ×0.95 every
     100 steps), plus ``GENIE_CLASS_WEIGHT`` × the cross-entropy on classes dealt evenly over the batch. The
@@ -412,7 +420,7 @@ def _genie_batch(torch: Any, teacher, size: int, steps: int, seed: int, tick, *,
     decay = torch.optim.lr_scheduler.ExponentialLR(generator_optimizer, gamma=0.95)
     for step in range(steps):
         logits, stats = teacher(generator(latents))
-        loss = bns_loss(stats, std=True) + GENIE_CLASS_WEIGHT * torch.nn.functional.cross_entropy(logits, classes)
+        loss = bns_loss(stats, std=True, relative=relative) + GENIE_CLASS_WEIGHT * torch.nn.functional.cross_entropy(logits, classes)
         latent_optimizer.zero_grad(set_to_none=True)
         generator_optimizer.zero_grad(set_to_none=True)
         loss.backward()
