@@ -12,10 +12,15 @@ distance, and the typical distance within consecutive 64-image batches (what Gen
 to the typical distance across them; and how close they lie to real digits (:func:`closeness`: pixel
 distances to and from the 1,000 held-out digits); and ``correlation_error``, how far the correlations
 between each BatchNorm layer's input channels (which the BatchNorm statistics do not hold) lie from those
-of 512 held-out digits (:func:`correlation_error`).
+of 512 held-out digits (:func:`correlation_error`); and ``relative_mismatch``, per BatchNorm layer, the
+median over channels of ``(|mean - running mean| + |std - running std|) / running std``: how far the
+images' statistics lie from the stored ones in units of each channel's spread, which the absolute BNS loss
+does not see for narrow channels (:func:`relative_mismatch`; real digits: the floor).
 
     python benchmarks/datafree_stats.py --models bn_cnn --datafree clusterq,gdfq,clusterq:width=32 \\
         > benchmarks/results/datafree_stats.jsonl
+    python benchmarks/datafree_stats.py --models bn_cnn,dw_separable_cnn --datafree genie:seed=0,genie:seed=0,bns=relative \\
+        > benchmarks/results/datafree_stats_relative.jsonl
 """
 
 from __future__ import annotations
@@ -63,6 +68,17 @@ def correlation_error(matrices: list[np.ndarray], reference: list[np.ndarray]) -
         off = ~np.eye(len(real), dtype=bool)
         errors.append(float(np.linalg.norm((mine - real)[off]) / max(np.linalg.norm(real[off]), 1e-12)))
     return float(np.mean(errors))
+
+
+def relative_mismatch(stats) -> list[float]:
+    """Per BatchNorm layer: the median over channels of the batch statistics' distance from the running ones in
+    units of the channel's running standard deviation (mean error plus standard-deviation error)."""
+    values = []
+    for layer in stats:
+        spread = np.sqrt(layer.running_var.numpy() + 1e-5)
+        error = np.abs(layer.mean.numpy() - layer.running_mean.numpy()) + np.abs(np.sqrt(layer.var.numpy() + 1e-5) - spread)
+        values.append(float(np.median(error / spread)))
+    return values
 
 
 def diversity(images: np.ndarray, batch: int = BATCH) -> dict:
@@ -135,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bright_share": float((x > 0.5).float().mean()),
                 **diversity(images), **closeness(images, x_heldout),
                 "correlation_error": correlation_error(channel_correlations(stats), held_out_correlations),
+                "relative_mismatch": relative_mismatch(stats),
             }), flush=True)
     return 0
 
