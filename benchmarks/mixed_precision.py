@@ -35,21 +35,16 @@ def main() -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from quality import zoo_instance
-    from stages import zoo_refine
+    from stages import zoo_refine, zoo_setups
 
     from evoquant import quantize, zoo
-    from evoquant.demo import CALIBRATION_SIZE, calibration_images, resolve_models, synthetic_source
+    from evoquant.demo import CALIBRATION_SIZE
 
     work = Path(tempfile.mkdtemp(prefix="evoquant-mixed-"))
-    quiet = {"progress": False, "echo": lambda *_: None}
-    for name in resolve_models(args.models):
+    for name, built, spec, calibration, (x_heldout, y_heldout) in zoo_setups(args.source, args.models, args.gan_seed):
         if zoo.REGISTRY[name].task != "classification":
             continue
-        shape = zoo.input_shape_of(name)
-        built = zoo.build(name, calibration=calibration_images(synthetic_source("gan", shape=shape, **quiet), shape=shape))
-        spec = synthetic_source(args.source, shape=shape, gan_seed=args.gan_seed, **quiet)
-        calibration = calibration_images(spec, shape=shape)[:CALIBRATION_SIZE]
-        _, _, x_heldout, y_heldout = zoo.mnist_split(shape)
+        calibration = calibration[:CALIBRATION_SIZE]
         for ratio in (float(r) for r in args.ratios.split(",")):
             start = work / f"{name}_r{ratio}.xml"
             started = time.perf_counter()

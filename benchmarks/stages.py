@@ -35,16 +35,10 @@ def zoo_models(source: str, models: str, bits: str, prefix: str, gan_seed: int =
     as is at W8A8 on GAN instance 0, every other start is quantized into a temporary folder the same way
     (``evoquant.quantize``, the model's NNCF model type)."""
     from evoquant import quantize, zoo
-    from evoquant.demo import CALIBRATION_SIZE, calibration_images, resolve_models, synthetic_source
+    from evoquant.demo import CALIBRATION_SIZE
 
     work = Path(tempfile.mkdtemp(prefix=prefix))
-    quiet = {"progress": False, "echo": lambda *_: None}
-    for name in resolve_models(models):
-        shape = zoo.input_shape_of(name)
-        built = zoo.build(name, calibration=calibration_images(synthetic_source("gan", shape=shape, **quiet), shape=shape))
-        spec = synthetic_source(source, shape=shape, gan_seed=gan_seed, **quiet)
-        calibration = calibration_images(spec, shape=shape)
-        _, _, x_heldout, y_heldout = zoo.mnist_split(shape)
+    for name, built, spec, calibration, (x_heldout, y_heldout) in zoo_setups(source, models, gan_seed):
         for weight_bits in (int(b) for b in bits.split(",")):
             model = built.int8_xml
             if weight_bits != 8 or source != "gan" or gan_seed != 0:
@@ -54,6 +48,22 @@ def zoo_models(source: str, models: str, bits: str, prefix: str, gan_seed: int =
                 quantize(built.fp32_xml, calibration=calibration[:CALIBRATION_SIZE], output=model, weight_bits=weight_bits,
                          model_type=zoo.REGISTRY[name].model_type, weight_storage=weight_storage)
             yield name, weight_bits, built, model, spec, (x_heldout, y_heldout)
+
+
+def zoo_setups(source: str, models: str, gan_seed: int = 0):
+    """What every zoo benchmark starts from, per model: yields ``(name, built, spec, calibration, heldout)`` -- the
+    zoo model built as the demo builds it (its INT8 model calibrated on GAN instance 0), the source's data spec
+    (GAN instance ``gan_seed``), the source's calibration images and the held-out digits as the model takes them."""
+    from evoquant import zoo
+    from evoquant.demo import calibration_images, resolve_models, synthetic_source
+
+    quiet = {"progress": False, "echo": lambda *_: None}
+    for name in resolve_models(models):
+        shape = zoo.input_shape_of(name)
+        built = zoo.build(name, calibration=calibration_images(synthetic_source("gan", shape=shape, **quiet), shape=shape))
+        spec = synthetic_source(source, shape=shape, gan_seed=gan_seed, **quiet)
+        _, _, x_heldout, y_heldout = zoo.mnist_split(shape)
+        yield name, built, spec, calibration_images(spec, shape=shape), (x_heldout, y_heldout)
 
 
 def zoo_refine(model, built, spec, heldout, **options):

@@ -21,7 +21,7 @@ import openvino.opset13 as opset
 
 from evoquant.errors import EvoquantError
 from evoquant.ir.layers import copy_bias
-from evoquant.ir.weights import QuantizedWeight, consumers, find_quantized_weights
+from evoquant.ir.weights import QuantizedWeight, WeightTable, consumers, find_quantized_weights
 
 
 def parse_scope(entries: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
@@ -66,9 +66,8 @@ def layers_in_scope(weights: Iterable[QuantizedWeight], entries: Sequence[str], 
     return [weight.consumer for weight in weights if weight.consumer in chosen]
 
 
-def check_same_graph(model: ov.Model, donor: ov.Model) -> None:
-    """Both models have the same quantized weights (layer, port, shape), compressed: what :func:`take_weights` needs."""
-    mine, theirs = find_quantized_weights(model), find_quantized_weights(donor)
+def _check_same_graph(mine: WeightTable, theirs: WeightTable) -> None:
+    """Two weight tables hold the same quantized weights (layer, port, shape), compressed: what :func:`take_weights` needs."""
     key = lambda weight: (weight.consumer, weight.consumer_port, weight.shape)  # noqa: E731
     if [key(w) for w in mine] != [key(w) for w in theirs]:
         raise EvoquantError("NNCF's 4-bit and 8-bit runs quantized different weights: the layers cannot be mixed")
@@ -79,12 +78,14 @@ def check_same_graph(model: ov.Model, donor: ov.Model) -> None:
 def take_weights(model: ov.Model, donor: ov.Model, layers: Iterable[str]) -> int:
     """Give ``model`` (edited in place) ``donor``'s quantized weights of ``layers`` -- integer states, zero point
     and scale -- and the bias after each of them. Returns how many weights were taken."""
-    check_same_graph(model, donor)
+    mine, theirs = find_quantized_weights(model), find_quantized_weights(donor)
+    _check_same_graph(mine, theirs)
     wanted = set(layers)
     ops = model.get_ordered_ops()
+    by_name = {op.get_friendly_name(): op for op in ops}
     donor_ops = {op.get_friendly_name(): op for op in donor.get_ordered_ops()}
     taken = 0
-    for weight, source in zip(find_quantized_weights(model), find_quantized_weights(donor)):
+    for weight, source in zip(mine, theirs):
         if weight.consumer not in wanted:
             continue
         constant = ops[weight.constant_position]
@@ -93,8 +94,7 @@ def take_weights(model: ov.Model, donor: ov.Model, layers: Iterable[str]) -> int
         for target in list(constant.output(0).get_target_inputs()):
             target.replace_source_output(new.output(0))
         _replace_dequantization(new, source)
-        layer = next(op for op in ops if op.get_friendly_name() == weight.consumer)
-        for target in layer.output(0).get_target_inputs():
+        for target in by_name[weight.consumer].output(0).get_target_inputs():
             copy_bias(target.get_node(), donor_ops)
         taken += 1
     model.validate_nodes_and_infer_types()
@@ -103,8 +103,8 @@ def take_weights(model: ov.Model, donor: ov.Model, layers: Iterable[str]) -> int
 
 def _replace_dequantization(constant: ov.Node, source: QuantizedWeight) -> None:
     """Set the zero point (if any) and the scale on ``constant``'s ``Convert → [Subtract] → Multiply`` chain to ``source``'s."""
-    node = consumers(consumers(constant.output(0))[0].get_node().output(0))[0].get_node()  # after the Convert
-    previous = consumers(constant.output(0))[0].get_node()
+    previous = consumers(constant.output(0))[0].get_node()  # the Convert
+    node = consumers(previous.output(0))[0].get_node()
     if node.get_type_name() == "Subtract":
         node.input(1).replace_source_output(opset.constant(np.asarray(source.offset, dtype=np.float32)).output(0))
         previous, node = node, consumers(node.output(0))[0].get_node()
