@@ -334,29 +334,24 @@ def datafree_table(rows: list[dict]) -> str:
 
 
 def datafree_seeds_table(rows: list[dict]) -> str:
-    """Per model (one weight width): each source's refined held-out KL, median [range] over the refine data
-    seeds, and the data-free source's median against the better of the GAN's and the fractals' (the
-    data-free issue's target: at most 1.00), and the minutes it took to make (from the rows that made it; a
-    cached source's row says 0)."""
+    """Per model (one weight width), one line per source: its refined held-out KL, median [range] over the
+    refine data seeds; for a data-free source, its median against the better of the GAN's and the fractals'
+    (the data-free issue's target: at most 1.00) and the minutes it took to make (from the rows that made it;
+    a cached source's row says 0). One line per source, not a column: the sources compared grow."""
     made = {(row["model"], row["source"]): row["datafree_seconds"] for row in rows if row.get("datafree_seconds")}
     rows = [row for row in rows if row.get("refined_kl") is not None]
     sources = list(dict.fromkeys(row["source"] for row in rows))
-    free = [source for source in sources if source not in ("real", "gan", "fractal", "gaussian_noise", "distilled_gan")]
-    lines = ["| model | weights | " + " | ".join(sources) + " | " + " | ".join(f"{source} / min(gan, fractal)" for source in free)
-             + "".join(f" | {source} made in min" for source in free) + " | data seeds |",
-             "|---|---|" + "---|" * (len(sources) + 2 * len(free)) + "---|"]
+    lines = ["| model | weights | data | refined KL | / min(gan, fractal) | made in min | data seeds |", "|---|---|---|---|---|---|---|"]
     for model, bits in dict.fromkeys((row["model"], row["weight_bits"]) for row in rows):
-        medians, cells, seeds = {}, [], set()
-        for source in sources:
-            runs = [row for row in rows if (row["model"], row["weight_bits"], row["source"]) == (model, bits, source)]
-            values = [row["refined_kl"] for row in runs]
-            seeds |= {row.get("data_seed") for row in runs}
-            medians[source] = float(np.median(values)) if values else None
-            cells.append(_median_range(values, ".2g") if values else "-")
-        rivals = [medians[source] for source in ("gan", "fractal") if medians.get(source)]
-        ratios = [f"{medians[source] / min(rivals):.2f}" if rivals and medians.get(source) else "-" for source in free]
-        minutes = "".join(f" | {made[(model, source)] / 60:.1f}" if (model, source) in made else " | -" for source in free)
-        lines.append(f"| {model} | W{bits}A8 | " + " | ".join(cells) + " | " + " | ".join(ratios) + minutes + f" | {len(seeds)} |")
+        runs = {source: [row for row in rows if (row["model"], row["weight_bits"], row["source"]) == (model, bits, source)] for source in sources}
+        medians = {source: float(np.median([row["refined_kl"] for row in found])) for source, found in runs.items() if found}
+        rivals = [medians[source] for source in ("gan", "fractal") if source in medians]
+        for source in (source for source in sources if runs[source]):
+            free = source not in ("real", "gan", "fractal", "gaussian_noise", "distilled_gan")
+            ratio = f"{medians[source] / min(rivals):.2f}" if free and rivals else "-"
+            minutes = f"{made[(model, source)] / 60:.1f}" if (model, source) in made else "-"
+            seeds = len({row.get("data_seed") for row in runs[source]})
+            lines.append(f"| {model} | W{bits}A8 | {source} | {_median_range([row['refined_kl'] for row in runs[source]], '.2g')} | {ratio} | {minutes} | {seeds} |")
     return "\n".join(lines)
 
 
