@@ -346,7 +346,7 @@ def datafree_seeds_table(rows: list[dict]) -> str:
         runs = {source: [row for row in rows if (row["model"], row["weight_bits"], row["source"]) == (model, bits, source)] for source in sources}
         medians = {source: float(np.median([row["refined_kl"] for row in found])) for source, found in runs.items() if found}
         rivals = [medians[source] for source in ("gan", "fractal") if source in medians]
-        for source in (source for source in sources if runs[source]):
+        for source in medians:  # the sources this model has rows of, in run order
             free = source not in ("real", "gan", "fractal", "gaussian_noise", "distilled_gan")
             ratio = f"{medians[source] / min(rivals):.2f}" if free and rivals else "-"
             minutes = f"{made[(model, source)] / 60:.1f}" if (model, source) in made else "-"
