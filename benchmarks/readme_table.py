@@ -333,25 +333,72 @@ def datafree_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _data_label(row: dict) -> str:
+    """A row's data source as the data-free tables name it: a GAN row from a GAN instance other than the zoo's
+    first (``--gan ~/.cache/evoquant/gan/mnist-seed1``) is ``gan:seed=1``; every other source keeps its name."""
+    match = re.search(r"-seed(\d+)$", str(row.get("spec", "")).rstrip("/")) if row["source"] == "gan" else None
+    return f"gan:seed={match.group(1)}" if match else row["source"]
+
+
+def _setting_and_seed(label: str) -> tuple[str, int]:
+    """``genie:seed=1,bns=relative`` → (``genie:bns=relative``, 1); a name without a seed is seed 0."""
+    method, _, options = label.partition(":")
+    kept, seed = [], 0
+    for option in filter(None, options.split(",")):
+        if option.startswith("seed="):
+            seed = int(option[len("seed="):])
+        else:
+            kept.append(option)
+    return (f"{method}:{','.join(kept)}" if kept else method), seed
+
+
 def datafree_seeds_table(rows: list[dict]) -> str:
     """Per model (one weight width), one line per source: its refined held-out KL, median [range] over the
     refine data seeds; for a data-free source, its median against the better of the GAN's and the fractals'
     (the data-free issue's target: at most 1.00) and the minutes it took to make (from the rows that made it;
     a cached source's row says 0). One line per source, not a column: the sources compared grow."""
-    made = {(row["model"], row["source"]): row["datafree_seconds"] for row in rows if row.get("datafree_seconds")}
+    made = {(row["model"], _data_label(row)): row["datafree_seconds"] for row in rows if row.get("datafree_seconds")}
     rows = [row for row in rows if row.get("refined_kl") is not None]
-    sources = list(dict.fromkeys(row["source"] for row in rows))
+    sources = list(dict.fromkeys(_data_label(row) for row in rows))
     lines = ["| model | weights | data | refined KL | / min(gan, fractal) | made in min | data seeds |", "|---|---|---|---|---|---|---|"]
     for model, bits in dict.fromkeys((row["model"], row["weight_bits"]) for row in rows):
-        runs = {source: [row for row in rows if (row["model"], row["weight_bits"], row["source"]) == (model, bits, source)] for source in sources}
+        runs = {source: [row for row in rows if (row["model"], row["weight_bits"], _data_label(row)) == (model, bits, source)] for source in sources}
         medians = {source: float(np.median([row["refined_kl"] for row in found])) for source, found in runs.items() if found}
         rivals = [medians[source] for source in ("gan", "fractal") if source in medians]
         for source in medians:  # the sources this model has rows of, in run order
-            free = source not in ("real", "gan", "fractal", "gaussian_noise", "distilled_gan")
+            free = _setting_and_seed(source)[0] not in ("real", "gan", "fractal", "gaussian_noise", "distilled_gan")
             ratio = f"{medians[source] / min(rivals):.2f}" if free and rivals else "-"
             minutes = f"{made[(model, source)] / 60:.1f}" if (model, source) in made else "-"
             seeds = len({row.get("data_seed") for row in runs[source]})
             lines.append(f"| {model} | W{bits}A8 | {source} | {_median_range([row['refined_kl'] for row in runs[source]], '.2g')} | {ratio} | {minutes} | {seeds} |")
+    return "\n".join(lines)
+
+
+def datafree_spread_table(rows: list[dict]) -> str:
+    """Per model (one weight width), one line per data setting made from several seeds -- a GAN trained from
+    several seeds (``gan:seed=N``), a data-free method made from several (``genie:seed=N,...``): its refined
+    held-out KL over every (seed, refine draw), median [range], each seed's median over its draws and the
+    median of those; and both medians against the GAN's, taken the same way (the data-free issue's target,
+    judged over the data's own seeds as well as the draws: at most 1.00). Settings made from one seed only are
+    left out."""
+    rows = [row for row in rows if row.get("refined_kl") is not None]
+    lines = ["| model | weights | data | seeds x draws | refined KL, every run | each seed's median | median of seeds | / gan: every run, median of seeds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for model, bits in dict.fromkeys((row["model"], row["weight_bits"]) for row in rows):
+        settings: dict[str, dict[int, list[float]]] = {}
+        for row in rows:
+            if (row["model"], row["weight_bits"]) == (model, bits):
+                setting, seed = _setting_and_seed(_data_label(row))
+                settings.setdefault(setting, {}).setdefault(seed, []).append(row["refined_kl"])
+        several = {setting: seeds for setting, seeds in settings.items() if len(seeds) > 1}
+        pooled = {setting: float(np.median([kl for runs in seeds.values() for kl in runs])) for setting, seeds in several.items()}
+        of_seeds = {setting: float(np.median([np.median(runs) for runs in seeds.values()])) for setting, seeds in several.items()}
+        for setting, seeds in several.items():
+            draws = "/".join(map(str, sorted({len(runs) for runs in seeds.values()})))
+            per_seed = ", ".join(f"{seed}: {float(np.median(runs)):.2g}" for seed, runs in sorted(seeds.items()))
+            ratio = f"{pooled[setting] / pooled['gan']:.2f}, {of_seeds[setting] / of_seeds['gan']:.2f}" if "gan" in several and setting != "gan" else "-"
+            every = _median_range([kl for runs in seeds.values() for kl in runs], ".2g")
+            lines.append(f"| {model} | W{bits}A8 | {setting} | {len(seeds)} x {draws} | {every} | {per_seed} | {of_seeds[setting]:.2g} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -542,7 +589,7 @@ def mixed_precision_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"mixed_precision": mixed_precision_table, "error_sources": error_sources_table, "ranges": ranges_table, "compose": compose_table, "compose_choice": compose_choice_table, "reconstruct_knobs": reconstruct_knobs_table, "reconstruct_check": reconstruct_knobs_table, "reconstruct_draws": reconstruct_draws_table, "reconstruct_draws_second_machine": reconstruct_draws_table, "datafree": datafree_table, "datafree_input": datafree_seeds_table, "datafree_input_1024": datafree_seeds_table, "datafree_second_machine": datafree_seeds_table, "datafree_stats": datafree_stats_table, "islands_quality": islands_quality_table, "islands_throughput": islands_throughput_table, "importance": lambda rows: seeds_table(rows, IMPORTANCE_CAPTION), "offspring_groups": lambda rows: seeds_table(rows, GROUPS_CAPTION), "offspring_groups_gan": lambda rows: seeds_table(rows, GROUPS_GAN_CAPTION), "quality": quality_table, "quality_second_machine": quality_table, "ablation": ablation_table, "ablation_gan": ablation_table, "eval_speed": eval_speed_table, "calibration": calibration_table, "stages": stages_table, "stages_gan": stages_table, "baselines_gan": stages_table, "baselines_fractal": stages_table}
+TABLES = {"mixed_precision": mixed_precision_table, "error_sources": error_sources_table, "ranges": ranges_table, "compose": compose_table, "compose_choice": compose_choice_table, "reconstruct_knobs": reconstruct_knobs_table, "reconstruct_check": reconstruct_knobs_table, "reconstruct_draws": reconstruct_draws_table, "reconstruct_draws_second_machine": reconstruct_draws_table, "datafree": datafree_table, "datafree_input": datafree_seeds_table, "datafree_input_1024": datafree_seeds_table, "datafree_second_machine": datafree_seeds_table, "datafree_spread": datafree_spread_table, "datafree_stats": datafree_stats_table, "islands_quality": islands_quality_table, "islands_throughput": islands_throughput_table, "importance": lambda rows: seeds_table(rows, IMPORTANCE_CAPTION), "offspring_groups": lambda rows: seeds_table(rows, GROUPS_CAPTION), "offspring_groups_gan": lambda rows: seeds_table(rows, GROUPS_GAN_CAPTION), "quality": quality_table, "quality_second_machine": quality_table, "ablation": ablation_table, "ablation_gan": ablation_table, "eval_speed": eval_speed_table, "calibration": calibration_table, "stages": stages_table, "stages_gan": stages_table, "baselines_gan": stages_table, "baselines_fractal": stages_table}
 
 
 def main(argv: list[str]) -> int:
