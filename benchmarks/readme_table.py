@@ -358,11 +358,13 @@ def datafree_seeds_table(rows: list[dict]) -> str:
     (the data-free issue's target: at most 1.00) and the minutes it took to make (from the rows that made it;
     a cached source's row says 0). One line per source, not a column: the sources compared grow."""
     made = {(row["model"], _data_label(row)): row["datafree_seconds"] for row in rows if row.get("datafree_seconds")}
-    rows = [row for row in rows if row.get("refined_kl") is not None]
-    sources = list(dict.fromkeys(_data_label(row) for row in rows))
+    labelled = [(row, _data_label(row)) for row in rows if row.get("refined_kl") is not None]
     lines = ["| model | weights | data | refined KL | / min(gan, fractal) | made in min | data seeds |", "|---|---|---|---|---|---|---|"]
-    for model, bits in dict.fromkeys((row["model"], row["weight_bits"]) for row in rows):
-        runs = {source: [row for row in rows if (row["model"], row["weight_bits"], _data_label(row)) == (model, bits, source)] for source in sources}
+    for model, bits in dict.fromkeys((row["model"], row["weight_bits"]) for row, _ in labelled):
+        runs: dict[str, list[dict]] = {source: [] for _, source in labelled}  # every source, in the order first run
+        for row, source in labelled:
+            if (row["model"], row["weight_bits"]) == (model, bits):
+                runs[source].append(row)
         medians = {source: float(np.median([row["refined_kl"] for row in found])) for source, found in runs.items() if found}
         rivals = [medians[source] for source in ("gan", "fractal") if source in medians]
         for source in medians:  # the sources this model has rows of, in run order
@@ -391,14 +393,14 @@ def datafree_spread_table(rows: list[dict]) -> str:
                 setting, seed = _setting_and_seed(_data_label(row))
                 settings.setdefault(setting, {}).setdefault(seed, []).append(row["refined_kl"])
         several = {setting: seeds for setting, seeds in settings.items() if len(seeds) > 1}
-        pooled = {setting: float(np.median([kl for runs in seeds.values() for kl in runs])) for setting, seeds in several.items()}
+        every = {setting: [kl for runs in seeds.values() for kl in runs] for setting, seeds in several.items()}
+        pooled = {setting: float(np.median(values)) for setting, values in every.items()}
         of_seeds = {setting: float(np.median([np.median(runs) for runs in seeds.values()])) for setting, seeds in several.items()}
         for setting, seeds in several.items():
             draws = "/".join(map(str, sorted({len(runs) for runs in seeds.values()})))
             per_seed = ", ".join(f"{seed}: {float(np.median(runs)):.2g}" for seed, runs in sorted(seeds.items()))
             ratio = f"{pooled[setting] / pooled['gan']:.2f}, {of_seeds[setting] / of_seeds['gan']:.2f}" if "gan" in several and setting != "gan" else "-"
-            every = _median_range([kl for runs in seeds.values() for kl in runs], ".2g")
-            lines.append(f"| {model} | W{bits}A8 | {setting} | {len(seeds)} x {draws} | {every} | {per_seed} | {of_seeds[setting]:.2g} | {ratio} |")
+            lines.append(f"| {model} | W{bits}A8 | {setting} | {len(seeds)} x {draws} | {_median_range(every[setting], '.2g')} | {per_seed} | {of_seeds[setting]:.2g} | {ratio} |")
     return "\n".join(lines)
 
 
