@@ -14,7 +14,8 @@ One JSON line per (model, source). Held-out real digits are only ever used to sc
     python benchmarks/calibration.py --datafree zeroq,gdfq,qimera,clusterq --bits 8,4 --refine default --seeds 0,1,2
 
 ``--gan`` / ``--student`` are generator directories (``benchmarks/gan.py`` makes both); a source whose
-directory is not given is skipped.
+directory is not given is skipped, except the families' GAN: the zoo's of their image size (``--gan-seed N``:
+its instance N, e.g. ``--models mobilenet_v3_small,resnet18 --gan-seed 1 --sources gan``).
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ def split_methods(listing: str) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="classifiers", help="comma-separated zoo classifiers, or 'classifiers'")
-    parser.add_argument("--gan", help="generator directory trained on the zoo's training digits")
+    parser.add_argument("--gan", help="generator directory trained on the zoo's training digits (for the models of its image size; the others "
+                        "take the zoo's GAN of theirs)")
+    parser.add_argument("--gan-seed", type=int, metavar="N", help="the zoo's GAN instance N (trained and cached on first use) for every model "
+                        "--gan does not cover (default: instance 0 for the families; the 28x28 models have a GAN source only with --gan or this)")
     parser.add_argument("--student", help="generator directory distilled from --gan")
     parser.add_argument("--images", type=int, default=300, help="calibration images per source (default: %(default)s)")
     parser.add_argument("--refine", metavar="PRESET", help="also refine each INT8 model with its source's data")
@@ -81,6 +85,7 @@ def main() -> int:
     from evoquant.config import RefineConfig
     from evoquant.data import Batch
     from evoquant.demo import calibration_images, data_free_source, resolve_models, synthetic_source
+    from evoquant.gan.generator import load_generator
     from evoquant.ir.runtime import compile_ir, infer, read_ir, with_sample_shape
     from quality import zoo_instance
 
@@ -94,6 +99,20 @@ def main() -> int:
         changed = {key: value for key, value in dataclasses.asdict(preset.reconstruct).items() if value != default_reconstruct[key]}
         preset_labels = {"refine_preset": args.refine, **({"reconstruct_changes": changed} if changed else {})}
 
+    gan_size = tuple(load_generator(args.gan).info.image_shape[-2:]) if args.gan else None
+
+    def gan_for(shape) -> str | None:
+        """The GAN source of models taking ``shape``: ``--gan`` where it makes images of their size, else the
+        zoo's GAN of their size (instance ``--gan-seed``; the 28x28 models only when it is given)."""
+        if gan_size == tuple(shape[-2:]):
+            return f"gan:{args.gan}"
+        if args.gan:
+            print(f"calibration.py: --gan makes {gan_size[0]}x{gan_size[1]} images; the models taking {shape[-2]}x{shape[-1]} use the zoo's GAN "
+                  f"of that size (instance {args.gan_seed or 0})", file=sys.stderr)
+        elif shape == zoo.INPUT_SHAPE and args.gan_seed is None:
+            return None
+        return synthetic_source("gan", shape=shape, gan_seed=args.gan_seed or 0, progress=False, echo=lambda *_: None)
+
     def sources_for(shape) -> tuple[dict, dict]:
         """The calibration sources and refine data for models taking ``shape`` (C, H, W)."""
         x_train, y_train, _, _ = zoo.mnist_split(shape)
@@ -104,10 +123,9 @@ def main() -> int:
         # after the verification images; never the held-out digits).
         refine_real = np.random.default_rng(8).permutation(len(x_train))
         refine_data = {"real": Batch(x_train[refine_real], y_train[refine_real])}
-        if shape != zoo.INPUT_SHAPE:  # the families: the demo's GAN of their image size (trained on the digits they take)
-            sources["gan"] = synthetic_source("gan", shape=shape, progress=False, echo=lambda *_: None)
-        elif args.gan:
-            sources["gan"] = f"gan:{args.gan}"
+        gan = gan_for(shape)
+        if gan is not None:
+            sources["gan"] = gan
         if args.student and shape == zoo.INPUT_SHAPE:
             sources["distilled_gan"] = f"gan:{args.student}"
         sources["fractal"] = "fractal"

@@ -549,7 +549,7 @@ def _add_datafree_parser(commands) -> None:
                           f"(K+1 times the images per optimisation; default {DEFAULT_MIXES['genie']}: a quarter of the time, about as good for refine; 0: every image optimised)")
     datafree.add_argument("--embedding", choices=["random", "classifier"], default="random", help="qimera: class embeddings random (the released code) or from the model's last layer with a mapping layer (the paper)")
     datafree.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                          help="a generator setting (evoquant.dfq.MethodOptions: width, latent_size, bns_weight, centroid_weight, diversity, tv_weight, l2_weight, ...; bns=relative applies to every method); repeatable")
+                          help="a generator setting (evoquant.dfq.MethodOptions: width, latent_size, bns_weight, centroid_weight, diversity, tv_weight, l2_weight, ...; bns=relative and swing=1 apply to every method); repeatable")
     datafree.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     datafree.add_argument("--overwrite", action="store_true", help="start over even if OUT exists")
     datafree.add_argument("--checkpoint-every", type=int, default=250, help="generator steps between checkpoints (default: %(default)s)")

@@ -257,6 +257,55 @@ def test_relative_statistics_are_a_setting_of_every_method_image_methods_include
         np.testing.assert_array_equal(resumed["x"], relative["x"])
 
 
+def test_swing_shifts_what_each_strided_convolution_sees_and_nothing_else(program):
+    from evoquant.dfq.teacher import swung
+
+    teacher = load_teacher(program)
+    images = torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(3))
+    model = tiny_classifier()
+    _, plain = teacher(images)
+    _, unswung = teacher(images, swing=0, draw=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(unswung[1].mean, plain[1].mean)
+    shifted_any = False
+    for seed in range(6):
+        logits, stats = teacher(images, swing=1, draw=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(stats[0].mean, plain[0].mean)  # the stride-1 convolution sees the images as they are
+        dy, dx = (int(v) for v in torch.randint(0, 3, (2,), generator=torch.Generator().manual_seed(seed)))
+        with torch.no_grad():
+            features = model[:3](images)  # what the strided convolution takes
+            moved = torch.nn.functional.pad(features, [1, 1, 1, 1], mode="reflect")[:, :, dy:dy + 8, dx:dx + 8]
+            expected = model[3](moved)
+        torch.testing.assert_close(stats[1].mean, expected.mean(dim=(0, 2, 3)))
+        torch.testing.assert_close(logits, model[4:](expected))
+        shifted_any = shifted_any or (dy, dx) != (1, 1)
+    assert shifted_any
+    # the shift itself: the map moves by whole pixels, its border filled by reflection; a map too small to reflect stays
+    grid = torch.arange(25.0).reshape(1, 1, 5, 5)
+    draw = torch.Generator().manual_seed(1)
+    dy, dx = (int(v) for v in torch.randint(0, 5, (2,), generator=torch.Generator().manual_seed(1)))
+    moved = swung(torch, grid, 2, draw)
+    assert moved.shape == grid.shape
+    torch.testing.assert_close(moved[0, 0, 2, 2], grid[0, 0, dy, dx])
+    tiny = torch.ones(1, 1, 2, 2)
+    assert swung(torch, tiny, 2, draw) is tiny
+
+
+def test_swing_is_a_setting_of_every_method_and_names_its_data(program, tmp_path):
+    from evoquant.demo import canonical_method
+
+    for bad in (-1, 0.5, True):
+        with pytest.raises(EvoquantError, match="swing must be a whole number"):
+            MethodOptions(swing=bad)
+    swung = evoquant.datafree(program, method="genie", output=tmp_path / "s.npz", n=8, steps=10, batch_size=8, progress=False, mixes=0,
+                              options=MethodOptions(swing=1))
+    evoquant.datafree(program, method="genie", output=tmp_path / "p.npz", n=8, steps=10, batch_size=8, progress=False, mixes=0)
+    with np.load(swung.output) as shifted, np.load(tmp_path / "p.npz") as plain:
+        assert not np.allclose(shifted["x"], plain["x"])  # the setting reached the optimisation
+    with pytest.raises(EvoquantError, match="except bns and swing"):
+        evoquant.datafree(program, method="genie", output=tmp_path / "w.npz", n=8, steps=10, progress=False, options=MethodOptions(width=8))
+    assert canonical_method("genie:seed=0,swing=1") == "genie:seed=0,swing=1,mixes=3"
+
+
 def test_a_genie_source_is_named_with_its_mixes():
     from evoquant.demo import canonical_method
 

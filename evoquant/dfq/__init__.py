@@ -86,7 +86,7 @@ def datafree(
             as good for refine on the zoo; 0: every image optimised).
         resume: continue from the checkpoint (generators) or the finished batches (ZeroQ, Genie) in ``output``.
         options: the generator methods' settings (:class:`MethodOptions`, the papers' values by default);
-            refused for ZeroQ and Genie, which have none.
+            ZeroQ and Genie take only its ``bns`` and ``swing`` (the rest is refused: they have no generator to set).
 
     Raises:
         EvoquantError: a teacher that is not a torch.export program, has no BatchNorm layers, does not take
@@ -101,8 +101,8 @@ def datafree(
     output = Path(output)
     started = time.perf_counter()
     if method in IMAGE_METHODS:
-        if options is not None and dataclasses.replace(options, bns=MethodOptions.bns) != MethodOptions():
-            raise EvoquantError(f"{method} optimises images directly: the generator settings (--set, except bns) apply to {', '.join(GENERATOR_METHODS)}")
+        if options is not None and dataclasses.replace(options, bns=MethodOptions.bns, swing=MethodOptions.swing) != MethodOptions():
+            raise EvoquantError(f"{method} optimises images directly: the generator settings (--set, except bns and swing) apply to {', '.join(GENERATOR_METHODS)}")
         if output.suffix.lower() != ".npz":
             raise EvoquantError(f"{method} writes images: the output must be an .npz path, got {output}")
         if output.exists() and not (resume or overwrite):
@@ -121,7 +121,7 @@ def datafree(
     if method in IMAGE_METHODS:
         n = DEFAULT_IMAGES if n is None else n
         images, labels = distilled_images(model, n, method=method, steps=steps, batch_size=batch_size, seed=seed, progress=progress, partial=partial, mixes=mixes,
-                                          bns=(options or MethodOptions()).bns)
+                                          bns=(options or MethodOptions()).bns, swing=(options or MethodOptions()).swing)
         with staged(output) as temporary:
             np.savez(temporary, x=images, y=labels)
         partial.unlink(missing_ok=True)

@@ -83,6 +83,9 @@ class MethodOptions:
     # the BatchNorm-statistics loss: absolute (the papers') or relative (each channel's error in units of its
     # running spread; every method, image methods included)
     bns: str = "absolute"
+    # Genie's swing convolution (every method): the input of each strided convolution of the teacher shifted by
+    # a random 0..swing pixels each step (the paper: 1; 0: off)
+    swing: int = 0
 
     def __post_init__(self):
         if self.bns not in ("absolute", "relative"):
@@ -93,6 +96,8 @@ class MethodOptions:
             raise EvoquantError("the latent size and the width must be at least 1")
         if not 0 <= self.superpose_probability <= 1 or not 0 <= self.centroid_decay < 1 or not 0 <= self.centroid_weight <= 1:
             raise EvoquantError("probabilities, the centroid decay and the centroid weight must be in [0, 1]")
+        if not isinstance(self.swing, int) or isinstance(self.swing, bool) or self.swing < 0:
+            raise EvoquantError(f"swing must be a whole number of pixels, 0 or more, got {self.swing!r}")
         if self.tv_weight < 0 or self.l2_weight < 0:
             raise EvoquantError("the image prior weights (tv_weight, l2_weight) must be 0 or more")
 
@@ -214,7 +219,7 @@ def train_generator(teacher, method: str, *, out_dir: str | os.PathLike, steps: 
         else:
             labels = torch.randint(classes, (batch_size,), generator=state.rng)
             fake, targets = state.generator(z, labels), None
-        logits, stats = teacher((fake + 1) / 2)
+        logits, stats = teacher((fake + 1) / 2, swing=options.swing, draw=state.rng)
         task = soft_cross_entropy(logits, targets) if targets is not None else cross_entropy(logits, labels)
         statistics = bns_loss(stats, relative=options.bns == "relative")
         if method == "clusterq":
@@ -323,14 +328,15 @@ def resolve_mixes(method: str, mixes: int | None) -> int:
 
 
 def distilled_images(teacher, n: int, *, method: str = "zeroq", steps: int | None = None, batch_size: int = 64, seed: int = 0, progress: bool = True,
-                     partial: Path | None = None, mixes: int | None = None, bns: str = "absolute") -> tuple[np.ndarray, np.ndarray]:
+                     partial: Path | None = None, mixes: int | None = None, bns: str = "absolute", swing: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``n`` images in [0, 1] optimised batch by batch for ``teacher``'s BatchNorm statistics, and the
     teacher's labels: ZeroQ's pixels or Genie's per-batch generator (:data:`IMAGE_METHODS`).
 
     Genie with ``mixes`` > 0 (default :data:`DEFAULT_MIXES`): each optimised batch also yields that many
     batches more from its generator, fed convex mixes of pairs of its optimised latents
     (:func:`mixed_latents`): ``1 + mixes`` times the images for one optimisation. ``bns``: the statistics
-    loss, absolute or relative (:func:`evoquant.dfq.losses.bns_loss`).
+    loss, absolute or relative (:func:`evoquant.dfq.losses.bns_loss`); ``swing``: Genie's swing convolution
+    (:func:`evoquant.dfq.teacher.swung`) while optimising.
 
     Batch b is seeded by (seed, b), so a run continued from ``partial`` (the finished batches, saved after
     each one) makes the same images as an uninterrupted one."""
@@ -342,7 +348,7 @@ def distilled_images(teacher, n: int, *, method: str = "zeroq", steps: int | Non
     steps = DEFAULT_STEPS[method] if steps is None else steps
     _check_positive(n=n, steps=steps, batch_size=batch_size)
     mixes = resolve_mixes(method, mixes)
-    relative = MethodOptions(bns=bns).bns == "relative"
+    relative = MethodOptions(bns=bns, swing=swing).bns == "relative"
     torch = import_torch()
     per_batch = batch_size * (1 + mixes)  # images one optimisation yields
     done_images, done_labels = [], []
@@ -351,6 +357,7 @@ def distilled_images(teacher, n: int, *, method: str = "zeroq", steps: int | Non
             same = (str(archive["method"]) if "method" in archive else "zeroq") == method and int(archive["steps"]) == steps
             same = same and (int(archive["mixes"]) if "mixes" in archive else 0) == mixes
             same = same and (str(archive["bns"]) if "bns" in archive else "absolute") == bns
+            same = same and (int(archive["swing"]) if "swing" in archive else 0) == swing
             if same and int(archive["batch_size"]) == batch_size and int(archive["seed"]) == seed and list(archive["shape"]) == list(teacher.input_shape):
                 done_images, done_labels = [archive["x"]], [archive["y"]]
     have = sum(len(x) for x in done_images)
@@ -362,9 +369,9 @@ def distilled_images(teacher, n: int, *, method: str = "zeroq", steps: int | Non
             size = min(batch_size, -(-(n - batch * per_batch) // (1 + mixes)))
             batch_seed = int(np.random.SeedSequence([seed, batch]).generate_state(1)[0] % 2**31)
             if method == "zeroq":
-                outputs = [_zeroq_batch(torch, teacher, size, steps, batch_seed, tick, relative=relative)]
+                outputs = [_zeroq_batch(torch, teacher, size, steps, batch_seed, tick, relative=relative, swing=swing)]
             else:
-                outputs = _genie_batch(torch, teacher, size, steps, batch_seed, tick, mixes=mixes, relative=relative)
+                outputs = _genie_batch(torch, teacher, size, steps, batch_seed, tick, mixes=mixes, relative=relative, swing=swing)
             losses = []
             for images in outputs:
                 with torch.no_grad():
@@ -377,21 +384,22 @@ def distilled_images(teacher, n: int, *, method: str = "zeroq", steps: int | Non
             if partial is not None:
                 with staged(partial) as temporary:
                     np.savez(temporary, x=np.concatenate(done_images), y=np.concatenate(done_labels), steps=steps, batch_size=batch_size, seed=seed,
-                             shape=np.array(teacher.input_shape), method=method, mixes=mixes, bns=bns)
+                             shape=np.array(teacher.input_shape), method=method, mixes=mixes, bns=bns, swing=swing)
     finally:
         if bar is not None:
             bar.close()
     return np.concatenate(done_images)[:n], np.concatenate(done_labels)[:n]
 
 
-def _zeroq_batch(torch: Any, teacher, size: int, steps: int, seed: int, tick, *, relative: bool = False) -> Any:
+def _zeroq_batch(torch: Any, teacher, size: int, steps: int, seed: int, tick, *, relative: bool = False, swing: int = 0) -> Any:
     """ZeroQ: pixels ``sigmoid(v)`` from Gaussian noise, Adam (lr 0.5) on the BatchNorm statistics."""
     from evoquant.dfq.losses import bns_loss
 
     pixels = torch.randn(size, *teacher.input_shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
     optimizer = torch.optim.Adam([pixels], lr=ZEROQ_LEARNING_RATE)
+    shifts = torch.Generator().manual_seed(seed + 2)
     for _ in range(steps):
-        _, stats = teacher(torch.sigmoid(pixels))
+        _, stats = teacher(torch.sigmoid(pixels), swing=swing, draw=shifts)
         loss = bns_loss(stats, std=True, relative=relative)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -400,7 +408,7 @@ def _zeroq_batch(torch: Any, teacher, size: int, steps: int, seed: int, tick, *,
     return torch.sigmoid(pixels).detach()
 
 
-def _genie_batch(torch: Any, teacher, size: int, steps: int, seed: int, tick, *, mixes: int = 0, relative: bool = False) -> list:
+def _genie_batch(torch: Any, teacher, size: int, steps: int, seed: int, tick, *, mixes: int = 0, relative: bool = False, swing: int = 0) -> list:
     """Genie-D: a fresh small generator and one latent vector per image, both optimised on the BatchNorm
     statistics (latents Adam lr 0.1 with a plateau schedule, generator Adam lr 0.01 decayed ×0.95 every
     100 steps), plus ``GENIE_CLASS_WEIGHT`` × the cross-entropy on classes dealt evenly over the batch. The
@@ -418,8 +426,9 @@ def _genie_batch(torch: Any, teacher, size: int, steps: int, seed: int, tick, *,
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(latent_optimizer, min_lr=1e-4, patience=100)
     generator_optimizer = torch.optim.Adam(generator.parameters(), lr=GENIE_GENERATOR_LEARNING_RATE)
     decay = torch.optim.lr_scheduler.ExponentialLR(generator_optimizer, gamma=0.95)
+    shifts = torch.Generator().manual_seed(seed + 2)
     for step in range(steps):
-        logits, stats = teacher(generator(latents))
+        logits, stats = teacher(generator(latents), swing=swing, draw=shifts)
         loss = bns_loss(stats, std=True, relative=relative) + GENIE_CLASS_WEIGHT * torch.nn.functional.cross_entropy(logits, classes)
         latent_optimizer.zero_grad(set_to_none=True)
         generator_optimizer.zero_grad(set_to_none=True)

@@ -34,6 +34,34 @@ class BNStatistics:
     features: Any = None  # the layer's input itself (N, C, ...), for per-sample statistics (ClusterQ)
 
 
+def _convolution_strides(torch: Any) -> dict:
+    """The convolution ops of an exported graph, each with how to read its stride from the call's arguments."""
+    aten = torch.ops.aten
+
+    def conv2d_stride(args, kwargs):
+        return args[3] if len(args) > 3 else kwargs.get("stride", 1)
+
+    def convolution_stride(args, kwargs):  # (input, weight, bias, stride, padding, dilation, transposed, ...)
+        transposed = args[6] if len(args) > 6 else kwargs.get("transposed", False)
+        return 1 if transposed else (args[3] if len(args) > 3 else kwargs.get("stride", 1))
+
+    return {aten.conv2d.default: conv2d_stride, aten.convolution.default: convolution_stride}
+
+
+def swung(torch: Any, features: Any, swing: int, draw: Any) -> Any:
+    """Genie's swing convolution, on a strided convolution's input ``features`` (N, C, H, W): the map shifted
+    by a random whole number of pixels in ``[-swing, swing]`` along each spatial axis (the same shift for the
+    batch), the uncovered border filled by reflection. A stride-s convolution sees only every s-th position;
+    shifting its input from step to step keeps synthesis from tuning pixels to that one sampling grid (the
+    checkerboard artefacts Genie's paper saw). A map too small to reflect is left as it is."""
+    height, width = features.shape[-2:]
+    if features.ndim != 4 or min(height, width) <= swing:
+        return features
+    dy, dx = (int(value) for value in torch.randint(0, 2 * swing + 1, (2,), generator=draw))
+    padded = torch.nn.functional.pad(features, [swing] * 4, mode="reflect")
+    return padded[:, :, dy:dy + height, dx:dx + width]
+
+
 def _batch_norm_targets(torch: Any) -> set:
     aten = torch.ops.aten
     targets = {aten.batch_norm.default, aten.native_batch_norm.default}
@@ -48,7 +76,8 @@ class Teacher:
 
     ``teacher(images01)`` takes images in ``[0, 1]`` (mapped linearly onto ``value_range``, the model's
     input range), returns its logits and a list of :class:`BNStatistics`, one per BatchNorm layer in
-    graph order.
+    graph order. ``teacher(images01, swing=k, draw=generator)`` shifts the input of every strided
+    convolution by up to ``k`` pixels first (:func:`swung`, drawn from the torch ``generator``).
     """
 
     def __init__(self, module: Any, input_shape: tuple[int, int, int], value_range: tuple[float, float] = (0.0, 1.0), source: str = "the teacher",
@@ -68,6 +97,7 @@ class Teacher:
         for parameter in module.parameters():
             parameter.requires_grad_(False)
         self._targets = _batch_norm_targets(torch)
+        self._strides = _convolution_strides(torch)
         self.norm_nodes = [node for node in module.graph.nodes if node.op == "call_function" and node.target in self._targets]
         if not self.norm_nodes:
             raise EvoquantError(f"{source} has no BatchNorm layers: data-free synthesis matches the statistics they stored during training "
@@ -98,13 +128,18 @@ class Teacher:
             x = x / self.scale
         return x
 
-    def __call__(self, images01: Any) -> tuple[Any, list[BNStatistics]]:
+    def __call__(self, images01: Any, *, swing: int = 0, draw: Any = None) -> tuple[Any, list[BNStatistics]]:
         torch = self.torch
         records: list[BNStatistics] = []
         targets = self._targets
+        strides = self._strides if swing > 0 else {}
 
         class Observer(torch.fx.Interpreter):
             def call_function(self, target, args, kwargs):
+                if target in strides:
+                    stride = strides[target](args, kwargs)
+                    if max(stride if isinstance(stride, (list, tuple)) else [stride]) > 1:
+                        args = (swung(torch, args[0], swing, draw), *args[1:])
                 if target in targets:
                     features = args[0]
                     dims = [0] + list(range(2, features.ndim))
