@@ -294,7 +294,9 @@ def _load_generator_checkpoint(torch: Any, path: Path, settings: dict, teacher, 
         raise EvoquantError(f"cannot read the checkpoint {path}: {' '.join(str(error).split())[:200]}") from None
     if not isinstance(payload, dict) or payload.get("version") != 1 or "optimizer" not in payload:
         raise EvoquantError(f"{path} is not an evoquant data-free checkpoint")
-    saved = payload["settings"]
+    saved = dict(payload["settings"])
+    if isinstance(saved.get("options"), dict):  # a checkpoint from before a setting existed ran with its default
+        saved["options"] = {**{key: getattr(MethodOptions(), key) for key in MethodOptions.__dataclass_fields__}, **saved["options"]}
     changed = [key for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)]
     if changed:
         raise EvoquantError(f"the checkpoint in {path.parent} was made with other settings or another teacher ({', '.join(changed)}); "
