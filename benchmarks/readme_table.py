@@ -404,6 +404,37 @@ def datafree_spread_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+VERDICT_SETTINGS = (("real digits", "real"), ("GAN", "gan"), ("fractal", "fractal"), ("Genie, default", "genie:mixes=3"),
+                    ("Genie, relative, 800 steps", "genie:bns=relative,steps=800,mixes=3"))
+
+
+def datafree_verdict_table(rows: list[dict]) -> str:
+    """Per model at W4A8, the data-free issue's verdict on one line: refined held-out KL with real digits, the GAN's data,
+    fractals', Genie's default data and its best setting (``bns=relative``, 800 steps), each the median of its
+    seeds' medians over the refine draws (how many seeds in brackets), the best setting against the better of
+    the GAN and fractals (the target: at most 1.00), and the minutes each Genie setting took to make (median over
+    the seeds whose rows record it)."""
+    results: dict[str, dict[str, dict[int, list[float]]]] = {}
+    made: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        setting, seed = _setting_and_seed(_data_label(row))
+        if row.get("refined_kl") is not None and row.get("weight_bits") == 4:
+            results.setdefault(row["model"], {}).setdefault(setting, {}).setdefault(seed, []).append(row["refined_kl"])
+        if row.get("datafree_seconds"):
+            made.setdefault(row["model"], {}).setdefault(setting, []).append(row["datafree_seconds"] / 60)
+    header = " | ".join(label for label, _ in VERDICT_SETTINGS)
+    lines = [f"| model | {header} | / min(GAN, fractal) | made in min (default, 800 steps) |",
+             "|---|" + "---|" * (len(VERDICT_SETTINGS) + 2)]
+    for model, settings in results.items():
+        medians = {setting: float(np.median([np.median(runs) for runs in seeds.values()])) for setting, seeds in settings.items()}
+        cells = [f"{medians[setting]:.2g} ({len(settings[setting])})" if setting in medians else "-" for _, setting in VERDICT_SETTINGS]
+        best, rivals = VERDICT_SETTINGS[-1][1], [medians[s] for s in ("gan", "fractal") if s in medians]
+        ratio = f"{medians[best] / min(rivals):.2f}" if best in medians and rivals else "-"
+        minutes = ", ".join(f"{np.median(made[model][setting]):.1f}" if setting in made.get(model, {}) else "-" for _, setting in VERDICT_SETTINGS[-2:])
+        lines.append(f"| {model} | {' | '.join(cells)} | {ratio} | {minutes} |")
+    return "\n".join(lines)
+
+
 def datafree_stats_table(rows: list[dict]) -> str:
     """Per model and source, what ``benchmarks/datafree_stats.py`` measures of 512 images: how well they
     match the BatchNorm statistics, how distinct they are, how close to real digits, and how far their
@@ -591,7 +622,7 @@ def mixed_precision_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"mixed_precision": mixed_precision_table, "error_sources": error_sources_table, "ranges": ranges_table, "compose": compose_table, "compose_choice": compose_choice_table, "reconstruct_knobs": reconstruct_knobs_table, "reconstruct_check": reconstruct_knobs_table, "reconstruct_draws": reconstruct_draws_table, "reconstruct_draws_second_machine": reconstruct_draws_table, "datafree": datafree_table, "datafree_input": datafree_seeds_table, "datafree_input_1024": datafree_seeds_table, "datafree_second_machine": datafree_seeds_table, "datafree_spread": datafree_spread_table, "datafree_stats": datafree_stats_table, "islands_quality": islands_quality_table, "islands_throughput": islands_throughput_table, "importance": lambda rows: seeds_table(rows, IMPORTANCE_CAPTION), "offspring_groups": lambda rows: seeds_table(rows, GROUPS_CAPTION), "offspring_groups_gan": lambda rows: seeds_table(rows, GROUPS_GAN_CAPTION), "quality": quality_table, "quality_second_machine": quality_table, "ablation": ablation_table, "ablation_gan": ablation_table, "eval_speed": eval_speed_table, "calibration": calibration_table, "stages": stages_table, "stages_gan": stages_table, "baselines_gan": stages_table, "baselines_fractal": stages_table}
+TABLES = {"mixed_precision": mixed_precision_table, "error_sources": error_sources_table, "ranges": ranges_table, "compose": compose_table, "compose_choice": compose_choice_table, "reconstruct_knobs": reconstruct_knobs_table, "reconstruct_check": reconstruct_knobs_table, "reconstruct_draws": reconstruct_draws_table, "reconstruct_draws_second_machine": reconstruct_draws_table, "datafree": datafree_table, "datafree_input": datafree_seeds_table, "datafree_input_1024": datafree_seeds_table, "datafree_second_machine": datafree_seeds_table, "datafree_spread": datafree_spread_table, "datafree_verdict": datafree_verdict_table, "datafree_stats": datafree_stats_table, "islands_quality": islands_quality_table, "islands_throughput": islands_throughput_table, "importance": lambda rows: seeds_table(rows, IMPORTANCE_CAPTION), "offspring_groups": lambda rows: seeds_table(rows, GROUPS_CAPTION), "offspring_groups_gan": lambda rows: seeds_table(rows, GROUPS_GAN_CAPTION), "quality": quality_table, "quality_second_machine": quality_table, "ablation": ablation_table, "ablation_gan": ablation_table, "eval_speed": eval_speed_table, "calibration": calibration_table, "stages": stages_table, "stages_gan": stages_table, "baselines_gan": stages_table, "baselines_fractal": stages_table}
 
 
 def main(argv: list[str]) -> int:

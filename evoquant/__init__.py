@@ -9,7 +9,7 @@ Public API::
     evoquant.quantize(fp32, calibration=..., output=..., weight_bits=4|8, target_device=..., model_type=...)
                                                                              -> QuantizeResult
     evoquant.synthesize(source, n=..., shape=... | like=..., output=...)    -> Batch
-    evoquant.datafree(teacher.pt2, method=zeroq|gdfq|qimera|clusterq, output=...) -> DataFreeResult
+    evoquant.datafree(teacher.pt2, method=zeroq|genie|gdfq|qimera|clusterq, output=...) -> DataFreeResult
     evoquant.gan.train_gan / distill / load_generator                        (synthetic data from GANs)
     evoquant.RefineConfig, evoquant.SearchConfig                             (frozen dataclasses, YAML presets)
     evoquant.EvoquantError                                                   (every user-facing error)

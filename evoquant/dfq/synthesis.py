@@ -54,7 +54,8 @@ GENERATOR_LEARNING_RATE = 1e-3
 GENERATOR_BETAS = (0.5, 0.999)
 ZEROQ_LEARNING_RATE = 0.5
 # Genie-D (the paper: latent 256, generator 128/64 channels, 4,000 steps per batch of 128 on a GPU): the
-# generator halved and 200 steps per batch of 64: a classic zoo model's 3,072 images in ~8.5 minutes on 2 cores.
+# generator halved and 200 steps per batch of 64, each optimised batch followed by DEFAULT_MIXES batches of
+# mixed latents: a classic zoo model's 3,072 images in 3-4 minutes on 2 cores (a family model's in 10-11).
 GENIE_LATENT_SIZE = 256
 GENIE_WIDTH = 32
 GENIE_LATENT_LEARNING_RATE = 0.1
@@ -84,7 +85,7 @@ class MethodOptions:
     # running spread; every method, image methods included)
     bns: str = "absolute"
     # Genie's swing convolution (every method): the input of each strided convolution of the teacher shifted by
-    # a random 0..swing pixels each step (the paper: 1; 0: off)
+    # a random -swing..swing pixels each step (the paper: 1; 0: off)
     swing: int = 0
 
     def __post_init__(self):
