@@ -42,3 +42,17 @@ def test_seeds_table_names_a_second_gan_apart_and_compares_with_the_first():
     assert data[:2] == ["gan", "gan:seed=1"]
     genie = lines[data.index("genie:seed=0,bns=relative")].split(" | ")
     assert genie[4] == f"{2.6 / 2.2:.2f}"
+
+
+def test_verdict_table_takes_each_setting_over_its_seeds_against_the_better_rival():
+    rows = _rows() + [_row("fractal", kl, draw) for kl, draw in ((2.6, 1), (2.5, 2), (2.9, 3))]
+    rows += [_row(f"genie:seed={seed},bns=relative,steps=800,mixes=3", kl, draw)
+             for seed, kls in ((0, (2.0, 2.1, 2.2)), (1, (2.4, 2.5, 2.6)), (2, (2.2, 2.3, 2.4))) for kl, draw in zip(kls, (1, 2, 3))]
+    rows += [{"model": "m", "source": f"genie:seed={seed},bns=relative,steps=800,mixes=3", "datafree_seconds": seconds}
+             for seed, seconds in ((0, 600.0), (1, 720.0), (2, 0))]  # seed 2's data was cached: no time
+    rows += [_row("genie:seed=0,bns=relative,steps=800,mixes=3", 9.0, 1) | {"weight_bits": 8}]  # another width: not counted
+    line = readme_table.datafree_verdict_table(rows).splitlines()[2].split(" | ")
+    assert line[1] == "-" and line[2] == "2.7 (2)" and line[3] == "2.6 (1)"  # no real-digit rows; GAN over its two seeds
+    assert line[4] == "-" and line[5] == "2.3 (3)"  # no default-Genie rows; the best setting's seeds' medians 2.1, 2.5, 2.3
+    assert line[6] == f"{2.3 / 2.6:.2f}"  # against fractals here, the better of the two
+    assert line[7].rstrip(" |") == "-, 11.0"  # the median of the two recorded times, in minutes
