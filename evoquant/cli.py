@@ -511,9 +511,9 @@ def _add_training_flags(parser, *, steps_help: str) -> None:
 
 DATAFREE_EXAMPLES = """
 examples:
-  evoquant datafree --teacher fp32.pt2 --method clusterq -o gen/              # then --data gan:gen/
-  evoquant datafree --teacher fp32.pt2 --method genie -n 3072 -o genie.npz     # then --data genie.npz
+  evoquant datafree --teacher fp32.pt2 --method genie -n 3072 -o genie.npz     # then --data genie.npz (best on the zoo)
   evoquant datafree --teacher fp32.pt2 --method genie --steps 800 --set bns=relative -o genie.npz  # ~4x the time, closer to a GAN's data
+  evoquant datafree --teacher fp32.pt2 --method clusterq -o gen/              # a generator: then --data gan:gen/
   evoquant datafree --teacher fp32.pt2 --method qimera --embedding classifier -o gen/ --resume
   evoquant datafree --teacher fp32.pt2 --method clusterq --set width=32 --set tv_weight=0.1 -o gen/
   evoquant quantize fp32.xml --calibration gan:gen/ -o int8.xml && evoquant refine int8.xml -r fp32.xml --data gan:gen/ -o refined.xml
