@@ -376,6 +376,22 @@ def datafree_seeds_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _runs_by_seed(rows: list[dict]) -> dict[tuple, dict[str, dict[int, list[float]]]]:
+    """Refined held-out KL of every row that has one, by (model, weight bits), then data setting (the source's
+    name less its seed), then the data's seed: what the data-free tables judge over seeds."""
+    runs: dict[tuple, dict[str, dict[int, list[float]]]] = {}
+    for row in rows:
+        if row.get("refined_kl") is not None:
+            setting, seed = _setting_and_seed(_data_label(row))
+            runs.setdefault((row["model"], row["weight_bits"]), {}).setdefault(setting, {}).setdefault(seed, []).append(row["refined_kl"])
+    return runs
+
+
+def _median_of_seeds(seeds: dict[int, list[float]]) -> float:
+    """The median of each seed's median over its refine draws."""
+    return float(np.median([np.median(runs) for runs in seeds.values()]))
+
+
 def datafree_spread_table(rows: list[dict]) -> str:
     """Per model (one weight width), one line per data setting made from several seeds -- a GAN trained from
     several seeds (``gan:seed=N``), a data-free method made from several (``genie:seed=N,...``): its refined
@@ -383,19 +399,13 @@ def datafree_spread_table(rows: list[dict]) -> str:
     median of those; and both medians against the GAN's, taken the same way (the data-free issue's target,
     judged over the data's own seeds as well as the draws: at most 1.00). Settings made from one seed only are
     left out."""
-    rows = [row for row in rows if row.get("refined_kl") is not None]
     lines = ["| model | weights | data | seeds x draws | refined KL, every run | each seed's median | median of seeds | / gan: every run, median of seeds |",
              "|---|---|---|---|---|---|---|---|"]
-    for model, bits in dict.fromkeys((row["model"], row["weight_bits"]) for row in rows):
-        settings: dict[str, dict[int, list[float]]] = {}
-        for row in rows:
-            if (row["model"], row["weight_bits"]) == (model, bits):
-                setting, seed = _setting_and_seed(_data_label(row))
-                settings.setdefault(setting, {}).setdefault(seed, []).append(row["refined_kl"])
+    for (model, bits), settings in _runs_by_seed(rows).items():
         several = {setting: seeds for setting, seeds in settings.items() if len(seeds) > 1}
         every = {setting: [kl for runs in seeds.values() for kl in runs] for setting, seeds in several.items()}
         pooled = {setting: float(np.median(values)) for setting, values in every.items()}
-        of_seeds = {setting: float(np.median([np.median(runs) for runs in seeds.values()])) for setting, seeds in several.items()}
+        of_seeds = {setting: _median_of_seeds(seeds) for setting, seeds in several.items()}
         for setting, seeds in several.items():
             draws = "/".join(map(str, sorted({len(runs) for runs in seeds.values()})))
             per_seed = ", ".join(f"{seed}: {float(np.median(runs)):.2g}" for seed, runs in sorted(seeds.items()))
@@ -414,19 +424,17 @@ def datafree_verdict_table(rows: list[dict]) -> str:
     seeds' medians over the refine draws (how many seeds in brackets), the best setting against the better of
     the GAN and fractals (the target: at most 1.00), and the minutes each Genie setting took to make (median over
     the seeds whose rows record it)."""
-    results: dict[str, dict[str, dict[int, list[float]]]] = {}
     made: dict[str, dict[str, list[float]]] = {}
     for row in rows:
-        setting, seed = _setting_and_seed(_data_label(row))
-        if row.get("refined_kl") is not None and row.get("weight_bits") == 4:
-            results.setdefault(row["model"], {}).setdefault(setting, {}).setdefault(seed, []).append(row["refined_kl"])
         if row.get("datafree_seconds"):
-            made.setdefault(row["model"], {}).setdefault(setting, []).append(row["datafree_seconds"] / 60)
+            made.setdefault(row["model"], {}).setdefault(_setting_and_seed(_data_label(row))[0], []).append(row["datafree_seconds"] / 60)
     header = " | ".join(label for label, _ in VERDICT_SETTINGS)
     lines = [f"| model | {header} | / min(GAN, fractal) | made in min (default, 800 steps) |",
              "|---|" + "---|" * (len(VERDICT_SETTINGS) + 2)]
-    for model, settings in results.items():
-        medians = {setting: float(np.median([np.median(runs) for runs in seeds.values()])) for setting, seeds in settings.items()}
+    for (model, bits), settings in _runs_by_seed(rows).items():
+        if bits != 4:
+            continue
+        medians = {setting: _median_of_seeds(seeds) for setting, seeds in settings.items()}
         cells = [f"{medians[setting]:.2g} ({len(settings[setting])})" if setting in medians else "-" for _, setting in VERDICT_SETTINGS]
         best, rivals = VERDICT_SETTINGS[-1][1], [medians[s] for s in ("gan", "fractal") if s in medians]
         ratio = f"{medians[best] / min(rivals):.2f}" if best in medians and rivals else "-"

@@ -102,6 +102,10 @@ class MethodOptions:
         if self.tv_weight < 0 or self.l2_weight < 0:
             raise EvoquantError("the image prior weights (tv_weight, l2_weight) must be 0 or more")
 
+    def values(self) -> dict:
+        """Every setting by name: what a generator checkpoint records to refuse a resume with other settings."""
+        return {key: getattr(self, key) for key in self.__dataclass_fields__}
+
 
 def parse_settings(pairs, what: str = "data-free settings") -> dict:
     """``["width=32", "tv_weight=0.1"]`` → ``{"width": 32, "tv_weight": 0.1}``: each value read as YAML (32 is a
@@ -204,7 +208,7 @@ def train_generator(teacher, method: str, *, out_dir: str | os.PathLike, steps: 
     settings = {
         "kind": f"datafree-{method}", "method": method, "latent_size": options.latent_size, "num_classes": teacher.num_classes,
         "image_shape": list(teacher.input_shape), "value_range": list(teacher.value_range), "batch_size": batch_size, "seed": seed,
-        "teacher": teacher_id, "options": {key: getattr(options, key) for key in options.__dataclass_fields__},
+        "teacher": teacher_id, "options": options.values(),
     }
     out = _prepare_out_dir(out_dir, resume=resume, overwrite=overwrite)
     classes = teacher.num_classes
@@ -297,7 +301,7 @@ def _load_generator_checkpoint(torch: Any, path: Path, settings: dict, teacher, 
         raise EvoquantError(f"{path} is not an evoquant data-free checkpoint")
     saved = dict(payload["settings"])
     if isinstance(saved.get("options"), dict):  # a checkpoint from before a setting existed ran with its default
-        saved["options"] = {**{key: getattr(MethodOptions(), key) for key in MethodOptions.__dataclass_fields__}, **saved["options"]}
+        saved["options"] = {**MethodOptions().values(), **saved["options"]}
     changed = [key for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)]
     if changed:
         raise EvoquantError(f"the checkpoint in {path.parent} was made with other settings or another teacher ({', '.join(changed)}); "
