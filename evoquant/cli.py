@@ -512,7 +512,7 @@ def _add_training_flags(parser, *, steps_help: str) -> None:
 DATAFREE_EXAMPLES = """
 examples:
   evoquant datafree --teacher fp32.pt2 --method genie -n 3072 -o genie.npz     # then --data genie.npz (best on the zoo)
-  evoquant datafree --teacher fp32.pt2 --method genie --steps 800 --set bns=relative -o genie.npz  # ~4x the time, closer to a GAN's data
+  evoquant datafree --teacher fp32.pt2 --method genie --steps 800 -o genie.npz  # ~4x the time, closer to a GAN's data
   evoquant datafree --teacher fp32.pt2 --method clusterq -o gen/              # a generator: then --data gan:gen/
   evoquant datafree --teacher fp32.pt2 --method qimera --embedding classifier -o gen/ --resume
   evoquant datafree --teacher fp32.pt2 --method clusterq --set width=32 --set tv_weight=0.1 -o gen/
@@ -549,7 +549,7 @@ def _add_datafree_parser(commands) -> None:
                           f"(K+1 times the images per optimisation; default {DEFAULT_MIXES['genie']}: a quarter of the time, about as good for refine; 0: every image optimised)")
     datafree.add_argument("--embedding", choices=["random", "classifier"], default="random", help="qimera: class embeddings random (the released code) or from the model's last layer with a mapping layer (the paper)")
     datafree.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                          help="a generator setting (evoquant.dfq.MethodOptions: width, latent_size, bns_weight, centroid_weight, diversity, tv_weight, l2_weight, ...; bns=relative and swing=1 apply to every method); repeatable")
+                          help="a generator setting (evoquant.dfq.MethodOptions: width, latent_size, bns_weight, centroid_weight, diversity, tv_weight, l2_weight, ...; bns=relative|absolute and swing=1 apply to every method; bns defaults to relative for genie, absolute for the rest); repeatable")
     datafree.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     datafree.add_argument("--overwrite", action="store_true", help="start over even if OUT exists")
     datafree.add_argument("--checkpoint-every", type=int, default=250, help="generator steps between checkpoints (default: %(default)s)")
@@ -571,7 +571,7 @@ def run_datafree(args) -> int:
     shape = "x".join(map(str, result.image_shape))
     what = f"{result.images} images {shape} with the model's labels" if result.kind == "npz" else f"a generator of {result.num_classes} classes, images {shape}, samples {result.samples}"
     mixes = f", {result.mixes} mixed batches per optimised one" if result.mixes else ""
-    print(f"{result.output}: {what} ({result.method}, {result.steps} steps{mixes}, {result.seconds:.0f} s)")
+    print(f"{result.output}: {what} ({result.method}, {result.steps} steps{mixes}, {result.bns} statistics loss, {result.seconds:.0f} s)")
     print(f"use it as: --data {result.data_spec} (or --calibration {result.data_spec})")
     return 0
 

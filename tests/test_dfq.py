@@ -84,13 +84,15 @@ def test_teachers_it_cannot_use_are_one_line_errors(tmp_path, program):
 
 
 def test_generator_settings_from_the_command_line_reach_the_generator(program, tmp_path):
-    code, _, stderr = run_cli("datafree", "--teacher", str(program), "--method", "clusterq", "--steps", "2", "--batch-size", "8", "-q",
+    code, stdout, stderr = run_cli("datafree", "--teacher", str(program), "--method", "clusterq", "--steps", "2", "--batch-size", "8", "-q",
                               "--set", "width=4", "--set", "latent_size=8", "--set", "tv_weight=0.1", "-o", str(tmp_path / "gen"))
     assert code == 0, stderr
     import json
 
     options = json.loads((tmp_path / "gen" / "generator.json").read_text())["settings"]["options"]
     assert options["width"] == 4 and options["latent_size"] == 8 and options["tv_weight"] == 0.1 and options["embedding"] == "random"
+    assert options["bns"] == "absolute"  # a generator method's default statistics loss: the papers'
+    assert "clusterq, 2 steps, absolute statistics loss" in stdout
 
 
 def test_clusterq_centroids_are_per_class_and_never_the_global_statistics():
@@ -238,21 +240,27 @@ def test_the_relative_statistics_loss_counts_every_channel_alike(std):
 
 
 def test_relative_statistics_are_a_setting_of_every_method_image_methods_included(program, tmp_path):
+    from evoquant.dfq.synthesis import DEFAULT_BNS, distilled_images, resolve_bns
+
     with pytest.raises(EvoquantError, match="bns must be absolute or relative"):
         MethodOptions(bns="squared")
+    # Genie's default is the relative loss, every other method's the papers' absolute one
+    assert DEFAULT_BNS == {"genie": "relative"} and resolve_bns("genie", None) == "relative" and resolve_bns("zeroq", None) == "absolute"
+    assert resolve_bns("clusterq", None) == "absolute" and resolve_bns("genie", "absolute") == "absolute"
     result = evoquant.datafree(program, method="genie", output=tmp_path / "g.npz", n=8, steps=20, batch_size=8, progress=False, mixes=0,
                                options=MethodOptions(bns="relative"))
-    assert result.images == 8
-    plain = evoquant.datafree(program, method="genie", output=tmp_path / "p.npz", n=8, steps=20, batch_size=8, progress=False, mixes=0)
-    with np.load(tmp_path / "g.npz") as relative, np.load(tmp_path / "p.npz") as absolute:
+    assert result.images == 8 and result.bns == "relative"
+    default = evoquant.datafree(program, method="genie", output=tmp_path / "d.npz", n=8, steps=20, batch_size=8, progress=False, mixes=0)
+    plain = evoquant.datafree(program, method="genie", output=tmp_path / "p.npz", n=8, steps=20, batch_size=8, progress=False, mixes=0,
+                              options=MethodOptions(bns="absolute"))
+    assert default.bns == "relative" and plain.bns == "absolute"
+    with np.load(tmp_path / "g.npz") as relative, np.load(tmp_path / "p.npz") as absolute, np.load(tmp_path / "d.npz") as unset:
         assert not np.allclose(relative["x"], absolute["x"])  # the setting reached the optimisation
-    del plain
-    # an absolute run's partial images are not taken for a relative run
-    from evoquant.dfq.synthesis import distilled_images
-
-    distilled_images(load_teacher(program), 8, method="genie", steps=20, batch_size=8, mixes=0, progress=False, partial=tmp_path / ".r.npz.partial.npz")
-    evoquant.datafree(program, method="genie", output=tmp_path / "r.npz", n=8, steps=20, batch_size=8, progress=False, resume=True, mixes=0,
-                      options=MethodOptions(bns="relative"))
+        np.testing.assert_array_equal(unset["x"], relative["x"])  # and not giving it is the relative loss
+    # an absolute run's partial images are not taken for a (default: relative) run
+    distilled_images(load_teacher(program), 8, method="genie", steps=20, batch_size=8, mixes=0, progress=False, bns="absolute",
+                     partial=tmp_path / ".r.npz.partial.npz")
+    evoquant.datafree(program, method="genie", output=tmp_path / "r.npz", n=8, steps=20, batch_size=8, progress=False, resume=True, mixes=0)
     with np.load(tmp_path / "r.npz") as resumed, np.load(tmp_path / "g.npz") as relative:
         np.testing.assert_array_equal(resumed["x"], relative["x"])
 
@@ -303,16 +311,19 @@ def test_swing_is_a_setting_of_every_method_and_names_its_data(program, tmp_path
         assert not np.allclose(shifted["x"], plain["x"])  # the setting reached the optimisation
     with pytest.raises(EvoquantError, match="except bns and swing"):
         evoquant.datafree(program, method="genie", output=tmp_path / "w.npz", n=8, steps=10, progress=False, options=MethodOptions(width=8))
-    assert canonical_method("genie:seed=0,swing=1") == "genie:seed=0,swing=1,mixes=3"
+    assert canonical_method("genie:seed=0,swing=1") == "genie:seed=0,swing=1,bns=relative,mixes=3"
 
 
-def test_a_genie_source_is_named_with_its_mixes():
+def test_a_genie_source_is_named_with_its_defaults():
     from evoquant.demo import canonical_method
 
-    assert canonical_method("genie:seed=0") == "genie:seed=0,mixes=3" and canonical_method("genie") == "genie:mixes=3"
-    assert canonical_method("genie:mixes=0,seed=1") == "genie:mixes=0,seed=1"
-    assert canonical_method("clusterq:width=32") == "clusterq:width=32" and canonical_method("zeroq") == "zeroq"
+    assert canonical_method("genie:seed=0") == "genie:seed=0,bns=relative,mixes=3" and canonical_method("genie") == "genie:bns=relative,mixes=3"
     assert canonical_method("genie:seed=0,bns=relative") == "genie:seed=0,bns=relative,mixes=3"
+    assert canonical_method("genie:mixes=0,seed=1") == "genie:mixes=0,seed=1,bns=relative"
+    # the absolute loss keeps the name it had as the default: every older row and cache entry without bns
+    assert canonical_method("genie:seed=0,bns=absolute") == "genie:seed=0,mixes=3"
+    assert canonical_method("clusterq:width=32") == "clusterq:width=32" and canonical_method("zeroq") == "zeroq"
+    assert canonical_method("zeroq:bns=absolute") == "zeroq:bns=absolute"
 
 
 def test_the_image_prior_is_total_variation_plus_energy_and_prefers_smooth_images():
@@ -345,9 +356,10 @@ def test_generator_methods_write_a_generator_any_command_can_use(program, tmp_pa
     assert batch.images.shape == (10, *SHAPE) and batch.labels.max() < 5 and 0 <= batch.images.min() and batch.images.max() <= 1
     # a run stopped at step 2 and resumed to 4 ends with the same generator
     evoquant.datafree(program, method=method, output=tmp_path / "part", steps=2, batch_size=8, options=settings, progress=False, checkpoint_every=1)
-    if method == "gdfq":  # a checkpoint written before a setting existed (here swing) resumes as if it held the default
+    if method == "gdfq":  # a checkpoint written before a setting existed (here swing, bns) resumes as if it held the default
         checkpoint = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)
-        del checkpoint["settings"]["options"]["swing"]
+        assert checkpoint["settings"]["options"]["bns"] == "absolute"  # the method's default, spelled out
+        del checkpoint["settings"]["options"]["swing"], checkpoint["settings"]["options"]["bns"]
         torch.save(checkpoint, tmp_path / "part" / "checkpoint.pt")
     evoquant.datafree(program, method=method, output=tmp_path / "part", steps=4, batch_size=8, options=settings, progress=False, resume=True)
     resumed = load_source(f"gan:{tmp_path / 'part'}").sample(10, SHAPE, seed=0)

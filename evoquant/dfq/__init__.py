@@ -40,6 +40,7 @@ class DataFreeResult:
     images: int | None = None  # ZeroQ, Genie: images written
     samples: str | None = None  # generators: the sample grid
     mixes: int | None = None  # Genie: batches made per optimised batch from mixes of its latents
+    bns: str = "absolute"  # the BatchNorm-statistics loss it was made with: absolute or relative
 
     @property
     def data_spec(self) -> str:
@@ -87,6 +88,8 @@ def datafree(
         resume: continue from the checkpoint (generators) or the finished batches (ZeroQ, Genie) in ``output``.
         options: the generator methods' settings (:class:`MethodOptions`, the papers' values by default);
             ZeroQ and Genie take only its ``bns`` and ``swing`` (the rest is refused: they have no generator to set).
+            ``bns`` not given: Genie's statistics loss is the relative one, every other method's the papers'
+            absolute one (``evoquant.dfq.synthesis.DEFAULT_BNS``).
 
     Raises:
         EvoquantError: a teacher that is not a torch.export program, has no BatchNorm layers, does not take
@@ -97,11 +100,12 @@ def datafree(
     if method not in METHODS:
         raise EvoquantError(f"unknown data-free method {method!r}; choose {', '.join(METHODS)}")
     mixes = resolve_mixes(method, mixes)
+    options = (options or MethodOptions()).resolved(method)
     shape = _image_shape(input_shape)
     output = Path(output)
     started = time.perf_counter()
     if method in IMAGE_METHODS:
-        if options is not None and dataclasses.replace(options, bns=MethodOptions.bns, swing=MethodOptions.swing) != MethodOptions():
+        if dataclasses.replace(options, bns=MethodOptions.bns, swing=MethodOptions.swing) != MethodOptions():
             raise EvoquantError(f"{method} optimises images directly: the generator settings (--set, except bns and swing) apply to {', '.join(GENERATOR_METHODS)}")
         if output.suffix.lower() != ".npz":
             raise EvoquantError(f"{method} writes images: the output must be an .npz path, got {output}")
@@ -121,19 +125,19 @@ def datafree(
     if method in IMAGE_METHODS:
         n = DEFAULT_IMAGES if n is None else n
         images, labels = distilled_images(model, n, method=method, steps=steps, batch_size=batch_size, seed=seed, progress=progress, partial=partial, mixes=mixes,
-                                          bns=(options or MethodOptions()).bns, swing=(options or MethodOptions()).swing)
+                                          bns=options.bns, swing=options.swing)
         with staged(output) as temporary:
             np.savez(temporary, x=images, y=labels)
         partial.unlink(missing_ok=True)
         return DataFreeResult(method, str(output), "npz", model.num_classes, model.input_shape, DEFAULT_STEPS[method] if steps is None else steps,
-                              time.perf_counter() - started, images=len(images), mixes=mixes)
+                              time.perf_counter() - started, images=len(images), mixes=mixes, bns=options.bns)
     if n is not None:
         raise EvoquantError(f"-n is the number of images of {' and '.join(IMAGE_METHODS)}; {method} trains a generator (draw any number from gan:{output})")
     identity = teacher_digest(teacher) if isinstance(teacher, (str, os.PathLike)) else "module"
     trained = train_generator(model, method, out_dir=output, steps=steps, batch_size=batch_size, seed=seed, resume=resume, overwrite=overwrite,
-                              progress=progress, checkpoint_every=checkpoint_every, options=options or MethodOptions(), teacher_id=identity)
+                              progress=progress, checkpoint_every=checkpoint_every, options=options, teacher_id=identity)
     return DataFreeResult(method, str(output), "generator", model.num_classes, model.input_shape, trained.steps, time.perf_counter() - started,
-                          samples=trained.samples)
+                          samples=trained.samples, bns=options.bns)
 
 
 def _image_shape(input_shape) -> tuple[int, int, int] | None:
