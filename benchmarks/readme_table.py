@@ -342,7 +342,9 @@ def _data_label(row: dict) -> str:
 
 def _setting_and_seed(label: str) -> tuple[str, int]:
     """``genie:seed=1,steps=800,bns=relative`` → (``genie:bns=relative,steps=800``, 1): the options but the seed,
-    in sorted order (one setting, however its runs spelled it); a name without a seed is seed 0."""
+    in sorted order (one setting, however its runs spelled it); a name without a seed is seed 0. A Genie name
+    without ``bns`` is from before the relative loss became Genie's default (``evoquant.demo.canonical_method``
+    spells it out since): the absolute loss, named so here."""
     method, _, options = label.partition(":")
     kept, seed = [], 0
     for option in filter(None, options.split(",")):
@@ -350,6 +352,8 @@ def _setting_and_seed(label: str) -> tuple[str, int]:
             seed = int(option[len("seed="):])
         else:
             kept.append(option)
+    if method == "genie" and not any(option.startswith("bns=") for option in kept):
+        kept.append("bns=absolute")
     return (f"{method}:{','.join(sorted(kept))}" if kept else method), seed
 
 

@@ -66,19 +66,16 @@ def synthetic_source(source: str, *, shape: tuple[int, int, int] | None = None, 
 def canonical_method(method: str) -> str:
     """``method`` with Genie's defaults written out when not given (``genie:seed=0`` →
     ``genie:seed=0,bns=relative,mixes=3``): the name that says which data it is, in cache entries and benchmark
-    rows. Genie's absolute statistics loss, its default before the relative one (and so what every older name
-    without ``bns`` means), is named without it: ``genie:seed=0,bns=absolute`` → ``genie:seed=0,mixes=3``."""
+    rows. (Rows written before the relative loss was Genie's default name its absolute-loss data without
+    ``bns``; ``benchmarks/readme_table.py`` reads them so.)"""
     from evoquant.dfq.synthesis import DEFAULT_BNS, DEFAULT_MIXES, parse_settings
 
     name, _, settings = method.partition(":")
     items = [item for item in settings.split(",") if item]
     given = parse_settings(items, f"data-free method options {settings!r}")
-    if name in DEFAULT_BNS:
-        if "bns" not in given:
-            items.append(f"bns={DEFAULT_BNS[name]}")
-        items = [item for item in items if item.replace(" ", "") != "bns=absolute"]
-    if name in DEFAULT_MIXES and "mixes" not in given:
-        items.append(f"mixes={DEFAULT_MIXES[name]}")
+    for key, defaults in (("bns", DEFAULT_BNS), ("mixes", DEFAULT_MIXES)):
+        if name in defaults and key not in given:
+            items.append(f"{key}={defaults[name]}")
     return f"{name}:{','.join(items)}" if items else name
 
 

@@ -39,5 +39,10 @@ def test_data_free_source_names_each_variant_and_refuses_unknown_options(tmp_pat
     assert demo.data_free_source(built, "clusterq:steps=3000,width=32", echo=lambda *_: None).endswith("bn_cnn-clusterq-steps3000-width32")
     assert made[2]["steps"] == 3000 and made[2]["options"].width == 32 and made[2]["seed"] == 0
     assert demo.data_free_source(built, "clusterq:seed=1", echo=lambda *_: None).endswith("bn_cnn-clusterq-seed1") and made[3]["seed"] == 1
+    # Genie's statistics loss: the relative one unless the name says absolute, each its own cache entry
+    assert demo.data_free_source(built, "genie", echo=lambda *_: None).endswith("bn_cnn-genie-relative-mixes3.npz")
+    assert made[-1]["options"].bns == "relative"
+    assert demo.data_free_source(built, "genie:bns=absolute", echo=lambda *_: None).endswith("bn_cnn-genie-absolute-mixes3.npz")
+    assert made[-1]["options"].bns == "absolute"
     with pytest.raises(EvoquantError, match="bogus"):
         demo.data_free_source(built, "qimera:bogus=1", echo=lambda *_: None)

@@ -320,8 +320,7 @@ def test_a_genie_source_is_named_with_its_defaults():
     assert canonical_method("genie:seed=0") == "genie:seed=0,bns=relative,mixes=3" and canonical_method("genie") == "genie:bns=relative,mixes=3"
     assert canonical_method("genie:seed=0,bns=relative") == "genie:seed=0,bns=relative,mixes=3"
     assert canonical_method("genie:mixes=0,seed=1") == "genie:mixes=0,seed=1,bns=relative"
-    # the absolute loss keeps the name it had as the default: every older row and cache entry without bns
-    assert canonical_method("genie:seed=0,bns=absolute") == "genie:seed=0,mixes=3"
+    assert canonical_method("genie:seed=0,bns=absolute") == "genie:seed=0,bns=absolute,mixes=3"
     assert canonical_method("clusterq:width=32") == "clusterq:width=32" and canonical_method("zeroq") == "zeroq"
     assert canonical_method("zeroq:bns=absolute") == "zeroq:bns=absolute"
 

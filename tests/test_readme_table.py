@@ -24,6 +24,8 @@ def test_setting_and_seed_split_the_seed_out_of_a_source_name():
     assert readme_table._setting_and_seed("genie:seed=1,bns=relative,steps=800,mixes=3") == ("genie:bns=relative,mixes=3,steps=800", 1)
     # one setting however its runs spelled it (canonical names append the defaults after what was given)
     assert readme_table._setting_and_seed("genie:seed=2,steps=800,bns=relative,mixes=3") == ("genie:bns=relative,mixes=3,steps=800", 2)
+    # a Genie name from before bns was spelled out: the absolute loss, then its default
+    assert readme_table._setting_and_seed("genie:seed=1,mixes=3") == ("genie:bns=absolute,mixes=3", 1)
     assert readme_table._setting_and_seed("gan:seed=2") == ("gan", 2)
     assert readme_table._setting_and_seed("fractal") == ("fractal", 0)
 
