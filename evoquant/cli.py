@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", default="default", help="refine preset (default: %(default)s)")
     demo.add_argument("--source", choices=["gan", "fractal"], default="gan", help="synthetic data for calibration and refinement (default: %(default)s; gan trains a GAN once, ~10 min, then caches it)")
     demo.add_argument("--data-free", nargs="?", const="genie", choices=["zeroq", "genie", "gdfq", "qimera", "clusterq"], metavar="METHOD",
-                      help="make the data from each FP32 model alone, no real image before the report (default method: %(const)s; see 'evoquant datafree')")
+                      help="make the data from each FP32 model alone, no real image before the report (default method: %(const)s; see 'evoquant datafree'; "
+                      "the families' data is grey, as their input: datafree --grey)")
     demo.add_argument("--data", default=None, help="override the refinement data spec only")
     demo.add_argument("--jobs", "-j", type=int, help="parallel evaluation processes")
     demo.add_argument("--output-dir", default="evoquant-demo", help="where refined IRs go (default: %(default)s)")
@@ -513,6 +514,7 @@ DATAFREE_EXAMPLES = """
 examples:
   evoquant datafree --teacher fp32.pt2 --method genie -n 3072 -o genie.npz     # then --data genie.npz (best on the zoo)
   evoquant datafree --teacher fp32.pt2 --method genie --steps 800 -o genie.npz  # ~4x the time, closer to a GAN's data
+  evoquant datafree --teacher fp32.pt2 --method genie --grey -o genie.npz      # an RGB network fed grey images
   evoquant datafree --teacher fp32.pt2 --method clusterq -o gen/              # a generator: then --data gan:gen/
   evoquant datafree --teacher fp32.pt2 --method qimera --embedding classifier -o gen/ --resume
   evoquant datafree --teacher fp32.pt2 --method clusterq --set width=32 --set tv_weight=0.1 -o gen/
@@ -541,6 +543,8 @@ def _add_datafree_parser(commands) -> None:
     datafree.add_argument("--input-range", metavar="LOW,HIGH", help="the model's input value range (default 0,1)")
     datafree.add_argument("--mean-values", metavar="[M1,M2,M3]", help="per-channel values subtracted after --input-range (as ovc's)")
     datafree.add_argument("--scale-values", metavar="[S1,S2,S3]", help="per-channel values divided by after the mean")
+    datafree.add_argument("--grey", action="store_true", help="the model is fed one grey image repeated over its channels (grey digits, X-rays, scans "
+                          "in an RGB network): make one channel, repeated over the model's")
     datafree.add_argument("-n", type=int, help=f"zeroq, genie: images to make (default {DEFAULT_IMAGES})")
     datafree.add_argument("--steps", type=int, help=f"zeroq, genie: steps per batch (default {DEFAULT_STEPS['zeroq']}, {DEFAULT_STEPS['genie']}); generators: training steps (default {DEFAULT_STEPS['gdfq']})")
     datafree.add_argument("--batch-size", type=int, default=64, help="images per batch or step (default: %(default)s)")
@@ -565,10 +569,10 @@ def run_datafree(args) -> int:
     options = method_options({"embedding": args.embedding, **parse_settings(args.set, "--set")}, "--set")
     _set_threads(args.threads)
     result = datafree(args.teacher, method=args.method, output=args.output, input_shape=args.input_shape, value_range=_input_range(args.input_range) or (0.0, 1.0),
-                      mean_values=args.mean_values, scale_values=args.scale_values,
+                      mean_values=args.mean_values, scale_values=args.scale_values, grey=args.grey,
                       n=args.n, steps=args.steps, batch_size=args.batch_size, seed=args.seed, mixes=args.mixes, resume=args.resume, overwrite=args.overwrite,
                       checkpoint_every=args.checkpoint_every, options=options, progress=not args.quiet)
-    shape = "x".join(map(str, result.image_shape))
+    shape = "x".join(map(str, result.image_shape)) + (" (grey, repeated over the model's channels)" if args.grey else "")
     what = f"{result.images} images {shape} with the model's labels" if result.kind == "npz" else f"a generator of {result.num_classes} classes, images {shape}, samples {result.samples}"
     mixes = f", {result.mixes} mixed batches per optimised one" if result.mixes else ""
     print(f"{result.output}: {what} ({result.method}, {result.steps} steps{mixes}, {result.bns} statistics loss, {result.seconds:.0f} s)")

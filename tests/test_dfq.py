@@ -363,3 +363,49 @@ def test_generator_methods_write_a_generator_any_command_can_use(program, tmp_pa
     evoquant.datafree(program, method=method, output=tmp_path / "part", steps=4, batch_size=8, options=settings, progress=False, resume=True)
     resumed = load_source(f"gan:{tmp_path / 'part'}").sample(10, SHAPE, seed=0)
     np.testing.assert_allclose(resumed.images, batch.images, atol=1e-5)
+
+
+def test_grey_makes_one_channel_that_the_model_sees_repeated_over_its_own(program, tmp_path):
+    """A network fed grey images as RGB: --grey optimises one channel, repeated over the model's three while
+    optimising, and writes one-channel data that every source repeats over the model's channels."""
+    from evoquant.data import load_source
+    from evoquant.dfq import export_program
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 5))
+    model[1].running_var.fill_(2.0)
+    rgb = tmp_path / "rgb.pt2"
+    torch.export.save(export_program(model.eval(), (3, 8, 8)), str(rgb))
+    teacher = load_teacher(rgb, grey=True)
+    assert (teacher.input_shape, teacher.image_shape) == ((3, 8, 8), (1, 8, 8))
+    grey = torch.rand(4, 1, 8, 8, requires_grad=True)
+    logits, stats = teacher(grey)
+    torch.testing.assert_close(logits, model(grey.expand(-1, 3, -1, -1)))
+    bns_loss(stats).backward()
+    assert grey.grad.abs().sum() > 0
+    with pytest.raises(EvoquantError, match="one channel already"):
+        load_teacher(program, grey=True)
+    # Genie's images: one channel written, three identical ones sampled for the model
+    result = evoquant.datafree(rgb, method="genie", output=tmp_path / "g.npz", n=8, steps=5, batch_size=8, mixes=0, grey=True, progress=False)
+    assert result.image_shape == (1, 8, 8)
+    with np.load(result.output) as archive:
+        assert archive["x"].shape == (8, 1, 8, 8)
+    batch = load_source(result.data_spec).sample(8, (3, 8, 8), seed=0)
+    assert batch.images.shape == (8, 3, 8, 8) and np.array_equal(batch.images[:, 0], batch.images[:, 2])
+    # an RGB run's finished batches are not resumed into a grey one
+    from evoquant.dfq.synthesis import distilled_images
+
+    distilled_images(load_teacher(rgb), 8, method="genie", steps=5, batch_size=8, mixes=0, progress=False, partial=tmp_path / ".r.npz.partial.npz")
+    evoquant.datafree(rgb, method="genie", output=tmp_path / "r.npz", n=8, steps=5, batch_size=8, mixes=0, grey=True, progress=False, resume=True)
+    with np.load(tmp_path / "r.npz") as archive:
+        assert archive["x"].shape == (8, 1, 8, 8)
+    # a generator method: a one-channel generator, sampled as three identical channels
+    settings = MethodOptions(latent_size=8, width=4)
+    made = evoquant.datafree(rgb, method="gdfq", output=tmp_path / "gen", steps=2, batch_size=8, options=settings, grey=True, progress=False)
+    sampled = load_source(made.data_spec).sample(6, (3, 8, 8), seed=0).images
+    assert made.image_shape == (1, 8, 8) and np.array_equal(sampled[:, 0], sampled[:, 1])
+    # from the command line: said in the summary; on a one-channel model a one-line error and nothing written
+    code, stdout, _ = run_cli("datafree", "--teacher", str(rgb), "--method", "zeroq", "--steps", "2", "-n", "8", "--grey", "-o", str(tmp_path / "z.npz"))
+    assert code == 0 and "grey" in stdout
+    code, _, stderr = run_cli("datafree", "--teacher", str(program), "--method", "zeroq", "--grey", "-o", str(tmp_path / "one.npz"))
+    assert code == 2 and stderr.count("\n") == 1 and "one channel already" in stderr and not (tmp_path / "one.npz").exists()

@@ -57,6 +57,7 @@ def datafree(
     value_range: tuple[float, float] = (0.0, 1.0),
     mean_values: tuple[float, ...] | str | None = None,
     scale_values: tuple[float, ...] | str | None = None,
+    grey: bool = False,
     n: int | None = None,
     steps: int | None = None,
     batch_size: int = 64,
@@ -80,6 +81,10 @@ def datafree(
         value_range, mean_values, scale_values: how images in [0, 1] become the model's input (the range
             map, then (x - mean) / scale per channel, as ``ovc`` spells them); images are written in [0, 1]
             as every evoquant source, so give the same settings to quantize and refine.
+        grey: the model is fed one grey image repeated over its channels (grey digits, X-rays or scanned
+            pages given to an RGB network): synthesise one channel, repeated over the model's while
+            optimising, and write one-channel images or a one-channel generator (the ``gan:`` and .npz
+            sources repeat it over the model's channels as they repeat any grey source).
         n: ZeroQ's and Genie's number of images (default 3,072: what default refine fits on and verifies on).
         steps: optimisation steps per batch (ZeroQ 500, Genie 200), or the generator's training steps (1,500).
         mixes: Genie: batches made per optimised batch on top of it, by its generator from mixes of its
@@ -121,7 +126,7 @@ def datafree(
         raise EvoquantError(f"{method} trains a generator: the output is a directory (then --data gan:{output.with_suffix('')}), not an .npz")
     from evoquant.data.preprocess import parse_values
 
-    model = load_teacher(teacher, shape, value_range, parse_values(mean_values, "--mean-values"), parse_values(scale_values, "--scale-values"))
+    model = load_teacher(teacher, shape, value_range, parse_values(mean_values, "--mean-values"), parse_values(scale_values, "--scale-values"), grey=grey)
     if method in IMAGE_METHODS:
         n = DEFAULT_IMAGES if n is None else n
         images, labels = distilled_images(model, n, method=method, steps=steps, batch_size=batch_size, seed=seed, progress=progress, partial=partial, mixes=mixes,
@@ -129,14 +134,14 @@ def datafree(
         with staged(output) as temporary:
             np.savez(temporary, x=images, y=labels)
         partial.unlink(missing_ok=True)
-        return DataFreeResult(method, str(output), "npz", model.num_classes, model.input_shape, DEFAULT_STEPS[method] if steps is None else steps,
+        return DataFreeResult(method, str(output), "npz", model.num_classes, model.image_shape, DEFAULT_STEPS[method] if steps is None else steps,
                               time.perf_counter() - started, images=len(images), mixes=mixes, bns=options.bns)
     if n is not None:
         raise EvoquantError(f"-n is the number of images of {' and '.join(IMAGE_METHODS)}; {method} trains a generator (draw any number from gan:{output})")
     identity = teacher_digest(teacher) if isinstance(teacher, (str, os.PathLike)) else "module"
     trained = train_generator(model, method, out_dir=output, steps=steps, batch_size=batch_size, seed=seed, resume=resume, overwrite=overwrite,
                               progress=progress, checkpoint_every=checkpoint_every, options=options, teacher_id=identity)
-    return DataFreeResult(method, str(output), "generator", model.num_classes, model.input_shape, trained.steps, time.perf_counter() - started,
+    return DataFreeResult(method, str(output), "generator", model.num_classes, model.image_shape, trained.steps, time.perf_counter() - started,
                           samples=trained.samples, bns=options.bns)
 
 

@@ -217,7 +217,7 @@ def train_generator(teacher, method: str, *, out_dir: str | os.PathLike, steps: 
     options = options.resolved(method)
     settings = {
         "kind": f"datafree-{method}", "method": method, "latent_size": options.latent_size, "num_classes": teacher.num_classes,
-        "image_shape": list(teacher.input_shape), "value_range": list(teacher.value_range), "batch_size": batch_size, "seed": seed,
+        "image_shape": list(teacher.image_shape), "value_range": list(teacher.value_range), "batch_size": batch_size, "seed": seed,
         "teacher": teacher_id, "options": options.values(),
     }
     out = _prepare_out_dir(out_dir, resume=resume, overwrite=overwrite)
@@ -382,7 +382,7 @@ def distilled_images(teacher, n: int, *, method: str = "zeroq", steps: int | Non
             same = same and (int(archive["mixes"]) if "mixes" in archive else 0) == mixes
             same = same and (str(archive["bns"]) if "bns" in archive else "absolute") == bns
             same = same and (int(archive["swing"]) if "swing" in archive else 0) == swing
-            if same and int(archive["batch_size"]) == batch_size and int(archive["seed"]) == seed and list(archive["shape"]) == list(teacher.input_shape):
+            if same and int(archive["batch_size"]) == batch_size and int(archive["seed"]) == seed and list(archive["shape"]) == list(teacher.image_shape):
                 done_images, done_labels = [archive["x"]], [archive["y"]]
     have = sum(len(x) for x in done_images)
     batches = -(-n // per_batch)
@@ -408,7 +408,7 @@ def distilled_images(teacher, n: int, *, method: str = "zeroq", steps: int | Non
             if partial is not None:
                 with staged(partial) as temporary:
                     np.savez(temporary, x=np.concatenate(done_images), y=np.concatenate(done_labels), steps=steps, batch_size=batch_size, seed=seed,
-                             shape=np.array(teacher.input_shape), method=method, mixes=mixes, bns=bns, swing=swing)
+                             shape=np.array(teacher.image_shape), method=method, mixes=mixes, bns=bns, swing=swing)
     finally:
         if bar is not None:
             bar.close()
@@ -419,7 +419,7 @@ def _zeroq_batch(torch: Any, teacher, size: int, steps: int, seed: int, tick, *,
     """ZeroQ: pixels ``sigmoid(v)`` from Gaussian noise, Adam (lr 0.5) on the BatchNorm statistics."""
     from evoquant.dfq.losses import bns_loss
 
-    pixels = torch.randn(size, *teacher.input_shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+    pixels = torch.randn(size, *teacher.image_shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
     optimizer = torch.optim.Adam([pixels], lr=ZEROQ_LEARNING_RATE)
     shifts = torch.Generator().manual_seed(seed + 2)
     for _ in range(steps):
@@ -443,7 +443,7 @@ def _genie_batch(torch: Any, teacher, size: int, steps: int, seed: int, tick, *,
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        generator = genie_generator_class()(teacher.input_shape, GENIE_LATENT_SIZE, GENIE_WIDTH)
+        generator = genie_generator_class()(teacher.image_shape, GENIE_LATENT_SIZE, GENIE_WIDTH)
         latents = torch.randn(size, GENIE_LATENT_SIZE).requires_grad_(True)
         classes = torch.randperm(size) % teacher.num_classes
     latent_optimizer = torch.optim.Adam([latents], lr=GENIE_LATENT_LEARNING_RATE)

@@ -75,19 +75,25 @@ class Teacher:
     """An FP32 classifier as a torch graph whose BatchNorm inputs are observed on every call.
 
     ``teacher(images01)`` takes images in ``[0, 1]`` (mapped linearly onto ``value_range``, the model's
-    input range), returns its logits and a list of :class:`BNStatistics`, one per BatchNorm layer in
+    input range) of :attr:`image_shape` -- the model's ``input_shape``, or with ``grey`` one channel that is
+    repeated over the model's channels (a network fed grey images as RGB) -- returns its logits and a list of :class:`BNStatistics`, one per BatchNorm layer in
     graph order. ``teacher(images01, swing=k, draw=generator)`` shifts the input of every strided
     convolution by up to ``k`` pixels first (:func:`swung`, drawn from the torch ``generator``).
     """
 
     def __init__(self, module: Any, input_shape: tuple[int, int, int], value_range: tuple[float, float] = (0.0, 1.0), source: str = "the teacher",
-                 mean_values: tuple[float, ...] | None = None, scale_values: tuple[float, ...] | None = None):
+                 mean_values: tuple[float, ...] | None = None, scale_values: tuple[float, ...] | None = None, grey: bool = False):
         torch = import_torch()
         self.torch = torch
         self.source = source
         self.input_shape = tuple(int(d) for d in input_shape)
         self.value_range = (float(value_range[0]), float(value_range[1]))
         channels = self.input_shape[0]
+        if grey and channels == 1:
+            raise EvoquantError(f"--grey: {source} takes one channel already (grey is for a model fed one grey image repeated over several channels)")
+        self.grey = bool(grey)
+        # what synthesis makes: one grey channel that __call__ repeats, or the model's own channels
+        self.image_shape = (1, *self.input_shape[1:]) if self.grey else self.input_shape
         for values, name in ((mean_values, "--mean-values"), (scale_values, "--scale-values")):
             if values is not None and len(values) not in (1, channels):
                 raise EvoquantError(f"{name} has {len(values)} values; {source} takes {channels} channels")
@@ -104,7 +110,7 @@ class Teacher:
                                 "(export the model before folding BatchNorm into the convolutions)")
         with torch.no_grad():
             try:
-                logits, _ = self(torch.full((2, *self.input_shape), 0.5))
+                logits, _ = self(torch.full((2, *self.image_shape), 0.5))
             except EvoquantError:
                 raise
             except Exception as error:
@@ -151,6 +157,8 @@ class Teacher:
                     return None
                 return super().call_module(target, args, kwargs)
 
+        if self.grey:
+            images01 = images01.expand(-1, self.input_shape[0], -1, -1)
         output = Observer(self.graph_module).run(self.to_model_range(images01))
         logits = output[0] if isinstance(output, (tuple, list)) else output
         return logits, records
@@ -179,9 +187,10 @@ def _attribute(module: Any, dotted: str) -> Any:
 
 
 def load_teacher(model: Any, input_shape: tuple[int, int, int] | None = None, value_range: tuple[float, float] = (0.0, 1.0),
-                 mean_values: tuple[float, ...] | None = None, scale_values: tuple[float, ...] | None = None) -> Teacher:
+                 mean_values: tuple[float, ...] | None = None, scale_values: tuple[float, ...] | None = None, grey: bool = False) -> Teacher:
     """A :class:`Teacher` from a ``torch.export`` program file (``.pt2``), an ``ExportedProgram`` or an
-    ``nn.Module`` (exported here with a dynamic batch dimension; ``input_shape`` (C, H, W) needed)."""
+    ``nn.Module`` (exported here with a dynamic batch dimension; ``input_shape`` (C, H, W) needed); ``grey``:
+    synthesise one channel, repeated over the model's."""
     torch = import_torch()
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
@@ -205,7 +214,7 @@ def load_teacher(model: Any, input_shape: tuple[int, int, int] | None = None, va
     if not hasattr(program, "module"):
         raise EvoquantError(f"{source} is not a torch.export program")
     shape = tuple(input_shape) if input_shape is not None else _program_input_shape(program, source)
-    return Teacher(program.module(), shape, value_range, source, mean_values, scale_values)
+    return Teacher(program.module(), shape, value_range, source, mean_values, scale_values, grey)
 
 
 def export_program(module: Any, input_shape: tuple[int, int, int]) -> Any:
