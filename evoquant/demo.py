@@ -64,20 +64,29 @@ def synthetic_source(source: str, *, shape: tuple[int, int, int] | None = None, 
     raise EvoquantError(f"unknown demo source {source!r}; choose gan or fractal")
 
 
+def _with_option(method: str, key: str, value) -> str:
+    """``method`` (``name[:k=v,...]``) with ``key=value`` appended when its options do not give ``key``."""
+    from evoquant.dfq.synthesis import parse_settings
+
+    name, _, settings = method.partition(":")
+    items = [item for item in settings.split(",") if item]
+    if key not in parse_settings(items, f"data-free method options {settings!r}"):
+        items.append(f"{key}={value}")
+    return f"{name}:{','.join(items)}"
+
+
 def canonical_method(method: str) -> str:
     """``method`` with Genie's defaults written out when not given (``genie:seed=0`` →
     ``genie:seed=0,bns=relative,mixes=3``): the name that says which data it is, in cache entries and benchmark
     rows. (Rows written before the relative loss was Genie's default name its absolute-loss data without
     ``bns``; ``benchmarks/readme_table.py`` reads them so.)"""
-    from evoquant.dfq.synthesis import DEFAULT_BNS, DEFAULT_MIXES, parse_settings
+    from evoquant.dfq.synthesis import DEFAULT_BNS, DEFAULT_MIXES
 
-    name, _, settings = method.partition(":")
-    items = [item for item in settings.split(",") if item]
-    given = parse_settings(items, f"data-free method options {settings!r}")
+    name = method.partition(":")[0]
     for key, defaults in (("bns", DEFAULT_BNS), ("mixes", DEFAULT_MIXES)):
-        if name in defaults and key not in given:
-            items.append(f"{key}={defaults[name]}")
-    return f"{name}:{','.join(items)}" if items else name
+        if name in defaults:
+            method = _with_option(method, key, defaults[name])
+    return method
 
 
 def zoo_data_free_method(method: str, shape: tuple[int, ...]) -> str:
@@ -85,11 +94,7 @@ def zoo_data_free_method(method: str, shape: tuple[int, ...]) -> str:
     takes several channels, since the zoo feeds every model its grey digits repeated over the channels
     (:func:`evoquant.zoo.fit_digits`) -- what a user who knows their input says with ``--grey`` -- unless the
     method sets grey itself."""
-    name, _, settings = method.partition(":")
-    items = [item for item in settings.split(",") if item]
-    if shape[0] > 1 and not any(item.split("=")[0].strip() == "grey" for item in items):
-        items.append("grey=1")
-    return f"{name}:{','.join(items)}" if items else name
+    return _with_option(method, "grey", 1) if shape[0] > 1 else method
 
 
 def data_free_source(built, method: str, *, progress: bool = True, echo=print) -> str:
